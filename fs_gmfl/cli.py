@@ -1,0 +1,125 @@
+"""The ``fs-gmfl`` command.
+
+Sub-commands:
+
+* ``run --cfg FILE [--quiet] [KEY VALUE ...]``: a federated run on the
+  embedded simulator;
+* ``comm --cfg FILE [KEY VALUE ...]``: per-round bytes per client profile as
+  JSON, from a model built on the meta device (no weights);
+* ``keys [SECTION]``: every configuration key with default and help;
+* ``bench NAME [...]``: benchmarks (see ``fs-gmfl bench --help``).
+
+Configuration and input errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from fs_gmfl import __version__
+from fs_gmfl.errors import FsGmflError
+
+EXIT_USAGE = 2
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fs_gmfl.config import load_config
+    from fs_gmfl.sim.runner import Simulation
+
+    cfg = load_config(args.cfg, args.opts)
+    Simulation(cfg, quiet=args.quiet).run()
+    return 0
+
+
+def _cmd_comm(args: argparse.Namespace) -> int:
+    from fs_gmfl.comm_estimate import estimate
+    from fs_gmfl.config import load_config
+
+    cfg = load_config(args.cfg, args.opts)
+    print(json.dumps(estimate(cfg), indent=2))
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from fs_gmfl.config.fields import describe_range, iter_keys
+    from fs_gmfl.config.schema import RunConfig
+
+    for key, default, type_name, meta, _ in iter_keys(RunConfig):
+        if args.section and not key.startswith(args.section + "."):
+            continue
+        allowed = (" one of " + ", ".join(map(repr, meta["choices"]))) if meta.get("choices") else ""
+        if any(meta.get(b) is not None for b in ("ge", "gt", "le", "lt")):
+            allowed += f" in {describe_range(meta)}"
+        flag = " [inferred default]" if meta.get("inferred") else ""
+        print(f"{key} = {default!r}  ({type_name}{allowed}){flag}\n    {meta.get('help', '')}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fs_gmfl.bench import run_benchmark
+
+    return run_benchmark(args.name, args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fs-gmfl``."""
+    parser = argparse.ArgumentParser(prog="fs-gmfl", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"fs-gmfl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a federated experiment on the embedded simulator")
+    run.add_argument("--cfg", required=True, help="YAML configuration file")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, e.g. federate.total_round_num 5")
+    run.set_defaults(func=_cmd_run)
+    comm = sub.add_parser("comm", help="estimate per-round bytes from a meta-device model")
+    comm.add_argument("--cfg", required=True, help="YAML configuration file")
+    comm.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    comm.set_defaults(func=_cmd_comm)
+    keys = sub.add_parser("keys", help="list configuration keys with defaults and help")
+    keys.add_argument("section", nargs="?", default="", help="only keys under this section, e.g. gmfl")
+    keys.set_defaults(func=_cmd_keys)
+    bench = sub.add_parser("bench", help="run a benchmark (gmfl)")
+    bench.add_argument("name", help="benchmark name")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="benchmark options (see --help of each)")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except FsGmflError as err:
+        print(f"fs-gmfl: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fs-gmfl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Per-round communication estimates without weights (``fs-gmfl comm``).
+
+The model is built on the meta device, so a GPT-2-Large- or LLaMA-7B-shaped
+configuration is costed in seconds without downloading anything. Estimates
+come from the same message-building code as real runs: the strategy writes
+real (meta) downlinks, and the uplink holds exactly the tensors a client
+trains, so byte counts are ``numel * element_size`` of what would be sent.
+Each method registers an estimator; the result is plain JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from fs_gmfl.config.schema import RunConfig
+from fs_gmfl.core.adapter import HEAD, LORA_A, LORA_B, kind_of
+from fs_gmfl.core.fedavg import base_trainable_keys, mask_candidate_keys
+from fs_gmfl.core.gmfl import ops as gmfl_ops
+from fs_gmfl.core.message import Message, samples_tensor, tensor_bytes
+from fs_gmfl.methods import MethodContext, build_method
+
+Estimator = Callable[[RunConfig, dict[str, Tensor]], dict[str, Any]]
+ESTIMATORS: dict[str, Estimator] = {}
+MIB = 1024 * 1024
+
+
+def register_estimator(name: str, fn: Estimator) -> None:
+    """Register the estimator of method ``name`` (same builder twice is a no-op)."""
+    existing = ESTIMATORS.get(name)
+    if existing is not None and existing is not fn:
+        raise KeyError(f"an estimator for '{name}' is already registered")
+    ESTIMATORS[name] = fn
+
+
+def adapter_summary(initial: dict[str, Tensor]) -> dict[str, Any]:
+    """Counts of LoRA tensors and parameters, head parameters, element size."""
+    lora = [k for k in initial if kind_of(k) in (LORA_A, LORA_B)]
+    head = [k for k in initial if kind_of(k) == HEAD]
+    any_tensor = next(iter(initial.values()))
+    return {"lora_tensors": len(lora), "lora_params": sum(initial[k].numel() for k in lora),
+            "head_params": sum(initial[k].numel() for k in head), "element_bytes": any_tensor.element_size(),
+            "dtype": str(any_tensor.dtype).replace("torch.", "")}
+
+
+def breakdown(message: Message) -> dict[str, int]:
+    """Bytes of a message by kind: ``lora_bytes``, ``head_bytes``, ``other_bytes``, ``control_bytes``, ``bytes``."""
+    out = {"lora_bytes": 0, "head_bytes": 0, "other_bytes": 0}
+    for key, t in message.tensors.items():
+        kind = kind_of(key)
+        out["lora_bytes" if kind in (LORA_A, LORA_B) else "head_bytes" if kind == HEAD else "other_bytes"] += \
+            tensor_bytes(t)
+    out["control_bytes"] = message.control_bytes
+    out["bytes"] = message.nbytes
+    return out
+
+
+def uplink_message(initial: dict[str, Tensor], keys: list[str]) -> Message:
+    """The uplink a client training ``keys`` sends (tensors plus sample count)."""
+    return Message({k: initial[k] for k in keys}, {"num_samples": samples_tensor(1)})
+
+
+def per_round_totals(profiles: dict[str, dict[str, Any]], clients: int) -> dict[str, Any]:
+    """Expected bytes of all ``clients`` sampled clients of a round, profiles weighted by their share."""
+    out: dict[str, Any] = {"clients": clients}
+    for direction in ("uplink", "downlink"):
+        for part in ("lora_bytes", "head_bytes", "other_bytes", "control_bytes", "bytes"):
+            value = clients * sum(p["clients_share"] * p[direction][part] for p in profiles.values())
+            out[f"{direction}_{part}"] = value
+        out[f"{direction}_mib"] = out[f"{direction}_bytes"] / MIB
+        out[f"{direction}_lora_mib"] = out[f"{direction}_lora_bytes"] / MIB
+    return out
+
+
+def estimate_lora_fedavg(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
+    """FedIT / FFA-LoRA (+GMFL): bytes per client per round, and GMFL's schedule.
+
+    With GMFL the frozen tensors depend on training; each schedule block
+    reports the uplink if the smallest or the largest candidate tensors were
+    the frozen ones (equal when all candidates have the same size).
+    """
+    method = build_method(MethodContext(cfg, initial))
+    downlink = breakdown(method.strategy.configure_round(1, [0])[0])
+    uplink = breakdown(uplink_message(initial, base_trainable_keys(list(initial), cfg.method)))
+    profiles = {"default": {"clients_share": 1.0, "uplink": uplink, "downlink": downlink}}
+    out: dict[str, Any] = {"profiles": profiles,
+                           "per_round": per_round_totals(profiles, cfg.federate.clients_per_round())}
+    if cfg.gmfl.use:
+        out["gmfl"] = gmfl_schedule_bytes(cfg, initial, uplink["bytes"])
+    return out
+
+
+def gmfl_schedule_bytes(cfg: RunConfig, initial: dict[str, Tensor], base_up: int) -> dict[str, Any]:
+    """GMFL freeze schedule with per-client uplink bounds per block and the time-averaged saving."""
+    g = cfg.gmfl
+    candidates = mask_candidate_keys(list(initial), cfg.method)
+    sizes = sorted(tensor_bytes(initial[k]) for k in candidates)
+    rows = gmfl_ops.schedule(cfg.federate.total_round_num, period=g.period, c=g.c, beta=g.beta,
+                             max_ratio=g.max_ratio, n=len(candidates))
+    mask_bytes = (len(candidates) + 7) // 8
+    weighted_min = weighted_max = 0.0
+    for row in rows:
+        k = int(row["frozen"])
+        row["uplink_bytes_max"] = base_up - sum(sizes[:k])
+        row["uplink_bytes_min"] = base_up - (sum(sizes[-k:]) if k else 0)
+        span = row["last_round"] - row["first_round"] + 1
+        weighted_min += span * row["uplink_bytes_min"]
+        weighted_max += span * row["uplink_bytes_max"]
+    total_rounds = cfg.federate.total_round_num
+    return {"candidates": len(candidates), "mask_bytes": mask_bytes, "schedule": rows,
+            "mean_uplink_saving_min": 1 - weighted_max / (total_rounds * base_up),
+            "mean_uplink_saving_max": 1 - weighted_min / (total_rounds * base_up)}
+
+
+register_estimator("fedit", estimate_lora_fedavg)
+register_estimator("ffa_lora", estimate_lora_fedavg)
+
+
+def estimate(cfg: RunConfig) -> dict[str, Any]:
+    """Build ``cfg``'s model on the meta device and estimate bytes per round."""
+    from fs_gmfl.core.adapter import adapter_parameters
+    from fs_gmfl.sim.models import build_backbone
+
+    num_labels = cfg.model.num_labels or 2
+    backbone = build_backbone(cfg, num_labels, meta=True)
+    initial = {k: p.detach() for k, p in adapter_parameters(backbone.model).items()}
+    result = {"model": cfg.model.type, "method": cfg.method + ("+gmfl" if cfg.gmfl.use else ""),
+              "target_modules": backbone.target_modules, "num_labels": num_labels,
+              "adapter": adapter_summary(initial)}
+    result.update(ESTIMATORS[cfg.method](cfg, initial))
+    return result

@@ -1,0 +1,88 @@
+"""Load a run configuration from YAML plus ``KEY VALUE`` overrides.
+
+As in FederatedScope, ``fs-gmfl run --cfg exp.yaml federate.total_round_num 5
+gmfl.c 0.2`` reads the file, then applies each override; values are parsed
+as YAML scalars (``True``, ``0.5``, ``[query,value]``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from fs_gmfl.config.fields import build, to_dict
+from fs_gmfl.config.schema import RunConfig
+from fs_gmfl.errors import ConfigError, InputError
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a YAML mapping from ``path``.
+
+    Raises:
+        InputError: the file is missing, unreadable, not YAML, or not a mapping.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise InputError(f"config file '{path}' does not exist") from None
+    except OSError as err:
+        raise InputError(f"config file '{path}' cannot be read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise InputError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"config file '{path}' must hold a mapping of keys, not a {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as a YAML scalar or flow collection (plain string if that fails)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``KEY VALUE`` pairs into the nested mapping ``data`` (modified and returned).
+
+    Raises:
+        ConfigError: an odd number of words, or a key that descends into a
+            non-mapping value.
+    """
+    if len(overrides) % 2:
+        raise ConfigError(overrides[-1], None, "overrides come in KEY VALUE pairs; this key has no value")
+    for key, text in zip(overrides[::2], overrides[1::2]):
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), child, f"a mapping, to set '{key}'")
+            node = child
+        node[parts[-1]] = parse_value(text)
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, override and validate a run configuration.
+
+    Raises:
+        InputError: the file cannot be read or parsed.
+        ConfigError: a key is unknown or a value is not allowed.
+    """
+    data = read_yaml(path) if path is not None else {}
+    return build(RunConfig, apply_overrides(data, overrides))
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved configuration as YAML (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

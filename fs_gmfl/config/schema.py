@@ -1,0 +1,258 @@
+"""The run configuration: FederatedScope's YAML layout plus the method subtrees.
+
+Keys follow FederatedScope (``federate.*``, ``data.*``, ``model.*``,
+``llm.adapter.*``, ``dataloader.*``, ``train.*``, ``grad.*``, ``eval.*``,
+``seed``, ``outdir``, ``expname``) so one YAML file drives both the embedded
+simulator and the FederatedScope host. Method subtrees (``gmfl``, ...) are
+the algorithm cores' own config dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fs_gmfl.config.fields import fail, opt
+from fs_gmfl.core.gmfl.config import GMFLConfig
+
+#: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
+METHODS = ("fedit", "fedavg", "ffa_lora")
+#: methods GMFL can wrap.
+GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
+
+
+@dataclass
+class FederateConfig:
+    """``federate.*``: the federation."""
+
+    mode: str = opt("standalone", "'standalone' runs in one process; 'distributed' runs through the "
+                    "FederatedScope host over gRPC.", choices=("standalone", "distributed"))
+    method: str = opt("fedit", "Federated method; 'fedavg' is an alias of 'fedit' (FedAvg of LoRA factors).",
+                      choices=METHODS)
+    client_num: int = opt(10, "Number of clients.", ge=1)
+    sample_client_num: int = opt(-1, "Clients sampled per round; -1 uses sample_client_rate (both -1: all).",
+                                 ge=-1)
+    sample_client_rate: float = opt(-1.0, "Fraction of clients sampled per round when sample_client_num is -1.",
+                                    ge=-1.0, le=1.0)
+    total_round_num: int = opt(10, "Number of communication rounds.", ge=1)
+
+    def __post_init__(self) -> None:
+        if self.sample_client_num == 0:
+            fail(self, "sample_client_num", 0, "-1 or an integer in [1, federate.client_num]")
+        if self.sample_client_num > self.client_num:
+            fail(self, "sample_client_num", self.sample_client_num,
+                 f"at most federate.client_num ({self.client_num})")
+        if self.sample_client_rate != -1.0 and not 0.0 < self.sample_client_rate <= 1.0:
+            fail(self, "sample_client_rate", self.sample_client_rate, "-1 or a number in (0, 1]")
+
+    def clients_per_round(self) -> int:
+        """Resolved number of sampled clients per round."""
+        if self.sample_client_num > 0:
+            return self.sample_client_num
+        if self.sample_client_rate > 0:
+            return max(1, int(round(self.sample_client_rate * self.client_num)))
+        return self.client_num
+
+
+@dataclass
+class DataConfig:
+    """``data.*``: dataset, held-out splits and the client partition."""
+
+    root: str = opt("data", "Directory searched first for dataset files (then $FS_GMFL_DATA and installed "
+                    "packages).")
+    type: str = opt("rotten_tomatoes", "Dataset: rotten_tomatoes, rotten_tomatoes_full, news_articles, "
+                    "health_tweets, synthetic, or csv:<path> / jsonl:<path> with 'text' and 'label' fields.")
+    splits: list[float] = opt(factory=lambda: [0.8, 0.1, 0.1], help="Train/val/test fractions of the pooled "
+                              "data; train is partitioned over clients, val/test are held by the server.",
+                              ge=0.0, le=1.0)
+    splitter: str = opt("iid", "Client partition: 'iid' or 'lda' (Dirichlet over labels).", choices=("iid", "lda"))
+    splitter_args: list[dict[str, Any]] = opt(factory=list, help="Splitter arguments, FederatedScope style: "
+                                              "[{alpha: 0.5}] for lda (min_size optional).")
+    subsample: float = opt(1.0, "Fraction of the dataset used (after a seeded shuffle).", gt=0.0, le=1.0)
+    max_text_chars: int = opt(2000, "Texts are cut to this many characters before tokenisation.", ge=1)
+    synthetic_num_samples: int = opt(600, "Size of the 'synthetic' dataset.", ge=10)
+    synthetic_num_classes: int = opt(2, "Classes of the 'synthetic' dataset.", ge=2)
+
+    def __post_init__(self) -> None:
+        if len(self.splits) != 3 or abs(sum(self.splits) - 1.0) > 1e-6 or self.splits[0] <= 0:
+            fail(self, "splits", self.splits, "three fractions [train, val, test] summing to 1 with train > 0")
+        args = self.splitter_args[0] if self.splitter_args else {}
+        if len(self.splitter_args) > 1:
+            fail(self, "splitter_args", self.splitter_args, "a list with at most one mapping")
+        allowed = {"iid": set(), "lda": {"alpha", "min_size"}}[self.splitter]
+        extra = set(args) - allowed
+        if extra:
+            fail(self, "splitter_args", self.splitter_args,
+                 f"keys {sorted(allowed) or 'none'} for splitter '{self.splitter}'")
+        if self.splitter == "lda":
+            alpha = args.get("alpha", 0.5)
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+                fail(self, "splitter_args", self.splitter_args, "alpha a number > 0")
+            min_size = args.get("min_size", 1)
+            if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
+                fail(self, "splitter_args", self.splitter_args, "min_size an integer >= 1")
+
+    def lda_alpha(self) -> float:
+        """Dirichlet concentration of the lda splitter."""
+        return float((self.splitter_args[0] if self.splitter_args else {}).get("alpha", 0.5))
+
+    def lda_min_size(self) -> int:
+        """Smallest client shard the lda splitter accepts."""
+        return int((self.splitter_args[0] if self.splitter_args else {}).get("min_size", 1))
+
+
+@dataclass
+class ModelConfig:
+    """``model.*``: the backbone."""
+
+    type: str = opt("minilm", "Backbone: 'minilm' (pre-trained all-MiniLM-L6-v2), 'tiny_bert', 'tiny_gpt2', "
+                    "'tiny_llama' (random, from a config), a local model directory, or a shape preset "
+                    "('gpt2-large', 'llama-7b', 'roberta-base'; 'fs-gmfl comm' only). A FederatedScope "
+                    "'@huggingface_llm' suffix is accepted.")
+    task: str = opt("seq_cls", "'seq_cls' (sequence classification with a trained head) or 'causal_lm'.",
+                    choices=("seq_cls", "causal_lm"))
+    num_labels: int = opt(0, "Classes of the head; 0 takes the dataset's.", ge=0)
+    hidden_size: int = opt(32, "Hidden size of tiny_* models.", ge=4)
+    num_layers: int = opt(2, "Layers of tiny_* models.", ge=1)
+    num_heads: int = opt(2, "Attention heads of tiny_* models.", ge=1)
+    vocab_size: int = opt(1000, "Vocabulary of tiny_* models (hash tokenizer).", ge=16)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            fail(self, "num_heads", self.num_heads, f"a divisor of model.hidden_size ({self.hidden_size})")
+
+
+@dataclass
+class LoraArgs:
+    """One entry of ``llm.adapter.args`` (FederatedScope passes it to peft's LoraConfig)."""
+
+    adapter_package: str = opt("peft", "Adapter library.", choices=("peft",))
+    adapter_method: str = opt("lora", "Adapter method.", choices=("lora",))
+    r: int = opt(8, "LoRA rank.", ge=1)
+    lora_alpha: float = opt(16.0, "LoRA alpha (scaling alpha / r).", gt=0.0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", ge=0.0, lt=1.0)
+    target_modules: list[str] = opt(factory=list, help="Modules to adapt; empty picks peft's default for the "
+                                    "architecture (bert: query,value; gpt2: c_attn; llama: q_proj,v_proj).")
+    bias: str = opt("none", "LoRA bias mode.", choices=("none",))
+    init_lora_weights: str = opt("default", "'default' (A Kaiming-uniform, B zero) or 'gaussian'.",
+                                 choices=("default", "gaussian"))
+
+
+@dataclass
+class AdapterConfig:
+    """``llm.adapter.*``."""
+
+    use: bool = opt(True, "Use an adapter (required by the LoRA methods).")
+    args: list[LoraArgs] = opt(factory=lambda: [LoraArgs()], help="A one-element list of LoRA arguments.")
+
+    def __post_init__(self) -> None:
+        if len(self.args) != 1:
+            fail(self, "args", f"<{len(self.args)} entries>", "exactly one adapter entry")
+
+
+@dataclass
+class LLMConfig:
+    """``llm.*``."""
+
+    tok_len: int = opt(128, "Maximum tokens per example.", ge=4)
+    adapter: AdapterConfig = opt(factory=AdapterConfig, help="Adapter settings.")
+
+
+@dataclass
+class DataloaderConfig:
+    """``dataloader.*``."""
+
+    batch_size: int = opt(16, "Local training batch size.", ge=1)
+
+
+@dataclass
+class OptimizerConfig:
+    """``train.optimizer.*``."""
+
+    type: str = opt("AdamW", "Local optimizer.", choices=("AdamW", "Adam", "SGD"))
+    lr: float = opt(1e-3, "Learning rate.", gt=0.0)
+    weight_decay: float = opt(0.0, "Weight decay.", ge=0.0)
+    momentum: float = opt(0.0, "SGD momentum.", ge=0.0, lt=1.0)
+
+
+@dataclass
+class SchedulerConfig:
+    """``train.scheduler.*``."""
+
+    type: str = opt("constant", "'constant'; 'cosine_rounds' (GMFL reference: lr decays over rounds to min_lr); "
+                    "'cosine_steps' (cosine with warm-up inside each round).",
+                    choices=("constant", "cosine_rounds", "cosine_steps"))
+    warmup_ratio: float = opt(0.0, "Warm-up fraction of the steps for cosine_steps.", ge=0.0, lt=1.0)
+    min_lr: float = opt(1e-6, "Final learning rate of the cosine schedules.", ge=0.0)
+
+
+@dataclass
+class TrainConfig:
+    """``train.*``: local training."""
+
+    local_update_steps: int = opt(10, "Local steps (batch mode) or epochs (epoch mode) per round.", ge=1)
+    batch_or_epoch: str = opt("batch", "Unit of local_update_steps.", choices=("batch", "epoch"))
+    optimizer: OptimizerConfig = opt(factory=OptimizerConfig, help="Optimizer.")
+    scheduler: SchedulerConfig = opt(factory=SchedulerConfig, help="Learning-rate schedule.")
+
+
+@dataclass
+class GradConfig:
+    """``grad.*``."""
+
+    grad_clip: float = opt(-1.0, "Gradient-norm clipping; <= 0 disables it.")
+
+
+@dataclass
+class EvalConfig:
+    """``eval.*``."""
+
+    freq: int = opt(1, "Evaluate the global model every this many rounds (and after the last).", ge=1)
+    metrics: list[str] = opt(factory=lambda: ["acc", "loss"], help="Metrics to report.", choices=("acc", "loss"))
+    split: list[str] = opt(factory=lambda: ["test"], help="Server-held splits to evaluate.",
+                           choices=("val", "test"))
+    batch_size: int = opt(64, "Evaluation batch size.", ge=1)
+
+
+@dataclass
+class RunConfig:
+    """A whole run: FederatedScope keys plus method subtrees."""
+
+    use_gpu: bool = opt(False, "Train on CUDA when available.")
+    device: int = opt(-1, "CUDA device index (-1: default device).", ge=-1)
+    seed: int = opt(0, "Seed of every random choice (data split, sampling, init, batches).", ge=0)
+    outdir: str = opt("exp", "Output directory.")
+    expname: str = opt("", "Run name; outputs go to <outdir>/<expname> (default: the method name).")
+    federate: FederateConfig = opt(factory=FederateConfig, help="Federation.")
+    data: DataConfig = opt(factory=DataConfig, help="Data.")
+    model: ModelConfig = opt(factory=ModelConfig, help="Backbone.")
+    llm: LLMConfig = opt(factory=LLMConfig, help="LLM and adapter.")
+    dataloader: DataloaderConfig = opt(factory=DataloaderConfig, help="Data loader.")
+    train: TrainConfig = opt(factory=TrainConfig, help="Local training.")
+    grad: GradConfig = opt(factory=GradConfig, help="Gradients.")
+    eval: EvalConfig = opt(factory=EvalConfig, help="Evaluation.")
+    gmfl: GMFLConfig = opt(factory=GMFLConfig, help="GMFL global masking.")
+
+    def __post_init__(self) -> None:
+        if self.gmfl.use and self.federate.method not in GMFL_BASES:
+            fail(self, "gmfl.use", True, f"only with federate.method in {GMFL_BASES} "
+                 f"(got '{self.federate.method}')")
+        if not self.llm.adapter.use:
+            fail(self, "llm.adapter.use", False, f"True for federate.method '{self.federate.method}'")
+
+    @property
+    def lora(self) -> LoraArgs:
+        """The single LoRA argument entry."""
+        return self.llm.adapter.args[0]
+
+    @property
+    def method(self) -> str:
+        """The base method with the fedavg alias resolved."""
+        return "fedit" if self.federate.method == "fedavg" else self.federate.method
+
+    @property
+    def run_name(self) -> str:
+        """``expname`` or a name derived from the method."""
+        if self.expname:
+            return self.expname
+        return self.method + ("_gmfl" if self.gmfl.use else "")

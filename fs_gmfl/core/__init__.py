@@ -1,0 +1,1 @@
+"""Host-agnostic algorithm cores (pure torch + peft; no FederatedScope, no simulator)."""

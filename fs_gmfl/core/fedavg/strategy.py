@@ -1,0 +1,161 @@
+"""FedIT / FFA-LoRA server strategy, optionally wrapped by GMFL global masking.
+
+* FedIT (Zhang et al., "Towards Building the Federated GPT", ICASSP 2024):
+  sample-weighted FedAvg of every LoRA factor and the head.
+* FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated
+  Learning", ICLR 2024): ``lora_A`` stays at its shared initial value; only
+  ``lora_B`` and the head are trained and averaged.
+* + GMFL (Huang et al., ACL 2026): candidate LoRA tensors (all LoRA tensors
+  for FedIT, ``lora_B`` for FFA-LoRA) frozen by :class:`GlobalMasking` are not
+  trained, not uploaded and keep their global value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fs_gmfl.core.adapter import LORA_A, LORA_B, kind_of
+from fs_gmfl.core.fedavg.ops import weighted_average
+from fs_gmfl.core.gmfl.strategy import GlobalMasking
+from fs_gmfl.core.message import Message, Reply, pack_bits
+from fs_gmfl.core.protocol import RoundReport, Strategy
+from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_sample_count, check_tensors
+
+VARIANTS = ("fedit", "ffa_lora")
+MASK = "mask"
+
+
+def base_trainable_keys(keys: Sequence[str], variant: str) -> list[str]:
+    """Keys a client trains under the base method (FFA-LoRA never trains ``lora_A``)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown base method {variant!r}; expected one of {VARIANTS}")
+    return [k for k in keys if not (variant == "ffa_lora" and kind_of(k) == LORA_A)]
+
+
+def mask_candidate_keys(keys: Sequence[str], variant: str) -> list[str]:
+    """Keys GMFL may freeze: all LoRA tensors (FedIT) or the ``lora_B`` tensors (FFA-LoRA)."""
+    kinds = (LORA_B,) if variant == "ffa_lora" else (LORA_A, LORA_B)
+    return [k for k in keys if kind_of(k) in kinds]
+
+
+class LoraFedAvg(Strategy):
+    """Sample-weighted FedAvg of LoRA adapters, with optional GMFL masks.
+
+    Args:
+        initial: the initial global adapter (LoRA factors and head).
+        variant: ``"fedit"`` or ``"ffa_lora"``.
+        masking: a :class:`GlobalMasking` to enable GMFL, or ``None``.
+        downlink: ``"stateless"`` (full adapter to every sampled client) or
+            ``"stateful_sync"`` (only tensors changed since the client's last sync).
+        max_abs: uploads with a larger absolute entry are rejected.
+    """
+
+    def __init__(
+        self,
+        initial: Mapping[str, Tensor],
+        *,
+        variant: str = "fedit",
+        masking: GlobalMasking | None = None,
+        downlink: str = "stateless",
+        max_abs: float = DEFAULT_MAX_ABS,
+    ) -> None:
+        self.name = variant + ("+gmfl" if masking is not None else "")
+        self.variant = variant
+        self.global_state = {k: v.detach().clone() for k, v in initial.items()}
+        self.keys = list(self.global_state)
+        self.base_trainable = base_trainable_keys(self.keys, variant)
+        self.masking = masking
+        self.downlink = downlink
+        self.max_abs = max_abs
+        self.changed_at = {k: 0 for k in self.keys}
+        self.client_sync: dict[int, tuple[int, int]] = {}
+
+    def trainable_keys(self) -> list[str]:
+        """Keys clients train this round (base-trainable and not frozen)."""
+        if self.masking is None:
+            return list(self.base_trainable)
+        return [k for k in self.base_trainable if self.masking.is_trainable(k)]
+
+    # -- downlink ----------------------------------------------------------------------------
+    def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
+        """Full adapter (stateless) or the stale tensors (stateful), plus the mask when one exists."""
+        return {cid: self._downlink(rnd, cid) for cid in clients}
+
+    def _downlink(self, rnd: int, cid: int) -> Message:
+        mask_version = self.masking.version if self.masking is not None else 0
+        synced = self.client_sync.get(cid) if self.downlink == "stateful_sync" else None
+        if synced is None:
+            keys = self.keys
+            send_mask = self.masking is not None and self.masking.refreshes > 0
+        else:
+            keys = [k for k in self.keys if self.changed_at[k] > synced[0]]
+            send_mask = self.masking is not None and mask_version != synced[1]
+        self.client_sync[cid] = (rnd - 1, mask_version)
+        control = {MASK: pack_bits(self.masking.trainable_flags())} if send_mask else {}
+        return Message({k: self.global_state[k].clone() for k in keys}, control)
+
+    # -- aggregation -------------------------------------------------------------------------
+    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
+        """FedAvg over trainable keys; frozen keys keep their value; then maybe refresh the mask."""
+        trainable = self.trainable_keys()
+        report = RoundReport()
+        accepted = []
+        for reply in replies:
+            reason = check_sample_count(reply.message.num_samples) or check_tensors(
+                reply.message.tensors, self.global_state, expected_keys=trainable, max_abs=self.max_abs)
+            if reason:
+                report.rejected[reply.client_id] = reason
+            else:
+                accepted.append(reply)
+                report.accepted.append(reply.client_id)
+        old = self.global_state
+        if accepted and trainable:
+            avg = weighted_average([r.message.tensors for r in accepted],
+                                   [r.message.num_samples for r in accepted], keys=trainable)
+            new = {k: avg.get(k, old[k]) for k in self.keys}
+            for k in trainable:
+                if not torch.equal(new[k], old[k]):
+                    self.changed_at[k] = rnd
+            self.global_state = new
+        if self.masking is not None:
+            updated = bool(accepted)
+            self.masking.observe(rnd, old if updated else None, self.global_state if updated else None)
+        return report
+
+    # -- reporting / persistence -------------------------------------------------------------
+    def global_adapter(self) -> dict[str, Tensor]:
+        """The global adapter (a copy)."""
+        return {k: v.clone() for k, v in self.global_state.items()}
+
+    def round_metrics(self) -> dict[str, float]:
+        """Frozen fraction of mask candidates (by count and by elements)."""
+        if self.masking is None:
+            return {"frozen_fraction": 0.0, "frozen_numel_fraction": 0.0}
+        cand = self.masking.candidate_keys
+        total = sum(self.global_state[k].numel() for k in cand)
+        frozen = sum(self.global_state[k].numel() for k in cand if k in self.masking.frozen)
+        return {"frozen_fraction": self.masking.frozen_fraction, "frozen_numel_fraction": frozen / total,
+                "freeze_ratio": self.masking.ratio}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Global tensors, change rounds, client sync table and the masking state."""
+        return {
+            "global": self.global_adapter(),
+            "changed_at": dict(self.changed_at),
+            "client_sync": {int(c): list(v) for c, v in self.client_sync.items()},
+            "masking": self.masking.state_dict() if self.masking is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if set(state["global"]) != set(self.keys):
+            raise ValueError("checkpoint adapter keys do not match this model")
+        self.global_state = {k: state["global"][k].clone() for k in self.keys}
+        self.changed_at = {k: int(state["changed_at"][k]) for k in self.keys}
+        self.client_sync = {int(c): (int(v[0]), int(v[1])) for c, v in state["client_sync"].items()}
+        if self.masking is not None:
+            self.masking.load_state_dict(state["masking"])

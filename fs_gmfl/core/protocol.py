@@ -1,0 +1,134 @@
+"""The host-agnostic protocol between a method and a host.
+
+A method is a pair:
+
+* a server :class:`Strategy`, which owns the global state, writes one
+  downlink :class:`~fs_gmfl.core.message.Message` per sampled client
+  (:meth:`Strategy.configure_round`) and folds the uplinks back in
+  (:meth:`Strategy.aggregate`);
+* a :class:`ClientAlgorithm`, which turns a downlink into a
+  :class:`LocalPlan` on the client's model (what to train, which gradient
+  entries to mask, what to call after each optimiser step) and, after the
+  host ran local training, turns the model into the uplink.
+
+A host (the embedded simulator or the FederatedScope adapter) moves messages,
+runs the training loop the plan describes, and counts bytes from the messages.
+Neither side knows which host it runs in.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from fs_gmfl.core.message import Message, Reply
+
+
+@dataclass
+class LocalPlan:
+    """What the host's training loop must do for one client and round.
+
+    Attributes:
+        model: the module to train (may differ from the host's default model,
+            e.g. a smaller-rank adapter).
+        trainable: parameters to optimise, by key; the host sets
+            ``requires_grad`` on exactly these and builds the optimiser over
+            them (so frozen tensors get no gradient and no optimiser state).
+        grad_masks: optional 0/1 masks multiplied into the gradient of the
+            parameter with the same key (sub-tensor freezing).
+        frozen_values: values the host restores after every optimiser step
+            (entries selected by ``grad_masks == 0``), so decoupled weight
+            decay cannot move frozen entries.
+        after_step: optional callback ``f(step_index)`` after each optimiser step.
+        weight_decay_mask_via_loss: ask the host to apply weight decay as an
+            explicit L2 loss on unmasked entries only instead of in the optimiser.
+        info: free-form values the algorithm wants back in :meth:`ClientAlgorithm.finish`.
+    """
+
+    model: nn.Module
+    trainable: dict[str, nn.Parameter]
+    grad_masks: dict[str, Tensor] = field(default_factory=dict)
+    frozen_values: dict[str, Tensor] = field(default_factory=dict)
+    after_step: Callable[[int], None] | None = None
+    weight_decay_mask_via_loss: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainStats:
+    """What the host reports about one client's local training."""
+
+    num_samples: int
+    steps: int
+    mean_loss: float
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class ClientAlgorithm(abc.ABC):
+    """Client side of a method."""
+
+    @abc.abstractmethod
+    def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
+        """Load the downlink into ``model`` and describe local training.
+
+        Args:
+            model: the host's model for this client (adapter already attached).
+            message: the downlink.
+            client_state: host-persisted per-client storage (empty at first
+                contact); stateless methods ignore it.
+        """
+
+    @abc.abstractmethod
+    def finish(self, plan: LocalPlan, stats: TrainStats, client_state: MutableMapping[str, Any]) -> Message:
+        """Build the uplink after local training."""
+
+
+@dataclass
+class RoundReport:
+    """What a strategy reports after aggregating one round."""
+
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy(abc.ABC):
+    """Server side of a method."""
+
+    name: str = "strategy"
+
+    @abc.abstractmethod
+    def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
+        """Downlink message for each sampled client of round ``rnd`` (1-based)."""
+
+    @abc.abstractmethod
+    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
+        """Fold the uplinks of round ``rnd`` into the global state.
+
+        A reply that fails validation is rejected (listed in the report) and
+        changes nothing; with no accepted reply the global state is unchanged.
+        """
+
+    @abc.abstractmethod
+    def global_adapter(self) -> dict[str, Tensor]:
+        """The current global adapter tensors (for evaluation and checkpoints)."""
+
+    def evaluation_adapters(self) -> dict[str, dict[str, Tensor]]:
+        """Extra named adapters to evaluate besides the global one (default: none)."""
+        return {}
+
+    def round_metrics(self) -> dict[str, float]:
+        """Method-specific values logged every round (e.g. the frozen fraction)."""
+        return {}
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: tensors and plain data."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""

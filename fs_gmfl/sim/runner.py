@@ -1,0 +1,258 @@
+"""The embedded in-process simulator: one server and N clients in one process.
+
+Per round: sample clients, let the strategy write downlinks, deliver them
+through the :class:`InMemoryTransport` (messages are copied, as on a wire),
+train each client in turn on the one shared model, aggregate, evaluate every
+``eval.freq`` rounds, and record bytes from the messages themselves. Only
+one model exists, so memory does not grow with the number of clients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fs_gmfl.config.loader import config_to_yaml
+from fs_gmfl.config.schema import RunConfig
+from fs_gmfl.core.adapter import adapter_state, load_adapter_tensors
+from fs_gmfl.core.comm import CommLedger
+from fs_gmfl.core.message import Message, Reply
+from fs_gmfl.core.seeding import generator
+from fs_gmfl.errors import ConfigError
+from fs_gmfl.methods import Method, MethodContext, build_method
+from fs_gmfl.plots import MIB, plot_runs
+from fs_gmfl.sim.data import FederatedData, build_federated_data
+from fs_gmfl.sim.models import build_backbone, load_tokenizer, set_threads_from_env
+from fs_gmfl.sim.store import ClientStateStore
+from fs_gmfl.sim.training import evaluate, train_local
+
+logger = logging.getLogger(__name__)
+
+
+def sample_clients(num_clients: int, per_round: int, *, seed: int, rnd: int) -> list[int]:
+    """Uniform sample without replacement for round ``rnd`` (independent of other rounds)."""
+    order = torch.randperm(num_clients, generator=generator(seed, "sample", rnd))
+    return sorted(order[:per_round].tolist())
+
+
+class InMemoryTransport:
+    """Delivers downlinks to in-process clients and returns their uplinks.
+
+    Both directions are copied so that neither side can alias the other's
+    tensors, as over a real network.
+    """
+
+    def __init__(self, client_fn: Callable[[int, int, Message], Message]) -> None:
+        self.client_fn = client_fn
+
+    def exchange(self, rnd: int, downlinks: Mapping[int, Message]) -> list[Reply]:
+        """Run every addressed client on its downlink, in client-id order."""
+        return [Reply(cid, self.client_fn(rnd, cid, downlinks[cid].detached_copy()).detached_copy())
+                for cid in sorted(downlinks)]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Simulation:
+    """A federated run of ``cfg`` in this process.
+
+    Args:
+        cfg: the run configuration.
+        quiet: no progress bar and no final line.
+    """
+
+    def __init__(self, cfg: RunConfig, *, quiet: bool = False) -> None:
+        if cfg.federate.mode != "standalone":
+            raise ConfigError("federate.mode", cfg.federate.mode, "'standalone' in the embedded simulator; "
+                              "distributed runs go through the FederatedScope host ('fs-gmfl fs-run')")
+        self.cfg = cfg
+        self.quiet = quiet
+        self.run_dir = Path(cfg.outdir) / cfg.run_name
+        self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and cfg.device >= 0:
+            self.device = torch.device("cuda", cfg.device)
+        self.ledger = CommLedger()
+        self.step_seconds: list[float] = []
+        self.rejections: dict[str, int] = {}
+
+    # -- set-up ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load data, build the model and the method."""
+        cfg = self.cfg
+        set_threads_from_env()
+        tokenizer = load_tokenizer(cfg)
+        self.data: FederatedData = build_federated_data(
+            cfg.data, num_clients=cfg.federate.client_num, tokenizer=tokenizer, max_length=cfg.llm.tok_len,
+            seed=cfg.seed, vocab_size=cfg.model.vocab_size)
+        num_labels = cfg.model.num_labels or self.data.num_labels
+        self.backbone = build_backbone(cfg, num_labels)
+        self.model = self.backbone.model.to(self.device)
+        self.method: Method = build_method(MethodContext(cfg, adapter_state(self.model)))
+        self.transport = InMemoryTransport(self._fit_client)
+        state_dir = self.run_dir / "client_state"
+        if state_dir.exists():
+            shutil.rmtree(state_dir)  # a fresh run must not inherit client caches of an earlier run
+        self.store = ClientStateStore(state_dir)
+
+    def _fit_client(self, rnd: int, client_id: int, message: Message) -> Message:
+        with self.store.open(client_id) as state:
+            plan = self.method.client.prepare(self.model, message, state)
+            stats = train_local(plan, self.data.client_data(client_id), self.cfg, rnd=rnd, client_id=client_id,
+                                device=self.device)
+            uplink = self.method.client.finish(plan, stats, state)
+        self.step_seconds.extend(stats.step_seconds)
+        return uplink
+
+    # -- one round ---------------------------------------------------------------------------
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        """Sample, exchange, aggregate; return the round's log row (without evaluation)."""
+        cfg = self.cfg
+        clients = sample_clients(cfg.federate.client_num, cfg.federate.clients_per_round(), seed=cfg.seed, rnd=rnd)
+        strategy = self.method.strategy
+        used = strategy.round_metrics()  # describes the state clients train under in this round
+        downlinks = strategy.configure_round(rnd, clients)
+        for cid, msg in downlinks.items():
+            self.ledger.record(rnd, cid, "downlink", msg)
+        steps_before = len(self.step_seconds)
+        replies = self.transport.exchange(rnd, downlinks)
+        for reply in replies:
+            self.ledger.record(rnd, reply.client_id, "uplink", reply.message)
+        report = strategy.aggregate(rnd, replies)
+        for cid, reason in report.rejected.items():
+            logger.warning("round %d: update of client %d rejected: %s", rnd, cid, reason)
+            self.rejections[reason.split(":")[0]] = self.rejections.get(reason.split(":")[0], 0) + 1
+        row: dict[str, Any] = {"round": rnd, "clients": clients, **self.ledger.round_totals(rnd),
+                               "rejected": len(report.rejected), **used, **report.metrics}
+        step_times = self.step_seconds[steps_before:]
+        if step_times:
+            row["median_step_seconds"] = statistics.median(step_times)
+        return row
+
+    def evaluate_global(self) -> dict[str, float]:
+        """Evaluate the global adapter on the configured server-held splits."""
+        load_adapter_tensors(self.model, self.method.strategy.global_adapter())
+        results: dict[str, float] = {}
+        for split in self.cfg.eval.split:
+            data = self.data.val if split == "val" else self.data.test
+            if len(data) == 0:
+                continue
+            metrics = evaluate(self.model, data, batch_size=self.cfg.eval.batch_size, task=self.cfg.model.task,
+                               device=self.device)
+            results.update({f"{split}_{k}": v for k, v in metrics.items() if k in self.cfg.eval.metrics or k == "ppl"})
+        return results
+
+    # -- the whole run -----------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run every round, write the outputs and return the summary."""
+        start = time.time()
+        self.setup()
+        writer = RunWriter(self.run_dir, self.cfg)
+        per_round: list[dict[str, Any]] = []
+        initial = self.evaluate_global()
+        writer.eval_line(0, initial)
+        per_round.append({"round": 0, **initial})
+        total = self.cfg.federate.total_round_num
+        bar = tqdm(range(1, total + 1), desc=self.cfg.run_name, unit="round", disable=self.quiet, file=sys.stderr,
+                   dynamic_ncols=True)
+        for rnd in bar:
+            row = self.run_round(rnd)
+            if rnd % self.cfg.eval.freq == 0 or rnd == total:
+                metrics = self.evaluate_global()
+                row.update(metrics)
+                writer.eval_line(rnd, metrics)
+            per_round.append(row)
+            bar.set_postfix(self._progress(per_round), refresh=False)
+        summary = self.summary(per_round, time.time() - start)
+        writer.finish(summary, self.ledger)
+        if not self.quiet:
+            final = summary["final"]
+            print(f"{self.cfg.run_name}: {total} rounds, " + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+                  + f", uplink {summary['comm']['uplink_bytes'] / MIB:.2f} MiB, downlink "
+                  f"{summary['comm']['downlink_bytes'] / MIB:.2f} MiB -> {self.run_dir}", file=sys.stderr)
+        return summary
+
+    def _progress(self, per_round: list[dict[str, Any]]) -> dict[str, str]:
+        totals = self.ledger.totals()
+        post = {"up": f"{totals['uplink_bytes'] / MIB:.1f}MiB", "down": f"{totals['downlink_bytes'] / MIB:.1f}MiB"}
+        latest = next((r for r in reversed(per_round) if any(k.endswith("_acc") or k.endswith("_loss") for k in r)),
+                      None)
+        for key in ("test_acc", "val_acc", "test_loss"):
+            if latest and key in latest:
+                post[key] = f"{latest[key]:.3f}"
+                break
+        if "frozen_fraction" in per_round[-1]:
+            post["frozen"] = f"{per_round[-1]['frozen_fraction']:.2f}"
+        return post
+
+    def summary(self, per_round: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+        """The machine-readable summary of the run (``summary.json``)."""
+        evaluated = [r for r in per_round if any(k.startswith(("test_", "val_")) for k in r)]
+        final = {k: v for k, v in evaluated[-1].items() if k.startswith(("test_", "val_"))} if evaluated else {}
+        steps = self.step_seconds
+        return {
+            "method": self.method.strategy.name,
+            "run_name": self.cfg.run_name,
+            "rounds": self.cfg.federate.total_round_num,
+            "final": final,
+            "comm": self.ledger.totals(),
+            "per_round": per_round,
+            "wall_seconds": wall,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "timing": {"local_steps": len(steps),
+                       "median_step_seconds": statistics.median(steps) if steps else None,
+                       "mean_step_seconds": statistics.fmean(steps) if steps else None},
+            "clients": {"num": self.cfg.federate.client_num, "per_round": self.cfg.federate.clients_per_round(),
+                        "train_sizes": [int(len(i)) for i in self.data.client_indices]},
+            "data": {"type": self.cfg.data.type, "train": len(self.data.train), "val": len(self.data.val),
+                     "test": len(self.data.test), "num_labels": self.data.num_labels},
+            "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections)},
+            "method_info": self.method.info,
+            "device": str(self.device),
+        }
+
+
+class RunWriter:
+    """Writes ``<outdir>/<expname>/``: config.yaml, eval_results.log, comm_log.jsonl, summary.json, curves.png."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+        self.eval_log = run_dir / "eval_results.log"
+        self.eval_log.write_text("", encoding="utf-8")
+
+    def eval_line(self, rnd: int, metrics: Mapping[str, float]) -> None:
+        """Append a FederatedScope-style evaluation record (one JSON object per line)."""
+        with open(self.eval_log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"Role": "Server #", "Round": rnd, "Results_raw": dict(metrics)}) + "\n")
+
+    def finish(self, summary: Mapping[str, Any], ledger: CommLedger) -> None:
+        """Write the communication log, the summary (atomically) and the plot."""
+        with open(self.run_dir / "comm_log.jsonl", "w", encoding="utf-8") as fh:
+            for t in ledger.transfers:
+                fh.write(json.dumps(t.as_row()) + "\n")
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        metric = "test_acc" if any("test_acc" in r for r in summary["per_round"]) else "test_loss"
+        plot_runs([(summary["run_name"], summary)], self.run_dir / "curves.png", metric=metric,
+                  title=summary["run_name"])
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file and rename it over ``path``."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,181 @@
+"""Local training and evaluation loops of the embedded simulator.
+
+:func:`train_local` runs what a :class:`~fs_gmfl.core.protocol.LocalPlan`
+describes: only the plan's tensors get ``requires_grad`` and optimiser state,
+gradient masks are applied through tensor hooks, and masked entries are
+restored after every step so decoupled weight decay cannot move them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fs_gmfl.config.schema import OptimizerConfig, RunConfig, SchedulerConfig
+from fs_gmfl.core.adapter import adapter_parameters
+from fs_gmfl.core.protocol import LocalPlan, TrainStats
+from fs_gmfl.core.seeding import derive_seed, generator
+from fs_gmfl.sim.data import Encoded
+
+
+def make_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter], lr: float, *,
+                   weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """The local optimizer of ``train.optimizer`` over ``params``."""
+    wd = cfg.weight_decay if weight_decay is None else weight_decay
+    if cfg.type == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+    cls = torch.optim.AdamW if cfg.type == "AdamW" else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=wd)
+
+
+def round_lr(cfg: RunConfig, rnd: int) -> float:
+    """Learning rate of round ``rnd``; ``cosine_rounds`` is the GMFL reference schedule.
+
+    ``lr_r = min_lr + (lr - min_lr) * (1 + cos(pi * (r - 1) / R)) / 2``.
+    """
+    lr = cfg.train.optimizer.lr
+    sched = cfg.train.scheduler
+    if sched.type != "cosine_rounds":
+        return lr
+    total = cfg.federate.total_round_num
+    return sched.min_lr + 0.5 * (lr - sched.min_lr) * (1 + math.cos(math.pi * (rnd - 1) / total))
+
+
+def step_lr_factor(step: int, total: int, sched: SchedulerConfig, base_lr: float) -> float:
+    """Multiplier of the learning rate at ``step`` for ``cosine_steps`` (linear warm-up, cosine decay)."""
+    if sched.type != "cosine_steps" or total <= 1:
+        return 1.0
+    warm = int(sched.warmup_ratio * total)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    floor = sched.min_lr / base_lr if base_lr > 0 else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_schedule(n: int, cfg: RunConfig, *, rnd: int, client_id: int) -> Iterator[Tensor]:
+    """Row indices of each local batch: ``local_update_steps`` batches, or that many epochs."""
+    bs = min(cfg.dataloader.batch_size, n)
+    g = generator(cfg.seed, "batches", rnd, client_id)
+    if cfg.train.batch_or_epoch == "epoch":
+        for _ in range(cfg.train.local_update_steps):
+            order = torch.randperm(n, generator=g)
+            yield from torch.split(order, bs)
+        return
+    order = torch.randperm(n, generator=g)
+    pos = 0
+    for _ in range(cfg.train.local_update_steps):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        yield order[pos:pos + bs]
+        pos += bs
+
+
+def count_batches(n: int, cfg: RunConfig) -> int:
+    """Number of batches :func:`batch_schedule` yields."""
+    if cfg.train.batch_or_epoch == "epoch":
+        return cfg.train.local_update_steps * math.ceil(n / min(cfg.dataloader.batch_size, n))
+    return cfg.train.local_update_steps
+
+
+def _set_trainable(plan: LocalPlan) -> None:
+    for key, p in adapter_parameters(plan.model).items():
+        p.requires_grad_(key in plan.trainable)
+    for p in plan.trainable.values():
+        p.requires_grad_(True)
+
+
+def _masked_l2(plan: LocalPlan, weight_decay: float) -> Tensor:
+    total = torch.zeros(())
+    for key, p in plan.trainable.items():
+        mask = plan.grad_masks.get(key)
+        total = total + ((p * mask) if mask is not None else p).pow(2).sum()
+    return 0.5 * weight_decay * total
+
+
+@torch.no_grad()
+def _restore_frozen(plan: LocalPlan) -> None:
+    for key, frozen in plan.frozen_values.items():
+        p = plan.trainable[key]
+        keep = plan.grad_masks[key].to(torch.bool)
+        p.copy_(torch.where(keep, p, frozen))
+
+
+def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, client_id: int,
+                device: torch.device | str = "cpu") -> TrainStats:
+    """Run local training as ``plan`` describes and report samples, steps, loss and step times.
+
+    A plan with nothing to train skips training (the client still reports
+    its sample count).
+    """
+    n = len(data)
+    if not plan.trainable or n == 0:
+        return TrainStats(num_samples=n, steps=0, mean_loss=float("nan"))
+    _set_trainable(plan)
+    torch.manual_seed(derive_seed(cfg.seed, "dropout", rnd, client_id))
+    lr = round_lr(cfg, rnd)
+    wd = cfg.train.optimizer.weight_decay
+    optimizer = make_optimizer(cfg.train.optimizer, list(plan.trainable.values()), lr,
+                               weight_decay=0.0 if plan.weight_decay_mask_via_loss else wd)
+    hooks = [plan.trainable[k].register_hook(lambda g, m=m: g * m) for k, m in plan.grad_masks.items()]
+    total = count_batches(n, cfg)
+    losses, times = [], []
+    plan.model.train()
+    try:
+        for step, index in enumerate(batch_schedule(n, cfg, rnd=rnd, client_id=client_id)):
+            start = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr * step_lr_factor(step, total, cfg.train.scheduler, lr)
+            batch = {k: v.to(device) for k, v in data.batch(index).items()}
+            loss = plan.model(**batch).loss
+            if plan.weight_decay_mask_via_loss and wd > 0:
+                loss = loss + _masked_l2(plan, wd)
+            if not torch.isfinite(loss):
+                continue
+            loss.backward()
+            if cfg.grad.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(list(plan.trainable.values()), cfg.grad.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _restore_frozen(plan)
+            if plan.after_step is not None:
+                plan.after_step(step)
+            losses.append(float(loss.detach()))
+            times.append(time.perf_counter() - start)
+    finally:
+        for h in hooks:
+            h.remove()
+    mean = sum(losses) / len(losses) if losses else float("nan")
+    return TrainStats(num_samples=n, steps=len(losses), mean_loss=mean, step_seconds=times)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Encoded, *, batch_size: int, task: str,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Accuracy and mean loss (sequence classification) or token loss and perplexity (causal LM)."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        batch = {k: v.to(device) for k, v in data.batch(index).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if task == "seq_cls":
+            total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+            count += int(labels.numel())
+        else:
+            shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+            total_loss += float(F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum"))
+            count += int((shift_labels != -100).sum())
+    if count == 0:
+        return {}
+    mean = total_loss / count
+    if task == "seq_cls":
+        return {"acc": correct / count, "loss": mean}
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0))}
