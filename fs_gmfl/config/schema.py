@@ -69,6 +69,9 @@ class DataConfig:
     splitter_args: list[dict[str, Any]] = opt(factory=list, help="Splitter arguments, FederatedScope style: "
                                               "[{alpha: 0.5}] for lda (min_size optional).")
     subsample: float = opt(1.0, "Fraction of the dataset used (after a seeded shuffle).", gt=0.0, le=1.0)
+    client_val_fraction: float = opt(0.0, "Fraction of each client's shard held out as its local validation set "
+                                     "(used by personalised evaluation); 0 keeps every example for training.",
+                                     ge=0.0, lt=1.0)
     max_text_chars: int = opt(2000, "Texts are cut to this many characters before tokenisation.", ge=1)
     synthetic_num_samples: int = opt(600, "Size of the 'synthetic' dataset.", ge=10)
     synthetic_num_classes: int = opt(2, "Classes of the 'synthetic' dataset.", ge=2)

@@ -128,3 +128,37 @@ def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, Tensor], adapte
         if tuple(value.shape) != tuple(params[key].shape):
             raise ValueError(f"'{key}' has shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)}")
         params[key].copy_(value.to(params[key].dtype))
+
+
+def model_tensor_map(model: nn.Module, keys: Iterable[str], adapter_name: str = "default") -> dict[str, nn.Parameter]:
+    """Parameters of ``model`` for ``keys``: adapter keys, or plain parameter names for other tensors.
+
+    Methods that change backbone weights (full fine-tuning, merged adapters)
+    address them by their ``named_parameters`` name.
+
+    Raises:
+        KeyError: a key names neither an adapter tensor nor a parameter.
+    """
+    adapters = adapter_parameters(model, adapter_name)
+    named: dict[str, nn.Parameter] | None = None
+    out: dict[str, nn.Parameter] = {}
+    for key in keys:
+        if key in adapters:
+            out[key] = adapters[key]
+            continue
+        if named is None:
+            named = dict(model.named_parameters())
+        if key not in named:
+            raise KeyError(f"'{key}' is neither an adapter tensor nor a parameter of this model")
+        out[key] = named[key]
+    return out
+
+
+@torch.no_grad()
+def load_model_tensors(model: nn.Module, tensors: Mapping[str, Tensor], adapter_name: str = "default") -> None:
+    """Copy ``tensors`` (adapter keys or parameter names) into ``model``, checking shapes."""
+    params = model_tensor_map(model, tensors.keys(), adapter_name)
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(params[key].shape):
+            raise ValueError(f"'{key}' has shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)}")
+        params[key].copy_(value.to(params[key].dtype))

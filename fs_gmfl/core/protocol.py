@@ -75,6 +75,10 @@ class ClientAlgorithm(abc.ABC):
     def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
         """Load the downlink into ``model`` and describe local training.
 
+        The model is shared by every client of a host, so anything a client
+        changes beyond the adapter tensors the next downlink overwrites (for
+        example merged backbone weights) must be restored in :meth:`finish`.
+
         Args:
             model: the host's model for this client (adapter already attached).
             message: the downlink.
@@ -118,7 +122,12 @@ class Strategy(abc.ABC):
         """The current global adapter tensors (for evaluation and checkpoints)."""
 
     def evaluation_adapters(self) -> dict[str, dict[str, Tensor]]:
-        """Extra named adapters to evaluate besides the global one (default: none)."""
+        """Extra named tensor sets to evaluate besides :meth:`global_adapter` (default: none).
+
+        Keys are adapter keys or plain parameter names. A name ``client:<id>``
+        is evaluated on that client's local validation data (personalised
+        evaluation); any other name (e.g. ``rank_2``) on the server's splits.
+        """
         return {}
 
     def round_metrics(self) -> dict[str, float]:

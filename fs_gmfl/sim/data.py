@@ -339,10 +339,17 @@ class FederatedData:
     client_indices: list[Tensor]
     num_labels: int
     label_names: list[str]
+    client_val_indices: list[Tensor] | None = None
 
     def client_data(self, client_id: int) -> Encoded:
         """Training rows of client ``client_id`` (0-based)."""
         return self.train.subset(self.client_indices[client_id])
+
+    def client_val_data(self, client_id: int) -> Encoded:
+        """Local validation rows of client ``client_id`` (empty without ``data.client_val_fraction``)."""
+        if self.client_val_indices is None:
+            return self.train.subset(torch.zeros(0, dtype=torch.long))
+        return self.train.subset(self.client_val_indices[client_id])
 
     def label_histogram(self) -> list[list[int]]:
         """Per client, the count of each class (for reporting the non-IID split)."""
@@ -372,4 +379,19 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, tokenizer: object
                                seed=seed)
     else:
         shards = iid_partition(len(train), num_clients, seed=seed)
-    return FederatedData(train, pool.subset(val_idx), pool.subset(test_idx), shards, len(label_names), label_names)
+    local_val = None
+    if cfg.client_val_fraction > 0:
+        shards, local_val = split_client_validation(shards, cfg.client_val_fraction, seed=seed)
+    return FederatedData(train, pool.subset(val_idx), pool.subset(test_idx), shards, len(label_names), label_names,
+                         local_val)
+
+
+def split_client_validation(shards: list[Tensor], fraction: float, *, seed: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Hold out ``round(fraction * size)`` rows of every shard (at least one row stays for training)."""
+    train, val = [], []
+    for cid, shard in enumerate(shards):
+        order = shard[torch.randperm(len(shard), generator=generator(seed, "client-val", cid))]
+        n_val = min(len(shard) - 1, int(round(fraction * len(shard))))
+        val.append(order[:n_val].sort().values)
+        train.append(order[n_val:].sort().values)
+    return train, val

@@ -9,6 +9,7 @@ one model exists, so memory does not grow with the number of clients.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -16,7 +17,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from fs_gmfl.config.loader import config_to_yaml
 from fs_gmfl.config.schema import RunConfig
-from fs_gmfl.core.adapter import adapter_state, load_adapter_tensors
+from fs_gmfl.core.adapter import adapter_state, load_model_tensors, model_tensor_map
 from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.seeding import generator
@@ -60,6 +61,27 @@ class InMemoryTransport:
         """Run every addressed client on its downlink, in client-id order."""
         return [Reply(cid, self.client_fn(rnd, cid, downlinks[cid].detached_copy()).detached_copy())
                 for cid in sorted(downlinks)]
+
+
+@contextlib.contextmanager
+def temporarily_loaded(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Load ``tensors`` into ``model`` and restore the previous values afterwards."""
+    params = model_tensor_map(model, tensors.keys())
+    saved = {k: p.detach().clone() for k, p in params.items()}
+    load_model_tensors(model, tensors)
+    try:
+        yield
+    finally:
+        load_model_tensors(model, saved)
+
+
+def weighted_client_metrics(results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Sample-weighted mean of per-client validation metrics, as ``clients_val_<metric>``."""
+    total = sum(n for n, _ in results)
+    if not total:
+        return {}
+    keys = set.intersection(*(set(m) for _, m in results))
+    return {f"clients_val_{k}": sum(n * m[k] for n, m in results) / total for k in sorted(keys)}
 
 
 def peak_rss_bytes() -> int:
@@ -143,16 +165,43 @@ class Simulation:
         return row
 
     def evaluate_global(self) -> dict[str, float]:
-        """Evaluate the global adapter on the configured server-held splits."""
-        load_adapter_tensors(self.model, self.method.strategy.global_adapter())
+        """Evaluate the global adapter on the server-held splits, then the strategy's extra adapters.
+
+        Extra adapters named ``client:<id>`` are evaluated on that client's
+        local validation shard (``<name>/val_<metric>``) and summarised as
+        ``clients_val_<metric>``, weighted by shard size; other names are
+        evaluated like the global adapter (``<name>/test_<metric>``).
+        Evaluation leaves the model exactly as it found it.
+        """
+        strategy = self.method.strategy
+        with temporarily_loaded(self.model, strategy.global_adapter()):
+            results = self._evaluate_splits("")
+        client_results: list[tuple[int, dict[str, float]]] = []
+        for name, tensors in strategy.evaluation_adapters().items():
+            with temporarily_loaded(self.model, tensors):
+                if name.startswith("client:"):
+                    cid = int(name.split(":", 1)[1])
+                    data = self.data.client_val_data(cid)
+                    if len(data):
+                        metrics = self._metrics(data)
+                        client_results.append((len(data), metrics))
+                        results.update({f"{name}/val_{k}": v for k, v in metrics.items()})
+                else:
+                    results.update(self._evaluate_splits(name + "/"))
+        results.update(weighted_client_metrics(client_results))
+        return results
+
+    def _metrics(self, data: Any) -> dict[str, float]:
+        metrics = evaluate(self.model, data, batch_size=self.cfg.eval.batch_size, task=self.cfg.model.task,
+                           device=self.device)
+        return {k: v for k, v in metrics.items() if k in self.cfg.eval.metrics or k == "ppl"}
+
+    def _evaluate_splits(self, prefix: str) -> dict[str, float]:
         results: dict[str, float] = {}
         for split in self.cfg.eval.split:
             data = self.data.val if split == "val" else self.data.test
-            if len(data) == 0:
-                continue
-            metrics = evaluate(self.model, data, batch_size=self.cfg.eval.batch_size, task=self.cfg.model.task,
-                               device=self.device)
-            results.update({f"{split}_{k}": v for k, v in metrics.items() if k in self.cfg.eval.metrics or k == "ppl"})
+            if len(data):
+                results.update({f"{prefix}{split}_{k}": v for k, v in self._metrics(data).items()})
         return results
 
     # -- the whole run -----------------------------------------------------------------------
