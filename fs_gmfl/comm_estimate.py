@@ -13,11 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.adapter import HEAD, LORA_A, LORA_B, kind_of
 from fs_gmfl.core.fedavg import base_trainable_keys, mask_candidate_keys
+from fs_gmfl.core.fedhft import downlink_message as fedhft_downlink
+from fs_gmfl.core.fedhft import ops as fedhft_ops
+from fs_gmfl.core.fedhft import uplink_message as fedhft_uplink
 from fs_gmfl.core.gmfl import ops as gmfl_ops
 from fs_gmfl.core.message import Message, samples_tensor, tensor_bytes
 from fs_gmfl.methods import MethodContext, build_method
@@ -116,6 +120,36 @@ def gmfl_schedule_bytes(cfg: RunConfig, initial: dict[str, Tensor], base_up: int
 
 register_estimator("fedit", estimate_lora_fedavg)
 register_estimator("ffa_lora", estimate_lora_fedavg)
+
+
+def estimate_fedhft(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
+    """FedHFT: one profile per resource level, from the same message builders as real runs.
+
+    Uplink of a level-s client: full ``A``, ``k = max(1, round(s d_out))``
+    rows of ``B`` and their encoding, the head and the sample count;
+    downlink: the rank-r personalised factors (same shapes as A and B), the
+    head, the level and a seed. Round 1's downlink carries the head only.
+    """
+    method = build_method(MethodContext(cfg, initial))
+    levels = method.strategy.levels
+    layout = method.strategy.layout
+    head = {k: initial[k] for k in layout.head_keys}
+    factors = {k: initial[k] for p in layout.pairs for k in (p.a_key, p.b_key)}
+    profiles: dict[str, dict[str, Any]] = {}
+    for level, ratio in enumerate(cfg.fedhft.keep_ratios):
+        kept = {m: fedhft_ops.kept_row_count(ratio, shape[0]) for m, shape in layout.shapes.items()}
+        uplink = fedhft_uplink(layout, {p.a_key: initial[p.a_key] for p in layout.pairs},
+                               {p.b_key: initial[p.b_key][: kept[p.module]] for p in layout.pairs},
+                               {m: torch.arange(k) for m, k in kept.items()}, head, 1)
+        profiles[f"level_{level}"] = {
+            "clients_share": levels.count(level) / len(levels), "keep_ratio": ratio,
+            "kept_rows": sum(kept.values()), "uplink": breakdown(uplink),
+            "downlink": breakdown(fedhft_downlink(head, factors, level=level, seed=0))}
+    return {"profiles": profiles, "per_round": per_round_totals(profiles, cfg.federate.clients_per_round()),
+            "first_round_downlink": breakdown(fedhft_downlink(head, None, level=0, seed=0))}
+
+
+register_estimator("fedhft", estimate_fedhft)
 
 
 def estimate(cfg: RunConfig) -> dict[str, Any]:

@@ -15,9 +15,11 @@ from torch import Tensor, nn
 
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.fedavg import LoraClient, LoraFedAvg, mask_candidate_keys
+from fs_gmfl.core.fedhft import FedHFTClient, FedHFTStrategy
 from fs_gmfl.core.gmfl import GlobalMasking
 from fs_gmfl.core.protocol import ClientAlgorithm, Strategy
 from fs_gmfl.core.seeding import derive_seed
+from fs_gmfl.errors import ConfigError
 
 
 @dataclass
@@ -90,3 +92,46 @@ def build_lora_fedavg(ctx: MethodContext) -> Method:
 
 register_method("fedit", build_lora_fedavg)
 register_method("ffa_lora", build_lora_fedavg)
+
+
+#: largest full-covariance mixture fitted without PCA: K x D^2 float64 entries (about 2 GiB).
+FEDHFT_MAX_COVARIANCE_ENTRIES = 2**28
+
+
+def check_fedhft_features(cfg: RunConfig, strategy: FedHFTStrategy) -> None:
+    """Reject clustering features the model cannot provide or the mixture cannot hold.
+
+    Raises:
+        ConfigError: head features without a trained head, or unreduced
+            features too large for a full-covariance mixture.
+    """
+    hft = cfg.fedhft
+    if hft.num_clusters == 1:
+        return
+    layout = strategy.layout
+    if hft.feature_source == "head" and not layout.head_keys:
+        raise ConfigError("fedhft.cluster_features", hft.cluster_features, "'lora' or 'lora_pca': this model "
+                          "has no trained head to cluster on")
+    dim = sum(layout.reference[k].numel() for k in layout.head_keys) if hft.feature_source == "head" else \
+        sum(d_out * r + r * d_in for d_out, d_in, r in layout.shapes.values())
+    if not hft.uses_pca and hft.gmm_covariance in ("full", "tied") and \
+            hft.num_clusters * dim * dim > FEDHFT_MAX_COVARIANCE_ENTRIES:
+        raise ConfigError("fedhft.cluster_features", hft.cluster_features,
+                          f"'{hft.feature_source}_pca' or fedhft.gmm_covariance 'diag': {dim}-dimensional features "
+                          f"need {hft.num_clusters} covariance matrices of {dim}x{dim}")
+
+
+def build_fedhft(ctx: MethodContext) -> Method:
+    """FedHFT: per-cluster cumulative updates on the server, masked fresh LoRA on clients."""
+    cfg = ctx.cfg
+    hft = cfg.fedhft
+    strategy = FedHFTStrategy(hft, ctx.initial, num_clients=cfg.federate.client_num,
+                              scaling=cfg.lora.lora_alpha / cfg.lora.r, seed=cfg.seed)
+    check_fedhft_features(cfg, strategy)
+    client = FedHFTClient(hft.keep_ratios, mask_score=hft.mask_score, premask=hft.premask,
+                          init_lora_weights=cfg.lora.init_lora_weights)
+    info = {"levels": list(strategy.levels), "keep_ratios": hft.keep_ratios, "num_clusters": hft.num_clusters}
+    return Method(strategy, client, info)
+
+
+register_method("fedhft", build_fedhft)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fs_gmfl.config.fields import fail, opt
+from fs_gmfl.core.fedhft.config import FedHFTConfig
 from fs_gmfl.core.gmfl.config import GMFLConfig
 
 #: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
-METHODS = ("fedit", "fedavg", "ffa_lora")
+METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft")
 #: methods GMFL can wrap.
 GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 
@@ -235,6 +236,7 @@ class RunConfig:
     grad: GradConfig = opt(factory=GradConfig, help="Gradients.")
     eval: EvalConfig = opt(factory=EvalConfig, help="Evaluation.")
     gmfl: GMFLConfig = opt(factory=GMFLConfig, help="GMFL global masking.")
+    fedhft: FedHFTConfig = opt(factory=FedHFTConfig, help="FedHFT (federate.method: fedhft).")
 
     def __post_init__(self) -> None:
         if self.gmfl.use and self.federate.method not in GMFL_BASES:
@@ -242,6 +244,17 @@ class RunConfig:
                  f"(got '{self.federate.method}')")
         if not self.llm.adapter.use:
             fail(self, "llm.adapter.use", False, f"True for federate.method '{self.federate.method}'")
+        if self.federate.method == "fedhft":
+            self._check_fedhft()
+
+    def _check_fedhft(self) -> None:
+        hft = self.fedhft
+        if hft.eval != "global" and self.data.client_val_fraction <= 0:
+            fail(self, "fedhft.eval", hft.eval, "'global' unless data.client_val_fraction > 0 (personalised "
+                 "evaluation uses each client's local validation shard)")
+        if hft.num_clusters > self.federate.clients_per_round():
+            fail(self, "fedhft.num_clusters", hft.num_clusters, f"at most the clients per round "
+                 f"({self.federate.clients_per_round()}); memberships could never be fitted")
 
     @property
     def lora(self) -> LoraArgs:

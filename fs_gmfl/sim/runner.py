@@ -249,8 +249,9 @@ class Simulation:
 
     def summary(self, per_round: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         """The machine-readable summary of the run (``summary.json``)."""
-        evaluated = [r for r in per_round if any(k.startswith(("test_", "val_")) for k in r)]
-        final = {k: v for k, v in evaluated[-1].items() if k.startswith(("test_", "val_"))} if evaluated else {}
+        prefixes = ("test_", "val_", "clients_val_")
+        evaluated = [r for r in per_round if any(k.startswith(prefixes) for k in r)]
+        final = {k: v for k, v in evaluated[-1].items() if k.startswith(prefixes)} if evaluated else {}
         steps = self.step_seconds
         return {
             "method": self.method.strategy.name,

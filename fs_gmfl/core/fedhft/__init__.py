@@ -1,0 +1,14 @@
+"""FedHFT: mixture of masked adapters with clustered personalisation (Ilhan et al., IEEE CogMI 2025)."""
+
+from fs_gmfl.core.fedhft.client import FedHFTClient
+from fs_gmfl.core.fedhft.config import FedHFTConfig, FedHFTLevels
+from fs_gmfl.core.fedhft.messages import AdapterLayout, downlink_message, parse_uplink, uplink_message
+from fs_gmfl.core.fedhft.ops import (align_memberships, assign_levels, gmm_memberships, kept_row_count,
+                                     low_rank_factors, masked_mixture_average, mixture, row_energies, top_rows,
+                                     weighted_heads)
+from fs_gmfl.core.fedhft.strategy import FedHFTStrategy
+
+__all__ = ["AdapterLayout", "FedHFTClient", "FedHFTConfig", "FedHFTLevels", "FedHFTStrategy", "align_memberships",
+           "assign_levels", "downlink_message", "gmm_memberships", "kept_row_count", "low_rank_factors",
+           "masked_mixture_average", "mixture", "parse_uplink", "row_energies", "top_rows", "uplink_message",
+           "weighted_heads"]
