@@ -245,3 +245,21 @@ def test_comm_estimate_reproduces_the_bert_base_table():
     assert round(full * 4 / 2**20, 1) == 417.6
     ratios = [round(full * 4 / out["profiles"][f"level_{i}"]["uplink"]["bytes"], 1) for i in range(3)]
     assert ratios == [92.7, 123.5, 148.1]
+
+
+def test_cli_reports_a_bad_fedhft_key_in_one_line(capsys):
+    """fedhft with personalised evaluation but no client validation shards: exit 2, one line naming the key."""
+    from fs_gmfl.cli import main
+
+    assert main(["run", "--cfg", "/dev/null", "federate.method", "fedhft"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "fedhft.eval" in err[0] and "client_val_fraction" in err[0]
+
+
+def test_shipped_config_loads():
+    """yaml_configs/fedhft_minilm_news.yaml is valid: 20 clients, three levels, K = 2, soft normalisation."""
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "yaml_configs" / "fedhft_minilm_news.yaml")
+    assert cfg.method == "fedhft" and cfg.federate.client_num == 20
+    assert cfg.fedhft.keep_ratios == [1.0, 0.5, 0.25] and cfg.fedhft.num_clusters == 2 and cfg.fedhft.norm == "soft"

@@ -14,7 +14,11 @@ def _load(name: str) -> BenchFn:
         from fs_gmfl.bench.gmfl import main
 
         return main
-    raise ConfigError("bench", name, "one of: gmfl")
+    if name == "fedhft":
+        from fs_gmfl.bench.fedhft import main
+
+        return main
+    raise ConfigError("bench", name, "one of: gmfl, fedhft")
 
 
 def run_benchmark(name: str, args: Sequence[str]) -> int:

@@ -81,11 +81,12 @@ class FedHFTConfig:
         "(sum of squared lora_B gradients over local training).", choices=MASK_SCORES)
     norm: str = opt(
         "count", "Denominator of the masked, membership-weighted average: the number of clients that sent the "
-        "row ('count', code), or their summed membership ('soft'). Heads are divided by the number of "
-        "participants (count) or their summed membership (soft).", choices=NORMALISATIONS)
+        "row ('count', code; with K > 1 a cluster's update then shrinks with its membership mass, to 1/K under "
+        "uniform memberships), or their summed membership ('soft', a weighted mean). Heads are divided by the "
+        "number of participants (count) or their summed membership (soft).", choices=NORMALISATIONS)
     client_weighting: str = opt(
         "uniform", "Weight of each client in the averages: 'uniform' (code) or its sample count.",
-        choices=CLIENT_WEIGHTINGS, inferred=True)
+        choices=CLIENT_WEIGHTINGS)
     premask: bool = opt(
         False, "Fix each client's kept rows before training (top row energies of its personalised adapter; "
         "seeded random rows at cold start) and train only those rows of lora_B, so its gradient and optimizer "
