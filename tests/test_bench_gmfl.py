@@ -14,7 +14,7 @@ def test_bench_gmfl_tiny_end_to_end(tmp_path, capsys):
     """--quick on tiny_bert + synthetic data: every method runs, files exist, saving == predicted saving."""
     out = tmp_path / "b"
     code = main(["--quick", "--model", "tiny_bert", "--dataset", "synthetic", "--clients", "6", "--per-round", "2",
-                 "--rank", "4", "--tok-len", "16", "--batch-size", "8", "--timing-steps", "3", "--out", str(out),
+                 "--rank", "4", "--tok-len", "16", "--subsample", "1.0", "--batch-size", "8", "--timing-steps", "3", "--out", str(out),
                  "--set", "model.hidden_size", "16", "--set", "model.vocab_size", "200",
                  "--set", "data.synthetic_num_samples", "200"])
     assert code == 0
