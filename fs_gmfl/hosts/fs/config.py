@@ -247,6 +247,9 @@ def _check_supported(cfg: Any) -> None:
         value = plain(lookup(cfg, key))
         if value is not _MISSING and value not in allowed:
             raise ConfigError(key, value, f"{' or '.join(map(repr, allowed))}: fs_gmfl runs need {why}")
+    if plain(lookup(cfg, "federate.mode")) == "distributed" and plain(lookup(cfg, "federate.share_local_model")):
+        raise ConfigError("federate.share_local_model", True, "False in distributed mode (each process holds its "
+                          "own model; FederatedScope's DistributedRunner cannot share one)")
     data_type, model_type = str(plain(lookup(cfg, "data.type"))), str(plain(lookup(cfg, "model.type")))
     if is_sim_data(data_type) != is_sim_model(model_type):
         raise ConfigError("model.type", model_type, f"'<backbone>@{MODEL_HUB}' together with an fs_gmfl "
