@@ -33,7 +33,7 @@ from fs_gmfl.config.fields import build, to_dict
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.errors import InputError
 from fs_gmfl.hosts.fs.config import BACKBONE_KEY, is_sim_data, is_sim_model, owned_methods, to_run_config
-from fs_gmfl.sim.data import Encoded, build_federated_data
+from fs_gmfl.sim.data import Encoded, federated_data_for
 from fs_gmfl.sim.models import build_backbone, load_tokenizer
 from fs_gmfl.sim.training import batch_schedule
 
@@ -128,9 +128,7 @@ def build_fs_data(config: Any, client_cfgs: Any = None) -> tuple[Any, Any] | Non
     if str(config.federate.method).lower() not in owned_methods() or not is_sim_data(str(config.data.type)):
         return None
     run_cfg = to_run_config(config)
-    tokenizer = load_tokenizer(run_cfg)
-    fed = build_federated_data(run_cfg.data, num_clients=run_cfg.federate.client_num, tokenizer=tokenizer,
-                               max_length=run_cfg.llm.tok_len, seed=run_cfg.seed, vocab_size=run_cfg.model.vocab_size)
+    fed = federated_data_for(run_cfg, load_tokenizer(run_cfg))
     datadict: dict[int, ClientData] = {0: SimClientData(config, run_cfg, None, val=fed.val, test=fed.test)}
     for cid in range(run_cfg.federate.client_num):
         datadict[cid + 1] = SimClientData(_client_cfg(config, client_cfgs, cid + 1), run_cfg, cid,
