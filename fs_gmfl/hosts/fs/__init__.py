@@ -13,8 +13,11 @@ __all__ = ["fs_available", "load_plugin", "register_all"]
 
 
 def fs_available() -> bool:
-    """Whether FederatedScope can be imported."""
-    return importlib.util.find_spec("federatedscope") is not None
+    """Whether FederatedScope can be imported (``False`` also when its import machinery refuses it)."""
+    try:
+        return importlib.util.find_spec("federatedscope") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def register_all() -> None:

@@ -6,11 +6,13 @@ answers. The wrapper registers fs_gmfl (so the run's YAML, with its fs_gmfl
 keys, loads unchanged) and lets ``FSChatBot`` run without CUDA: FederatedScope
 hard-codes ``cuda:<device>``, which this wrapper maps to ``cpu`` when CUDA is
 unavailable (``patches/0002-fschatbot-cpu-device.patch`` makes the same fix in
-FederatedScope itself).
+FederatedScope itself). ``TORCHDYNAMO_DISABLE`` defaults to 1: ``FSChatBot``
+compiles the model, but generation never calls the compiled forward.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,6 +83,8 @@ def main(name: str, argv: Sequence[str]) -> int:
         raise ConfigError("fs-eval", name, "one of " + ", ".join(EVAL_SCRIPTS))
     from fs_gmfl.hosts.fs import fs_available
 
+    # FSChatBot wraps the model in torch.compile, but generate() calls the uncompiled module anyway: skip the cost.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     if fs_available():
         allow_cpu_chatbot()
     return run_module(EVAL_SCRIPTS[name].module, argv)
