@@ -14,7 +14,11 @@ def _load(name: str) -> BenchFn:
         from fs_gmfl.bench.gmfl import main
 
         return main
-    raise ConfigError("bench", name, "one of: gmfl")
+    if name == "fshost":
+        from fs_gmfl.bench.fshost import main
+
+        return main
+    raise ConfigError("bench", name, "one of: gmfl, fshost")
 
 
 def run_benchmark(name: str, args: Sequence[str]) -> int:
