@@ -94,6 +94,17 @@ def test_invalid_settings_fail_at_config_time_naming_the_key(opts, key):
     assert isinstance(err.value, ConfigError) and err.value.key == key
 
 
+FS_YAMLS = sorted(FS_CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", FS_YAMLS, ids=[str(p.relative_to(FS_CONFIGS)) for p in FS_YAMLS])
+def test_shipped_federatescope_configs_pass_federatescope_checks(path):
+    """Every yaml_configs/fs file merges into FederatedScope's config and passes fs_gmfl's check function."""
+    cfg = global_cfg.clone()
+    cfg.merge_from_file(str(path))
+    assert cfg.trainer.type == "fs_gmfl_llmtrainer" and cfg.federate.method in ("fedit", "ffa_lora")
+
+
 def test_use_false_keeps_only_use_after_freeze_and_still_converts():
     """FederatedScope deletes a disabled subtree's keys at freeze; the conversion copes."""
     from fs_gmfl.hosts.fs.config import to_run_config

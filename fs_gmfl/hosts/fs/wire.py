@@ -91,7 +91,8 @@ def decode_tensor(text: Any, *, name: str = "tensor") -> Tensor:
         raise WireError(f"'{name}' carries {len(raw)} bytes, shape {shape} of {dtype_name} needs {expected}")
     if not raw:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape).clone()
+    # The bytearray is a private copy, so the tensor owns its memory exclusively.
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def encode(message: Message, kind: str) -> dict[str, str]:

@@ -45,7 +45,7 @@ from fs_gmfl.hosts.fs.builders import model_provider_for
 from fs_gmfl.hosts.fs.config import to_run_config
 from fs_gmfl.hosts.fs.trainer import Assignment, inner_model
 from fs_gmfl.methods import Method, MethodContext, build_method
-from fs_gmfl.sim.runner import write_json_atomic
+from fs_gmfl.sim.runner import sample_clients, write_json_atomic
 from fs_gmfl.sim.store import ClientStateStore
 
 logger = logging.getLogger("federatedscope." + __name__)
@@ -90,6 +90,7 @@ class FsGmflServer(Server):
         super().__init__(ID, state, config, data, model, client_num, total_round_num, device, strategy,
                          unseen_clients_id, **kwargs)
         self.method = build_fs_method(config, self.models[0])
+        self.seed = to_run_config(config).seed
         self.ledger = CommLedger()
         self.rounds: dict[int, dict[str, Any]] = {}
         self.rejections: dict[str, int] = {}
@@ -112,7 +113,20 @@ class FsGmflServer(Server):
             super().broadcast_model_para(msg_type, sample_client_num, filter_unseen_clients)
 
     def _receivers(self, sample_client_num: int, filter_unseen_clients: bool) -> list[int]:
-        """Sample receivers with FederatedScope's sampler, as its own broadcast does."""
+        """The round's receivers.
+
+        With FederatedScope's ``uniform`` sampler and no unseen clients, the
+        sample is drawn from fs_gmfl's per-round seeded generator (the same
+        uniform distribution), so the participants of round ``r`` depend only
+        on the seed: identical in the simulator, in standalone and in
+        distributed FederatedScope runs. Otherwise FederatedScope's sampler
+        decides, as in its own broadcast.
+        """
+        if sample_client_num > 0 and self._cfg.federate.sampler == "uniform" and not self.unseen_clients_id:
+            receivers = [c + 1 for c in sample_clients(self.client_num, sample_client_num, seed=self.seed,
+                                                       rnd=self.state + 1)]
+            self.sampler.change_state(receivers, "working")
+            return receivers
         if filter_unseen_clients:
             self.sampler.change_state(self.unseen_clients_id, "unseen")
         if sample_client_num > 0:
