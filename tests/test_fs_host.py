@@ -192,15 +192,17 @@ def test_trainer_freezes_through_masks_and_keeps_every_tensor_in_the_state_dict(
 # -- parity and bytes --------------------------------------------------------------------------------------
 HAFL_MISSING = pytest.mark.skipif("hafl" not in registered_methods(), reason="federate.method 'hafl' is not "
                                   "registered in fs_gmfl.methods yet (branch hafl)")
-PARITY = [pytest.param("fedit", [], [0.0, 0.5], id="fedit"), pytest.param("ffa_lora", [], [0.0, 0.5], id="ffa_lora"),
+PARITY = [pytest.param("fedit", [], [0.0, 0.5], id="fedit"),
+          pytest.param("ffa_lora", ["federate.sample_client_num", "2"], [0.0, 0.5], id="ffa_lora-2-of-3-clients"),
           pytest.param("hafl", ["gmfl.use", "False"], None, marks=HAFL_MISSING, id="hafl")]
 
 
 @pytest.mark.parametrize("method, extra, frozen", PARITY)
 def test_same_yaml_gives_the_same_global_adapter_and_bytes_in_both_hosts(tmp_path, method, extra, frozen,
                                                                          monkeypatch):
-    """Two rounds of one YAML (GMFL freezing in round 2, dropout on) in the simulator and through FederatedScope's
-    unmodified main: same global adapter to float tolerance and the same bytes, round by round."""
+    """Two rounds of one YAML (GMFL freezing in round 2, dropout on; all or 2 of 3 clients per round) in the
+    simulator and through FederatedScope's unmodified main: same participants, same global adapter to float
+    tolerance and the same bytes, round by round."""
     # Prepare
     monkeypatch.setenv("FS_GMFL_THREADS", "1")  # FederatedScope's standalone runner trains with one thread
     opts = ["federate.method", method, *extra]
@@ -221,7 +223,7 @@ def test_same_yaml_gives_the_same_global_adapter_and_bytes_in_both_hosts(tmp_pat
     moved = [k for k in sim_adapter if not torch.equal(sim_adapter[k], initial[k])]
     assert len(moved) > len(sim_adapter) // 2  # training happened (FFA-LoRA keeps every lora_A)
     fs_rows, sim_rows = summary(tmp_path / "fs" / "run")["per_round"], sim_summary["per_round"][1:]
-    keys = [k for k in BYTE_KEYS if k in sim_rows[0]]
+    keys = ["clients", *(k for k in BYTE_KEYS if k in sim_rows[0])]
     assert [{k: r[k] for k in keys} for r in fs_rows] == [{k: r[k] for k in keys} for r in sim_rows]
     if frozen is not None:
         assert [r["frozen_fraction"] for r in fs_rows] == frozen
