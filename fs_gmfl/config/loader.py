@@ -7,6 +7,7 @@ as YAML scalars (``True``, ``0.5``, ``[query,value]``).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,8 +15,11 @@ from typing import Any
 import yaml
 
 from fs_gmfl.config.fields import build, to_dict
-from fs_gmfl.config.schema import RunConfig
+from fs_gmfl.config.schema import HOST_ONLY_KEYS, HOST_ONLY_SECTIONS, RunConfig
 from fs_gmfl.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+_NOTICED: set[str] = set()
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -72,6 +76,31 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def strip_host_only(data: dict[str, Any]) -> list[str]:
+    """Remove FederatedScope-only settings (``HOST_ONLY_*`` in the schema) from ``data``; return their keys.
+
+    Each removed key is reported once per process, so a YAML file shared with
+    the FederatedScope host loads here without its runtime settings being
+    mistaken for simulator ones.
+    """
+    removed = [k for k in HOST_ONLY_SECTIONS if k in data]
+    for key in removed:
+        del data[key]
+    for dotted in HOST_ONLY_KEYS:
+        *parents, leaf = dotted.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            del node[leaf]
+            removed.append(dotted)
+    fresh = [k for k in removed if k not in _NOTICED]
+    if fresh:
+        _NOTICED.update(fresh)
+        logger.warning("ignored by the embedded simulator (FederatedScope-only settings): %s", ", ".join(fresh))
+    return removed
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read, override and validate a run configuration.
 
@@ -79,8 +108,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
         InputError: the file cannot be read or parsed.
         ConfigError: a key is unknown or a value is not allowed.
     """
-    data = read_yaml(path) if path is not None else {}
-    return build(RunConfig, apply_overrides(data, overrides))
+    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
+    strip_host_only(data)
+    return build(RunConfig, data)
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

@@ -21,6 +21,17 @@ METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft")
 #: methods GMFL can wrap.
 GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 
+#: FederatedScope-only settings the embedded simulator accepts and ignores (with a one-time notice), so one YAML
+#: file can drive both hosts (``fs-gmfl run`` and ``fs-gmfl fs-run``). They configure FederatedScope's runtime
+#: (trainer class, checkpoints, logging, gRPC, evaluation bookkeeping) and nothing the simulator would compute
+#: differently; any other unknown key still fails.
+HOST_ONLY_SECTIONS = ("trainer", "criterion", "early_stop", "distribute", "wandb", "backend", "verbose",
+                      "print_decimal_digits", "check_completeness", "expname_tag", "cfg_file")
+HOST_ONLY_KEYS = ("federate.share_local_model", "federate.make_global_eval", "federate.save_to",
+                  "federate.save_freq", "federate.restore_from", "eval.count_flops",
+                  "eval.best_res_update_round_wise_key", "eval.report", "llm.cache", "llm.chat",
+                  "llm.retry_on_nan_loss", "llm.adapter.mv_to_cpu", "dataloader.num_workers")
+
 
 @dataclass
 class FederateConfig:

@@ -145,8 +145,7 @@ def _load_base(cfg: RunConfig, num_labels: int, *, meta: bool) -> tuple[nn.Modul
             with torch.device("meta"):
                 return auto.from_config(config), None
         return auto.from_config(config), HashTokenizer(cfg.model.vocab_size)
-    path = model_dir(cfg)
-    assert path is not None
+    path = model_dir(cfg) or Path(source)
     if meta:
         config = AutoConfig.from_pretrained(path, **kwargs)
         with torch.device("meta"):
@@ -184,10 +183,17 @@ def resolve_target_modules(model: nn.Module, requested: list[str], key: str = "l
     return targets
 
 
+def targets_are_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    """True when the targeted modules are transformers ``Conv1D`` (GPT-2), whose weights are stored transposed."""
+    return any(type(m).__name__ == "Conv1D" for n, m in model.named_modules()
+               if any(n == t or n.endswith("." + t) for t in targets))
+
+
 def lora_config(args: LoraArgs, task: str, targets: list[str], *, rank: int | None = None,
-                alpha: float | None = None) -> LoraConfig:
+                alpha: float | None = None, fan_in_fan_out: bool = False) -> LoraConfig:
     """peft ``LoraConfig`` from ``llm.adapter.args[0]`` (rank/alpha overridable)."""
     return LoraConfig(
+        fan_in_fan_out=fan_in_fan_out,
         r=rank or args.r, lora_alpha=alpha if alpha is not None else args.lora_alpha,
         lora_dropout=args.lora_dropout, target_modules=targets, bias=args.bias,
         init_lora_weights=True if args.init_lora_weights == "default" else "gaussian",
@@ -206,7 +212,8 @@ def build_backbone(cfg: RunConfig, num_labels: int = 2, *, meta: bool = False) -
     base, tokenizer = _load_base(cfg, num_labels, meta=meta)
     targets = resolve_target_modules(base, cfg.lora.target_modules)
     torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
-    model = get_peft_model(base, lora_config(cfg.lora, cfg.model.task, targets))
+    model = get_peft_model(base, lora_config(cfg.lora, cfg.model.task, targets,
+                                             fan_in_fan_out=targets_are_conv1d(base, targets)))
     vocab = int(getattr(base.config, "vocab_size", cfg.model.vocab_size))
     return Backbone(model, tokenizer, getattr(base.config, "model_type", "?"), targets, vocab)
 

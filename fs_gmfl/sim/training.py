@@ -90,7 +90,8 @@ def _set_trainable(plan: LocalPlan) -> None:
         p.requires_grad_(True)
 
 
-def _masked_l2(plan: LocalPlan, weight_decay: float) -> Tensor:
+def masked_l2_penalty(plan: LocalPlan, weight_decay: float) -> Tensor:
+    """``wd/2 * sum ||mask * p||^2`` over the plan's tensors: weight decay on trained entries only."""
     total = torch.zeros(())
     for key, p in plan.trainable.items():
         mask = plan.grad_masks.get(key)
@@ -99,7 +100,8 @@ def _masked_l2(plan: LocalPlan, weight_decay: float) -> Tensor:
 
 
 @torch.no_grad()
-def _restore_frozen(plan: LocalPlan) -> None:
+def restore_frozen_values(plan: LocalPlan) -> None:
+    """Put back the plan's frozen entries (``grad_masks == 0``) after an optimizer step."""
     for key, frozen in plan.frozen_values.items():
         p = plan.trainable[key]
         keep = plan.grad_masks[key].to(torch.bool)
@@ -134,7 +136,7 @@ def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, cli
             batch = {k: v.to(device) for k, v in data.batch(index).items()}
             loss = plan.model(**batch).loss
             if plan.weight_decay_mask_via_loss and wd > 0:
-                loss = loss + _masked_l2(plan, wd)
+                loss = loss + masked_l2_penalty(plan, wd)
             if not torch.isfinite(loss):
                 continue
             loss.backward()
@@ -142,7 +144,7 @@ def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, cli
                 torch.nn.utils.clip_grad_norm_(list(plan.trainable.values()), cfg.grad.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            _restore_frozen(plan)
+            restore_frozen_values(plan)
             if plan.after_step is not None:
                 plan.after_step(step)
             losses.append(float(loss.detach()))

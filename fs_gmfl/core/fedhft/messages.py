@@ -11,7 +11,8 @@ Uplink: ``A_i`` in full, only the kept rows of ``B_i`` (``k × r`` under the
 ``lora_B`` key), the head, the sample count and, per module with
 ``k < d_out``, the kept rows: a bitmap (``ceil(d_out / 8)`` bytes, via
 :func:`~fs_gmfl.core.message.pack_bits`) or, when smaller (``s < 1/16``),
-the sorted indices as ``uint16`` (``int32`` if ``d_out > 65536``).
+the sorted indices as ``int16`` (``int32`` if ``d_out > 32768``; signed types
+because every host's wire format carries them).
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class AdapterLayout:
 
 
 def row_index_dtype(d_out: int) -> torch.dtype:
-    """``uint16`` row indices when they fit, else ``int32``."""
-    return torch.uint16 if d_out <= 2**16 else torch.int32
+    """2-byte ``int16`` row indices when they fit, else ``int32``."""
+    return torch.int16 if d_out <= 2**15 else torch.int32
 
 
 def encode_rows(module: str, rows: Tensor, d_out: int) -> dict[str, Tensor]:

@@ -1,0 +1,265 @@
+"""FederatedScope configuration <-> fs_gmfl configuration, in one place.
+
+Three jobs:
+
+* :func:`extend_cfg` adds to a FederatedScope config every fs_gmfl key it lacks,
+  generated from the :class:`~fs_gmfl.config.schema.RunConfig` dataclasses
+  (method subtrees such as ``gmfl``, and the simulator's ``model.*``/``data.*``
+  keys so one YAML file loads in both hosts), and registers :func:`check_cfg`;
+* :func:`check_cfg` validates on every merge and on freeze: each method subtree
+  is built into its dataclass, and a run of an fs_gmfl method is checked for
+  FederatedScope features the adapter does not support; every problem raises
+  :class:`~fs_gmfl.errors.ConfigError` (a ``ValueError``) naming the key;
+* :func:`to_run_config` converts a (frozen) FederatedScope config into the
+  :class:`RunConfig` the algorithm cores and fs_gmfl's model/data builders see.
+
+The conversion itself works on any nested mapping and imports nothing from
+FederatedScope; only :func:`extend_cfg` does, lazily.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from fs_gmfl.config.fields import build, iter_keys
+from fs_gmfl.config.schema import RunConfig
+from fs_gmfl.errors import ConfigError
+from fs_gmfl.methods import registered_methods
+from fs_gmfl.sim.data import READERS
+
+#: ``trainer.type`` of the fs_gmfl trainer (a subclass of FederatedScope's ``llmtrainer``).
+TRAINER_TYPE = "fs_gmfl_llmtrainer"
+#: model hub suffix of fs_gmfl's own backbones under FederatedScope: ``model.type: tiny_bert@fs_gmfl_llm``.
+MODEL_HUB = "fs_gmfl_llm"
+#: derived key ``model.fs_gmfl_backbone``: the backbone spec written by fs_gmfl's data builder (internal).
+BACKBONE_KEY = "fs_gmfl_backbone"
+#: FederatedScope passes every key of these nodes to torch as keyword arguments: fs_gmfl never adds keys there.
+FS_KWARG_NODES = ("train.optimizer.", "train.scheduler.")
+#: FederatedScope defaults that mean "not set" for an fs_gmfl backbone (FederatedScope's own models use them).
+FS_UNSET_DEFAULTS = {"model.task": "node", "model.num_labels": 1, "data.splitter": ""}
+#: keys the cores and the fs_gmfl builders rely on: a value fs_gmfl cannot accept is an error, not a fallback.
+ALWAYS_STRICT = ("seed", "federate.", "llm.adapter.use", "llm.adapter.args[0].r", "llm.adapter.args[0].lora_alpha")
+#: additionally strict when fs_gmfl's own data and backbone run inside FederatedScope.
+SIM_STRICT = ("data.", "model.", "dataloader.", "llm.", "train.local_update_steps", "train.batch_or_epoch")
+
+#: bookkeeping entries FederatedScope's config nodes keep among their items.
+FS_INTERNAL_KEYS = frozenset({"__cfg_check_funcs__", "__help_info__", "is_ready_for_run"})
+
+_MISSING = object()
+_INDEX = re.compile(r"^(\w+)\[(\d+)\]$")
+
+
+# -- what fs_gmfl owns -----------------------------------------------------------------------------
+def owned_methods() -> list[str]:
+    """``federate.method`` values whose workers fs_gmfl provides (FederatedScope's own ``fedavg`` is not one)."""
+    return [m for m in registered_methods() if m != "fedavg"]
+
+
+def method_sections() -> dict[str, type]:
+    """Top-level config subtrees that belong to algorithm cores (``gmfl``, ...), with their dataclass."""
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)
+            if dataclasses.is_dataclass(hints[f.name]) and hints[f.name].__module__.startswith("fs_gmfl.core.")}
+
+
+def is_sim_data(data_type: str) -> bool:
+    """Whether ``data.type`` names one of fs_gmfl's datasets (built by fs_gmfl's data builder)."""
+    kind, _, rest = data_type.partition(":")
+    return data_type in READERS or data_type == "synthetic" or (kind in ("csv", "jsonl") and bool(rest))
+
+
+def is_sim_model(model_type: str) -> bool:
+    """Whether ``model.type`` names an fs_gmfl backbone (``<type>@fs_gmfl_llm``)."""
+    return model_type.rpartition("@")[2] == MODEL_HUB and "@" in model_type
+
+
+# -- reading values out of a nested config ---------------------------------------------------------
+def plain(value: Any) -> Any:
+    """A config value as plain Python data (FederatedScope ``Argument`` unwrapped, tuples as lists)."""
+    if type(value).__name__ == "Argument":
+        value = value.value
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items() if k not in FS_INTERNAL_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def lookup(cfg: Mapping[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` (``_MISSING`` if absent)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        data = data.setdefault(part, {})
+    data[parts[-1]] = value
+
+
+def _drop(data: dict[str, Any], key: str) -> bool:
+    """Remove the entry at ``key`` (``a.b[0].c`` style); False if there is none."""
+    node: Any = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        match = _INDEX.match(part)
+        if match:
+            seq = node.get(match.group(1)) if isinstance(node, dict) else None
+            index = int(match.group(2))
+            if not isinstance(seq, list) or index >= len(seq):
+                return False
+            node = seq[index]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    last = _INDEX.match(parts[-1])
+    name = last.group(1) if last else parts[-1]
+    if not isinstance(node, dict) or name not in node:
+        return False
+    del node[name]
+    return True
+
+
+# -- FederatedScope config -> RunConfig ------------------------------------------------------------
+def collect(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Every RunConfig key present in ``cfg``, as a nested plain dict (FederatedScope 'unset' defaults left out)."""
+    data: dict[str, Any] = {}
+    for key, *_ in iter_keys(RunConfig):
+        value = lookup(cfg, key)
+        if value is _MISSING or FS_UNSET_DEFAULTS.get(key, _MISSING) == value:
+            continue
+        _set(data, key, plain(value))
+    federate = data.get("federate", {})
+    if isinstance(federate.get("method"), str):
+        federate["method"] = federate["method"].lower()
+    return data
+
+
+def _strict(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p) for p in prefixes)
+
+
+def to_run_config(cfg: Mapping[str, Any]) -> RunConfig:
+    """The :class:`RunConfig` of a FederatedScope config.
+
+    Keys the cores or fs_gmfl's builders rely on must hold values fs_gmfl
+    accepts (:data:`ALWAYS_STRICT`, plus :data:`SIM_STRICT` when fs_gmfl's data
+    and backbone run inside FederatedScope). Any other key whose
+    FederatedScope value fs_gmfl's schema does not accept (an optimizer type
+    fs_gmfl does not list, the ``meta`` splitter, an extra LoRA argument) is
+    left at fs_gmfl's default: FederatedScope, not fs_gmfl, interprets it.
+
+    Raises:
+        ConfigError: a strict key holds a value fs_gmfl does not accept.
+    """
+    data = collect(cfg)
+    sim = is_sim_data(str(lookup(cfg, "data.type"))) or is_sim_model(str(lookup(cfg, "model.type")))
+    strict = ALWAYS_STRICT + tuple(f"{s}." for s in method_sections()) + (SIM_STRICT if sim else ())
+    while True:
+        try:
+            return build(RunConfig, data)
+        except ConfigError as err:
+            if _strict(err.key, strict) or not _drop(data, err.key):
+                raise
+
+
+# -- FederatedScope-only parts (import federatedscope lazily) --------------------------------------
+def extend_cfg(cfg: Any) -> None:
+    """Add every missing fs_gmfl key to FederatedScope config ``cfg`` and register :func:`check_cfg`.
+
+    Idempotent: a config that already has the fs_gmfl keys is left alone.
+    """
+    if BACKBONE_KEY in cfg.get("model", {}):
+        return
+    from federatedscope.core.configs.config import CN
+
+    for key, default, _, meta, _ in iter_keys(RunConfig):
+        if key.startswith(FS_KWARG_NODES):
+            continue
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node:
+                setattr(node, part, CN())
+            node = node[part]
+        if leaf not in node:
+            setattr(node, leaf, copy.deepcopy(default))
+            cfg.__help_info__.setdefault(key, meta.get("help", ""))
+    setattr(cfg.model, BACKBONE_KEY, "")
+    cfg.register_cfg_check_fun(check_cfg)
+
+
+def check_cfg(cfg: Any) -> None:
+    """FederatedScope check function: validate fs_gmfl's subtrees and what an fs_gmfl run needs.
+
+    Raises:
+        ConfigError: an invalid value, an fs_gmfl subtree enabled for a method
+            fs_gmfl does not run, or a FederatedScope feature the adapter does
+            not support.
+    """
+    method = str(plain(lookup(cfg, "federate.method"))).lower()
+    ours = method in owned_methods()
+    for name, section_cls in method_sections().items():
+        node = plain(cfg.get(name)) or {}
+        if node.get("use", True) is False:
+            continue
+        build(section_cls, node, prefix=name + ".")
+        if "use" in node and not ours:
+            raise ConfigError(f"{name}.use", True, f"federate.method one of {owned_methods()} (fs_gmfl's workers); "
+                              f"'{method}' is run by FederatedScope itself, which would ignore '{name}'")
+    if ours:
+        _check_supported(cfg)
+        to_run_config(cfg)
+
+
+#: FederatedScope features an fs_gmfl run cannot use: (key, allowed values, why).
+UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
+    ("asyn.use", (False,), "synchronous rounds"),
+    ("federate.use_ss", (False,), "no secret sharing (payloads are fs_gmfl messages)"),
+    ("federate.online_aggr", (False,), "no online aggregation"),
+    ("federate.process_num", (0, 1), "one process per participant (no multi-GPU standalone runner)"),
+    ("quantization.method", ("none",), "no FederatedScope quantization (methods compress their own payloads)"),
+    ("aggregator.robust_rule", ("fedavg",), "the method's own aggregation"),
+    ("model.model_num_per_trainer", (1,), "one model per trainer"),
+    ("personalization.local_param", ([],), "no FederatedScope parameter filter (methods decide what is sent)"),
+    ("eval.monitoring", ([],), "no FederatedScope model monitoring (it reads state dicts, not fs_gmfl payloads)"),
+    ("llm.deepspeed.use", (False,), "no DeepSpeed (the adapter rebuilds the optimizer over the trained tensors)"),
+)
+
+
+def _check_supported(cfg: Any) -> None:
+    trainer = plain(lookup(cfg, "trainer.type"))
+    if trainer != TRAINER_TYPE:
+        raise ConfigError("trainer.type", trainer, f"'{TRAINER_TYPE}' for federate.method "
+                          f"'{str(plain(lookup(cfg, 'federate.method')))}'")
+    for key, allowed, why in UNSUPPORTED:
+        value = plain(lookup(cfg, key))
+        if value is not _MISSING and value not in allowed:
+            raise ConfigError(key, value, f"{' or '.join(map(repr, allowed))}: fs_gmfl runs need {why}")
+    if plain(lookup(cfg, "federate.mode")) == "distributed" and plain(lookup(cfg, "federate.share_local_model")):
+        raise ConfigError("federate.share_local_model", True, "False in distributed mode (each process holds its "
+                          "own model; FederatedScope's DistributedRunner cannot share one)")
+    data_type, model_type = str(plain(lookup(cfg, "data.type"))), str(plain(lookup(cfg, "model.type")))
+    if is_sim_data(data_type) != is_sim_model(model_type):
+        raise ConfigError("model.type", model_type, f"'<backbone>@{MODEL_HUB}' together with an fs_gmfl "
+                          f"dataset ({', '.join([*READERS, 'synthetic', 'csv:<path>', 'jsonl:<path>'])}), or a "
+                          f"FederatedScope model ('<name>@huggingface_llm') with FederatedScope data "
+                          f"(data.type is '{data_type}')")
+    if is_sim_data(data_type):
+        for key, allowed in (("grad.grad_accum_count", 1), ("dataloader.drop_last", False)):
+            value = plain(lookup(cfg, key))
+            if value not in (_MISSING, allowed):
+                raise ConfigError(key, value, f"{allowed!r} with an fs_gmfl dataset (it plays the simulator's "
+                                  "batch schedule)")
+

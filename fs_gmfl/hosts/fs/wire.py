@@ -1,0 +1,161 @@
+"""Wire form of a :class:`~fs_gmfl.core.message.Message` inside FederatedScope message content.
+
+FederatedScope's gRPC transport carries only nested lists, string-keyed dicts,
+int32, float32 and strings; it rejects Python ``bool`` and empty dicts, and it
+unpickles ``model_para`` tensors. fs_gmfl therefore sends its payloads as one
+flat, never-empty ``dict[str, str]``::
+
+    {"fs_gmfl": "<kind>/1",            # marker, version and purpose
+     "t/<adapter key>": "<tensor>",    # Message.tensors
+     "c/<control name>": "<tensor>"}   # Message.control
+
+Each ``<tensor>`` is ``"<dtype>|<d0,d1,...>|<base64 of the raw bytes>"``: exact
+for every dtype (bf16, int64 seeds and packed bit masks included), identical in
+standalone and distributed mode, and decoded without ``pickle``, so a peer cannot
+run code on the receiver. :func:`decode` checks dtype, shape and length before
+building anything and raises :class:`WireError` on a malformed payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fs_gmfl.core.message import Message
+from fs_gmfl.errors import InputError
+
+MARKER = "fs_gmfl"
+VERSION = 1
+DOWNLINK = "downlink"
+UPLINK = "uplink"
+ADAPTER = "adapter"
+KINDS = (DOWNLINK, UPLINK, ADAPTER)
+TENSOR_PREFIX = "t/"
+CONTROL_PREFIX = "c/"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+#: largest number of dimensions accepted for one tensor.
+MAX_DIMS = 8
+
+
+class WireError(InputError):
+    """A payload is not a well-formed fs_gmfl wire message."""
+
+
+def encode_tensor(t: Tensor) -> str:
+    """``"<dtype>|<shape>|<base64 raw bytes>"`` of one tensor (exact, any supported dtype)."""
+    if t.dtype not in _DTYPE_NAMES:
+        raise WireError(f"dtype {t.dtype} cannot be sent; supported: {', '.join(DTYPES)}")
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    shape = ",".join(str(d) for d in t.shape)
+    return f"{_DTYPE_NAMES[t.dtype]}|{shape}|{base64.b64encode(raw).decode('ascii')}"
+
+
+def decode_tensor(text: Any, *, name: str = "tensor") -> Tensor:
+    """Inverse of :func:`encode_tensor`, validating every field.
+
+    Raises:
+        WireError: not a string of three fields, an unknown dtype, a bad
+            shape, invalid base64 or a byte length that does not match.
+    """
+    if not isinstance(text, str) or text.count("|") != 2:
+        raise WireError(f"'{name}' is not an encoded tensor")
+    dtype_name, shape_text, data = text.split("|")
+    if dtype_name not in DTYPES:
+        raise WireError(f"'{name}' has unsupported dtype {dtype_name!r}")
+    try:
+        shape = [int(d) for d in shape_text.split(",")] if shape_text else []
+    except ValueError:
+        raise WireError(f"'{name}' has a malformed shape {shape_text[:40]!r}") from None
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+        raise WireError(f"'{name}' has an invalid shape {shape}")
+    try:
+        raw = base64.b64decode(data.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise WireError(f"'{name}' carries invalid base64") from None
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if len(raw) != expected:
+        raise WireError(f"'{name}' carries {len(raw)} bytes, shape {shape} of {dtype_name} needs {expected}")
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    # The bytearray is a private copy, so the tensor owns its memory exclusively.
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def encode(message: Message, kind: str) -> dict[str, str]:
+    """The wire dict of ``message`` (never empty: the marker is always present)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    out = {MARKER: f"{kind}/{VERSION}"}
+    out.update({TENSOR_PREFIX + k: encode_tensor(v) for k, v in message.tensors.items()})
+    out.update({CONTROL_PREFIX + k: encode_tensor(v) for k, v in message.control.items()})
+    return out
+
+
+def encode_tensors(tensors: Mapping[str, Tensor]) -> dict[str, str]:
+    """Wire dict of a plain tensor set (kind ``adapter``: e.g. the global adapter for evaluation)."""
+    return encode(Message(dict(tensors)), ADAPTER)
+
+
+def payload_bytes(content: Mapping[str, str]) -> int:
+    """Bytes of the tensors in a wire dict, read from the headers alone (``numel * element_size``)."""
+    total = 0
+    for key, value in content.items():
+        if key == MARKER or not isinstance(value, str) or value.count("|") != 2:
+            continue
+        dtype_name, shape_text, _ = value.split("|")
+        if dtype_name in DTYPES:
+            numel = math.prod(int(d) for d in shape_text.split(",")) if shape_text else 1
+            total += numel * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+    return total
+
+
+def kind_of(content: Any) -> str | None:
+    """The kind of a wire dict, or ``None`` if ``content`` is not one (e.g. a FederatedScope state dict)."""
+    if not isinstance(content, Mapping):
+        return None
+    marker = content.get(MARKER)
+    if not isinstance(marker, str) or "/" not in marker:
+        return None
+    kind, _, version = marker.partition("/")
+    return kind if kind in KINDS and version == str(VERSION) else None
+
+
+def decode(content: Any, *, expect: str) -> Message:
+    """Decode a wire dict of kind ``expect`` into a :class:`Message`.
+
+    Raises:
+        WireError: not a wire dict, the wrong kind, an unknown entry or a
+            malformed tensor.
+    """
+    kind = kind_of(content)
+    if kind is None:
+        raise WireError(f"payload is not an fs_gmfl message (got {type(content).__name__})")
+    if kind != expect:
+        raise WireError(f"expected a {expect} message, got a {kind} message")
+    message = Message()
+    for key, value in content.items():
+        if key == MARKER:
+            continue
+        if not isinstance(key, str):
+            raise WireError(f"entry name {key!r} is not a string")
+        if key.startswith(TENSOR_PREFIX):
+            message.tensors[key[len(TENSOR_PREFIX):]] = decode_tensor(value, name=key)
+        elif key.startswith(CONTROL_PREFIX):
+            message.control[key[len(CONTROL_PREFIX):]] = decode_tensor(value, name=key)
+        else:
+            raise WireError(f"unknown entry {key[:60]!r}")
+    return message

@@ -1,0 +1,273 @@
+"""FederatedScope server, client and aggregator that move fs_gmfl messages.
+
+Selected by ``federate.method`` (``fedit``, ``ffa_lora`` and every other method
+registered in :mod:`fs_gmfl.methods`; FederatedScope's own ``fedavg`` stays
+its own). They only translate: the server asks the method's
+:class:`~fs_gmfl.core.protocol.Strategy` for one downlink per sampled client
+(``configure_round``) and folds the uplinks back in (``aggregate``, called by
+:class:`ProtocolAggregator`, installed as ``self.aggregator`` and
+``self.aggregators``); the client hands its downlink to the
+:class:`~fs_gmfl.hosts.fs.trainer.FsGmflTrainer`, which runs the method's
+:class:`~fs_gmfl.core.protocol.ClientAlgorithm` through hooks.
+
+Payloads travel as wire dicts (:mod:`fs_gmfl.hosts.fs.wire`) in
+FederatedScope's ``model_para`` and ``evaluate`` messages, so FederatedScope's
+trainable-only state dict never decides what is sent. Every payload's exact
+byte count (``numel * element_size`` of its tensors) is recorded in a
+:class:`~fs_gmfl.core.comm.CommLedger` (written as ``comm_log.jsonl`` and
+``summary.json`` in the run directory) and reported to FederatedScope's
+monitor: uploads by the sender, downloads by the receiver (in standalone
+mode FederatedScope's runner counts downloads itself through
+:meth:`FsGmflMessage.count_bytes`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+from federatedscope.core.aggregators import ClientsAvgAggregator
+from federatedscope.core.message import Message as FsMessage
+from federatedscope.core.workers import Client, Server
+from torch import Tensor, nn
+
+from fs_gmfl.core.adapter import adapter_parameters, adapter_state
+from fs_gmfl.core.comm import CommLedger
+from fs_gmfl.core.message import Reply, total_bytes
+from fs_gmfl.core.protocol import ClientAlgorithm, RoundReport
+from fs_gmfl.hosts.fs import wire
+from fs_gmfl.hosts.fs.builders import model_provider_for
+from fs_gmfl.hosts.fs.config import to_run_config
+from fs_gmfl.hosts.fs.trainer import Assignment, inner_model
+from fs_gmfl.methods import Method, MethodContext, build_method
+from fs_gmfl.sim.runner import sample_clients, write_json_atomic
+from fs_gmfl.sim.store import ClientStateStore
+
+logger = logging.getLogger("federatedscope." + __name__)
+
+
+class FsGmflMessage(FsMessage):
+    """A FederatedScope message carrying an fs_gmfl payload of known exact size.
+
+    Args:
+        nbytes: bytes of the payload's tensors (``Message.nbytes``).
+    """
+
+    def __init__(self, *args: Any, nbytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nbytes = int(nbytes)
+
+    def count_bytes(self) -> tuple[int, int]:
+        """Exact bytes per receiver and in all, instead of FederatedScope's object-size estimate."""
+        receivers = len(self.receiver) if isinstance(self.receiver, list) else 1
+        return self.nbytes, self.nbytes * receivers
+
+
+def build_fs_method(fs_cfg: Any, model: nn.Module) -> Method:
+    """The fs_gmfl method of a FederatedScope config, its initial adapter taken from ``model``."""
+    run_cfg = to_run_config(fs_cfg)
+    return build_method(MethodContext(run_cfg, adapter_state(inner_model(model)), model_provider_for(fs_cfg, run_cfg)))
+
+
+def state_dict_names(model: nn.Module) -> dict[str, str]:
+    """Adapter key -> parameter name in ``model``'s state dict (what FederatedScope loads)."""
+    inner = inner_model(model)
+    names = {id(p): name for name, p in inner.named_parameters()}
+    return {key: names[id(p)] for key, p in adapter_parameters(inner).items()}
+
+
+class FsGmflServer(Server):
+    """FederatedScope server driving an fs_gmfl :class:`~fs_gmfl.core.protocol.Strategy`."""
+
+    def __init__(self, ID: int = -1, state: int = 0, config: Any = None, data: Any = None, model: Any = None,
+                 client_num: int = 5, total_round_num: int = 10, device: str = "cpu", strategy: Any = None,
+                 unseen_clients_id: Any = None, **kwargs: Any) -> None:
+        super().__init__(ID, state, config, data, model, client_num, total_round_num, device, strategy,
+                         unseen_clients_id, **kwargs)
+        self.method = build_fs_method(config, self.models[0])
+        self.seed = to_run_config(config).seed
+        self.ledger = CommLedger()
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.rejections: dict[str, int] = {}
+        self.aggregator = ProtocolAggregator(self)
+        self.aggregators = [self.aggregator]
+
+    @property
+    def distributed(self) -> bool:
+        """True in FederatedScope's distributed (gRPC) mode."""
+        return self._cfg.federate.mode == "distributed"
+
+    def broadcast_model_para(self, msg_type: str = "model_para", sample_client_num: int = -1,
+                             filter_unseen_clients: bool = True) -> None:
+        """Send each sampled client its downlink (``model_para``) or everyone the global adapter (``evaluate``)."""
+        if msg_type == "model_para":
+            self._send_downlinks(self._receivers(sample_client_num, filter_unseen_clients))
+        elif msg_type == "evaluate":
+            self._send_global_adapter(msg_type, list(self.comm_manager.neighbors.keys()))
+        else:
+            super().broadcast_model_para(msg_type, sample_client_num, filter_unseen_clients)
+
+    def _receivers(self, sample_client_num: int, filter_unseen_clients: bool) -> list[int]:
+        """The round's receivers.
+
+        With FederatedScope's ``uniform`` sampler and no unseen clients, the
+        sample is drawn from fs_gmfl's per-round seeded generator (the same
+        uniform distribution), so the participants of round ``r`` depend only
+        on the seed: identical in the simulator, in standalone and in
+        distributed FederatedScope runs. Otherwise FederatedScope's sampler
+        decides, as in its own broadcast.
+        """
+        if sample_client_num > 0 and self._cfg.federate.sampler == "uniform" and not self.unseen_clients_id:
+            receivers = [c + 1 for c in sample_clients(self.client_num, sample_client_num, seed=self.seed,
+                                                       rnd=self.state + 1)]
+            self.sampler.change_state(receivers, "working")
+            return receivers
+        if filter_unseen_clients:
+            self.sampler.change_state(self.unseen_clients_id, "unseen")
+        if sample_client_num > 0:
+            receivers = [int(r) for r in self.sampler.sample(size=sample_client_num)]
+        else:
+            receivers = [int(r) for r in self.comm_manager.neighbors.keys()]
+            self.sampler.change_state(receivers, "working")
+        if filter_unseen_clients:
+            self.sampler.change_state(self.unseen_clients_id, "seen")
+        return receivers
+
+    def _send_downlinks(self, receivers: list[int]) -> None:
+        rnd = self.state + 1
+        strategy = self.method.strategy
+        self.rounds[rnd] = {"round": rnd, "clients": sorted(r - 1 for r in receivers), **strategy.round_metrics()}
+        downlinks = strategy.configure_round(rnd, sorted(r - 1 for r in receivers))
+        for receiver in receivers:
+            message = downlinks[receiver - 1]
+            self.ledger.record(rnd, receiver - 1, "downlink", message)
+            self._send(FsGmflMessage(msg_type="model_para", sender=self.ID, receiver=[receiver], state=self.state,
+                                     timestamp=self.cur_timestamp, content=wire.encode(message, wire.DOWNLINK),
+                                     nbytes=message.nbytes))
+
+    def _send_global_adapter(self, msg_type: str, receivers: list[int]) -> None:
+        adapter = self.method.strategy.global_adapter()
+        self._send(FsGmflMessage(msg_type=msg_type, sender=self.ID, receiver=receivers,
+                                 state=min(self.state - 1, self.total_round_num), timestamp=self.cur_timestamp,
+                                 content=wire.encode_tensors(adapter), nbytes=total_bytes(adapter)))
+
+    def _send(self, message: FsGmflMessage) -> None:
+        self.comm_manager.send(message)
+        self._monitor.track_upload_bytes(message.count_bytes()[1])
+
+    # -- per-round record ----------------------------------------------------------------------
+    def record_round(self, rnd: int, report: RoundReport) -> None:
+        """Log rejections and write ``comm_log.jsonl`` / ``summary.json`` after each aggregation."""
+        for cid, reason in report.rejected.items():
+            logger.warning(f"round {rnd}: update of client {cid} rejected: {reason}")
+            kind = reason.split(":")[0]
+            self.rejections[kind] = self.rejections.get(kind, 0) + 1
+        row = self.rounds.setdefault(rnd, {"round": rnd})
+        row.update({**self.ledger.round_totals(rnd), "rejected": len(report.rejected), **report.metrics})
+        self.write_outputs()
+
+    def write_outputs(self) -> None:
+        """The fs_gmfl view of the run in FederatedScope's run directory (bytes from the messages sent)."""
+        outdir = Path(self._cfg.outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        with open(outdir / "comm_log.jsonl", "w", encoding="utf-8") as fh:
+            for t in self.ledger.transfers:
+                fh.write(json.dumps(t.as_row()) + "\n")
+        summary = {"host": "federatedscope", "method": self.method.strategy.name,
+                   "rounds": self.total_round_num, "comm": self.ledger.totals(),
+                   "per_round": [self.rounds[r] for r in sorted(self.rounds)],
+                   "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections)},
+                   "method_info": self.method.info}
+        write_json_atomic(outdir / "summary.json", summary)
+
+
+class ProtocolAggregator(ClientsAvgAggregator):
+    """FederatedScope aggregator that hands the uplinks to the strategy and returns the new global adapter."""
+
+    def __init__(self, server: FsGmflServer) -> None:
+        super().__init__(model=server.models[0], device=server.device, config=server._cfg)
+        self.server = server
+        self.names = state_dict_names(server.models[0])
+
+    def aggregate(self, agg_info: dict[str, Any]) -> dict[str, Tensor]:
+        """Decode and validate every uplink, aggregate, and return the global adapter by state-dict name.
+
+        A payload that is not a well-formed uplink is rejected with its
+        reason (like any invalid update) and never reaches the strategy.
+        """
+        server = self.server
+        rnd = server.state + 1
+        replies, malformed = [], {}
+        for (fs_id, _), content in zip(agg_info["staleness"], agg_info["client_feedback"]):
+            cid = int(fs_id) - 1
+            try:
+                message = wire.decode(content[1], expect=wire.UPLINK)
+            except (wire.WireError, TypeError, IndexError) as err:
+                malformed[cid] = f"malformed payload: {err}"
+                continue
+            server.ledger.record(rnd, cid, "uplink", message)
+            if server.distributed:
+                server._monitor.track_download_bytes(message.nbytes)
+            replies.append(Reply(cid, message))
+        report = server.method.strategy.aggregate(rnd, replies)
+        report.rejected.update(malformed)
+        server.record_round(rnd, report)
+        return {self.names.get(k, k): v for k, v in server.method.strategy.global_adapter().items()}
+
+
+class FsGmflClient(Client):
+    """FederatedScope client running an fs_gmfl :class:`~fs_gmfl.core.protocol.ClientAlgorithm`.
+
+    Per-client state of stateful methods lives in a disk-backed store (one
+    client in memory at a time), as in the simulator.
+    """
+
+    def __init__(self, ID: int = -1, server_id: Any = None, state: int = -1, config: Any = None, data: Any = None,
+                 model: Any = None, device: str = "cpu", strategy: Any = None, is_unseen_client: bool = False,
+                 *args: Any, **kwargs: Any) -> None:
+        super().__init__(ID, server_id, state, config, data, model, device, strategy, is_unseen_client, *args,
+                         **kwargs)
+        self._algorithm: ClientAlgorithm | None = None
+        state_dir = tempfile.mkdtemp(prefix="fs_gmfl_client_state_")
+        weakref.finalize(self, shutil.rmtree, state_dir, True)
+        self.store = ClientStateStore(state_dir)
+        self.seed = to_run_config(config).seed
+
+    @property
+    def algorithm(self) -> ClientAlgorithm:
+        """The method's client side (built on first use from this client's model)."""
+        if self._algorithm is None:
+            self._algorithm = build_fs_method(self._cfg, self.trainer.ctx.model).client
+        return self._algorithm
+
+    def callback_funcs_for_model_para(self, message: FsMessage) -> None:
+        """Train on the downlink and send the uplink."""
+        self.state = message.state
+        downlink = wire.decode(message.content, expect=wire.DOWNLINK)
+        if self._cfg.federate.mode == "distributed":
+            self._monitor.track_download_bytes(downlink.nbytes)
+        cid = self.ID - 1
+        with self.store.open(cid) as client_state:
+            self.trainer.assign(Assignment(self.algorithm, downlink, cid, self.state + 1, client_state, self.seed))
+            sample_size, _, results = self.trainer.train()
+            uplink = self.trainer.take_uplink()
+        logger.info(self._monitor.format_eval_res(results, rnd=self.state, role=f"Client #{self.ID}",
+                                                  return_raw=True))
+        reply = FsGmflMessage(msg_type="model_para", sender=self.ID, receiver=[message.sender], state=self.state,
+                              timestamp=self._gen_timestamp(init_timestamp=message.timestamp,
+                                                            instance_number=sample_size),
+                              content=(uplink.num_samples, wire.encode(uplink, wire.UPLINK)), nbytes=uplink.nbytes)
+        self.comm_manager.send(reply)
+        self._monitor.track_upload_bytes(reply.nbytes)
+
+    def callback_funcs_for_evaluate(self, message: FsMessage) -> None:
+        """Count the adapter's bytes (distributed mode), then evaluate as FederatedScope does."""
+        if self._cfg.federate.mode == "distributed" and wire.kind_of(message.content) == wire.ADAPTER:
+            self._monitor.track_download_bytes(wire.payload_bytes(message.content))
+        super().callback_funcs_for_evaluate(message)
+

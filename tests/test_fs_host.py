@@ -1,0 +1,275 @@
+"""The FederatedScope host: registration, config checks, gRPC encoding, trainer hooks, parity with the simulator,
+a FederatedScope-LLM run with its own data and model, and FederatedScope's GSM8K evaluator on the result.
+
+Skipped (with the reason shown) when FederatedScope is not importable; see README, "FederatedScope host".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("federatedscope", reason="FederatedScope (branch llm) is not installed: FederatedScope host "
+                    "tests skipped")
+
+from federatedscope.core.auxiliaries.worker_builder import get_client_cls, get_server_cls  # noqa: E402
+from federatedscope.core.configs.config import global_cfg  # noqa: E402
+from federatedscope.core.message import Message as FsMessage  # noqa: E402
+from federatedscope.core.monitors.monitor import Monitor  # noqa: E402
+from federatedscope.register import register_worker, trainer_dict, worker_dict  # noqa: E402
+
+from fs_host_helpers import FS_CONFIGS, checkpoint_adapter, run_fs, summary, system_metrics  # noqa: E402
+from fs_gmfl.config import load_config  # noqa: E402
+from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_adapter_tensors  # noqa: E402
+from fs_gmfl.core.message import NUM_SAMPLES, Message, pack_bits, samples_tensor  # noqa: E402
+from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan  # noqa: E402
+from fs_gmfl.errors import ConfigError  # noqa: E402
+from fs_gmfl.hosts.fs import register_all, wire  # noqa: E402
+from fs_gmfl.hosts.fs.assets import write_tiny_llm_assets  # noqa: E402
+from fs_gmfl.hosts.fs.builders import build_fs_data, build_fs_model  # noqa: E402
+from fs_gmfl.hosts.fs.registration import KEY, RegistrationConflict, call_trainer  # noqa: E402
+from fs_gmfl.hosts.fs.trainer import Assignment, FsGmflTrainer, inner_model  # noqa: E402
+from fs_gmfl.hosts.fs.workers import FsGmflClient, FsGmflServer  # noqa: E402
+from fs_gmfl.methods import registered_methods  # noqa: E402
+from fs_gmfl.sim.models import build_backbone  # noqa: E402
+from fs_gmfl.sim.runner import Simulation  # noqa: E402
+
+pytestmark = pytest.mark.fs_host
+
+BOTH_HOSTS = FS_CONFIGS / "gmfl_fedit_tiny_bert_both_hosts.yaml"
+BYTE_KEYS = ("uplink_bytes", "uplink_payload_bytes", "uplink_control_bytes", "downlink_bytes",
+             "downlink_payload_bytes", "downlink_control_bytes", "frozen_fraction")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    register_all()
+
+
+def fs_config(*opts):
+    """A FederatedScope config (global_cfg with fs_gmfl registered) merged with the two-host tiny YAML and opts."""
+    cfg = global_cfg.clone()
+    cfg.merge_from_file(str(BOTH_HOSTS))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+# -- registration and configuration ------------------------------------------------------------------
+def test_register_all_is_idempotent_and_resolves_fs_gmfl_classes():
+    """Twice is once; fs_gmfl methods get fs_gmfl's workers and trainer, FederatedScope's fedavg keeps its own."""
+    register_all()
+    register_all()
+    cfg = fs_config()
+    assert get_server_cls(cfg) is FsGmflServer and get_client_cls(cfg) is FsGmflClient
+    assert call_trainer(cfg.trainer.type) is FsGmflTrainer and trainer_dict[KEY] is call_trainer
+    fedavg = fs_config("federate.method", "fedavg", "gmfl.use", False, "trainer.type", "llmtrainer")
+    assert get_server_cls(fedavg) is not FsGmflServer
+
+
+def test_another_plugin_claiming_an_fs_gmfl_method_is_a_conflict():
+    """A worker plug-in that also answers 'fedit' makes registration fail loudly instead of shadowing."""
+    register_worker("rival", lambda method: {"client": object, "server": object} if method == "fedit" else None)
+    try:
+        with pytest.raises(RegistrationConflict, match="rival.*fedit"):
+            register_all()
+    finally:
+        del worker_dict["rival"]
+    register_all()
+
+
+@pytest.mark.parametrize("opts, key", [
+    (("gmfl.c", 2.0), "gmfl.c"),
+    (("gmfl.tie_policy", "coin_flip"), "gmfl.tie_policy"),
+    (("trainer.type", "llmtrainer"), "trainer.type"),
+    (("federate.method", "fedavg", "trainer.type", "llmtrainer"), "gmfl.use"),
+    (("quantization.method", "uniform"), "quantization.method"),
+    (("model.type", "/m/llama@huggingface_llm"), "model.type"),
+])
+def test_invalid_settings_fail_at_config_time_naming_the_key(opts, key):
+    """Check functions raise ConfigError (a ValueError) naming the key while the YAML is merged."""
+    with pytest.raises(ValueError) as err:
+        fs_config(*opts)
+    assert isinstance(err.value, ConfigError) and err.value.key == key
+
+
+FS_YAMLS = sorted(FS_CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", FS_YAMLS, ids=[str(p.relative_to(FS_CONFIGS)) for p in FS_YAMLS])
+def test_shipped_federatescope_configs_pass_federatescope_checks(path):
+    """Every yaml_configs/fs file merges into FederatedScope's config and passes fs_gmfl's check function."""
+    cfg = global_cfg.clone()
+    cfg.merge_from_file(str(path))
+    assert cfg.trainer.type == "fs_gmfl_llmtrainer" and cfg.federate.method in ("fedit", "ffa_lora")
+
+
+def test_use_false_keeps_only_use_after_freeze_and_still_converts():
+    """FederatedScope deletes a disabled subtree's keys at freeze; the conversion copes."""
+    from fs_gmfl.hosts.fs.config import to_run_config
+
+    cfg = fs_config("gmfl.use", False)
+    cfg.freeze(save=False, inform=False)
+    assert dict(cfg.gmfl.items()) == {"use": False} or set(cfg.gmfl) <= {"use", "__cfg_check_funcs__",
+                                                                           "__help_info__", "is_ready_for_run"}
+    assert to_run_config(cfg).gmfl.use is False
+
+
+# -- transport ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("msg_type", ["model_para", "evaluate"])
+def test_payload_survives_federatescope_grpc_encoding(msg_type):
+    """transform(to_list=True) -> protobuf -> parse gives back the same tensors, exactly (mask and seed too)."""
+    msg = Message({"a.lora_A.weight": torch.randn(4, 8)}, {"mask": pack_bits([1, 0, 1]),
+                                                            "seed": torch.tensor(2**40 + 3), NUM_SAMPLES:
+                                                            samples_tensor(12)})
+    content = (12, wire.encode(msg, wire.UPLINK)) if msg_type == "model_para" else wire.encode(msg, wire.UPLINK)
+    request = FsMessage(msg_type=msg_type, sender=1, receiver=[0], state=3, content=content).transform(to_list=True)
+    received = FsMessage()
+    received.parse(request.msg)
+    payload = received.content[1] if msg_type == "model_para" else received.content
+    back = wire.decode(payload, expect=wire.UPLINK)
+    assert torch.equal(back.tensors["a.lora_A.weight"], msg.tensors["a.lora_A.weight"])
+    assert torch.equal(back.control["mask"], msg.control["mask"]) and int(back.control["seed"]) == 2**40 + 3
+
+
+# -- trainer hooks ----------------------------------------------------------------------------------------
+class SubTensorFreezing(ClientAlgorithm):
+    """Test double: freezes one whole tensor (not planned) and the last 2 of 4 columns of a lora_B (masked)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def prepare(self, model, message, client_state):
+        load_adapter_tensors(model, message.tensors)
+        params = adapter_parameters(model)
+        self.frozen_key = next(k for k in params if ".lora_A." in k)
+        self.masked_key = next(k for k in params if ".lora_B." in k)
+        mask = torch.zeros_like(params[self.masked_key])
+        mask[:, :2] = 1.0
+        return LocalPlan(model, {k: p for k, p in params.items() if k != self.frozen_key},
+                         grad_masks={self.masked_key: mask},
+                         frozen_values={self.masked_key: params[self.masked_key].detach().clone()},
+                         after_step=self.steps.append)
+
+    def finish(self, plan, stats, client_state):
+        self.stats = stats
+        return Message({k: p.detach().clone() for k, p in plan.trainable.items()},
+                       {NUM_SAMPLES: samples_tensor(stats.num_samples)})
+
+
+def test_trainer_freezes_through_masks_and_keeps_every_tensor_in_the_state_dict():
+    """AdamW with weight decay 0.5: masked entries and the unplanned tensor stay bit-identical, the rest moves;
+    afterwards requires_grad is restored, so FederatedScope's trainable-only state dict still carries all
+    adapter tensors, and no gradient hook is left behind."""
+    # Prepare
+    cfg = fs_config("train.optimizer.weight_decay", 0.5, "train.optimizer.lr", 0.05, "train.local_update_steps", 4)
+    data, cfg = build_fs_data(cfg)
+    model = build_fs_model(cfg.model)
+    trainer = FsGmflTrainer(model, data[1], "cpu", cfg, monitor=Monitor(cfg))
+    before = adapter_state(inner_model(model))
+    algorithm = SubTensorFreezing()
+    trainer.assign(Assignment(algorithm, Message(before), 0, 1, {}, seed=3))
+    # Execute
+    trainer.train()
+    uplink = trainer.take_uplink()
+    # Assert
+    after = adapter_state(inner_model(model))
+    frozen, masked = algorithm.frozen_key, algorithm.masked_key
+    assert torch.equal(after[frozen], before[frozen])
+    assert torch.equal(after[masked][:, 2:], before[masked][:, 2:])
+    assert not torch.equal(after[masked][:, :2], before[masked][:, :2])
+    assert all(not torch.equal(after[k], before[k]) for k in after if k not in (frozen, masked))
+    assert set(uplink.tensors) == set(before) - {frozen} and uplink.num_samples == 32  # 120 rows x 0.8 train / 3 clients
+    assert algorithm.steps == [0, 1, 2, 3] and algorithm.stats.steps == 4
+    sent = {k.replace(".default.", ".") for k in model.state_dict()}
+    assert set(before) <= sent  # AdapterModel.state_dict() keeps requires_grad=True tensors only
+    assert not adapter_parameters(inner_model(model))[masked]._backward_hooks
+    assert {id(p) for g in trainer.ctx.optimizer.param_groups for p in g["params"]} == {
+        id(p) for k, p in adapter_parameters(inner_model(model)).items() if k != frozen}
+
+
+# -- parity and bytes --------------------------------------------------------------------------------------
+HAFL_MISSING = pytest.mark.skipif("hafl" not in registered_methods(), reason="federate.method 'hafl' is not "
+                                  "registered in fs_gmfl.methods yet (branch hafl)")
+PARITY = [pytest.param("fedit", [], [0.0, 0.5], id="fedit"),
+          pytest.param("ffa_lora", ["federate.sample_client_num", "2"], [0.0, 0.5], id="ffa_lora-2-of-3-clients"),
+          pytest.param("hafl", ["gmfl.use", "False"], None, marks=HAFL_MISSING, id="hafl")]
+
+
+@pytest.mark.parametrize("method, extra, frozen", PARITY)
+def test_same_yaml_gives_the_same_global_adapter_and_bytes_in_both_hosts(tmp_path, method, extra, frozen,
+                                                                         monkeypatch):
+    """Two rounds of one YAML (GMFL freezing in round 2, dropout on; all or 2 of 3 clients per round) in the
+    simulator and through FederatedScope's unmodified main: same participants, same global adapter to float
+    tolerance and the same bytes, round by round."""
+    # Prepare
+    monkeypatch.setenv("FS_GMFL_THREADS", "1")  # FederatedScope's standalone runner trains with one thread
+    opts = ["federate.method", method, *extra]
+    fs_opts = [*opts, "outdir", str(tmp_path / "fs"), "expname", "run", "federate.save_to",
+               str(tmp_path / "fs" / "run.ckpt")]
+    # Execute
+    run_fs("fs-run", "--cfg", str(BOTH_HOSTS), *fs_opts, cwd=tmp_path)
+    sim = Simulation(load_config(BOTH_HOSTS, [*opts, "outdir", str(tmp_path / "sim"), "expname", "run"]),
+                     quiet=True)
+    sim_summary = sim.run()
+    # Assert
+    fs_adapter = checkpoint_adapter(tmp_path / "fs" / "final_run.ckpt")
+    sim_adapter = sim.method.strategy.global_adapter()
+    assert set(fs_adapter) == set(sim_adapter)
+    for key, value in sim_adapter.items():
+        torch.testing.assert_close(fs_adapter[key], value, rtol=0, atol=1e-6)
+    initial = adapter_state(build_backbone(sim.cfg, 2).model)
+    moved = [k for k in sim_adapter if not torch.equal(sim_adapter[k], initial[k])]
+    assert len(moved) > len(sim_adapter) // 2  # training happened (FFA-LoRA keeps every lora_A)
+    fs_rows, sim_rows = summary(tmp_path / "fs" / "run")["per_round"], sim_summary["per_round"][1:]
+    keys = ["clients", *(k for k in BYTE_KEYS if k in sim_rows[0])]
+    assert [{k: r[k] for k in keys} for r in fs_rows] == [{k: r[k] for k in keys} for r in sim_rows]
+    if frozen is not None:
+        assert [r["frozen_fraction"] for r in fs_rows] == frozen
+
+
+# -- FederatedScope's own data and model types, and its evaluation script -------------------------------
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    return write_tiny_llm_assets(tmp_path_factory.mktemp("assets"))
+
+
+def native_opts(assets: Path, out: Path) -> list[str]:
+    return ["data.root", str(assets), "model.type", f"{assets}@huggingface_llm", "outdir", str(out),
+            "federate.save_to", str(out / "gmfl.ckpt")]
+
+
+@pytest.fixture(scope="module")
+def native_run(tiny_llm, tmp_path_factory):
+    """FedIT + GMFL (4 rounds) on a tiny Llama with FederatedScope's instruction-JSON data and meta splitter."""
+    out = tmp_path_factory.mktemp("native")
+    opts = native_opts(tiny_llm, out / "out")
+    run_fs("fs-run", "--cfg", str(FS_CONFIGS / "gmfl_fedit_tiny_llama.yaml"), *opts, cwd=out)
+    return out, opts
+
+
+def test_federatedscope_llm_run_with_its_own_data_and_model(native_run):
+    """Exact bytes per round in summary.json and in FederatedScope's monitor; GMFL halves the uplink after
+    round 2; FederatedScope saves the best and final checkpoints with every LoRA tensor."""
+    out, _ = native_run
+    run_dir = out / "out" / "gmfl_fedit_tiny_llama"
+    rows = summary(run_dir)["per_round"]
+    # LoRA r=4 on q_proj, v_proj of 2 layers (hidden 64): 8 tensors x 256 params x 4 B = 8,192 B per client
+    assert [r["uplink_bytes"] for r in rows] == [3 * (8192 + 8)] * 2 + [3 * (4096 + 8)] * 2
+    assert [r["downlink_bytes"] for r in rows] == [3 * 8192] * 2 + [3 * (8192 + 1)] * 2
+    assert [r["frozen_fraction"] for r in rows] == [0.0, 0.0, 0.5, 0.5]
+    metrics = system_metrics(run_dir)
+    assert [metrics[c]["total_upload_bytes"] for c in (1, 2, 3)] == [2 * 8200 + 2 * 4104] * 3
+    final = checkpoint_adapter(out / "out" / "final_gmfl.ckpt")
+    assert len(final) == 8 and set(final) == set(checkpoint_adapter(out / "out" / "gmfl.ckpt"))
+
+
+@pytest.mark.slow
+def test_federatedscope_gsm8k_evaluator_runs_offline_on_the_result(native_run):
+    """FederatedScope's GSM8K script loads the run's checkpoint on CPU and scores a local gsm8k_test.jsonl."""
+    out, opts = native_run
+    evaluation = run_fs("fs-eval", "gsm8k", "--cfg", str(FS_CONFIGS / "gmfl_fedit_tiny_llama.yaml"), *opts,
+                        "expname", "gsm8k_eval", cwd=out)
+    assert "Num of total question: 2, correct num:" in evaluation.stdout
+    assert "will use raw model" not in evaluation.stdout  # the federated checkpoint was loaded
