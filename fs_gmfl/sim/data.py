@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fs_gmfl.config.schema import DataConfig
+from fs_gmfl.config.schema import DataConfig, RunConfig
 from fs_gmfl.core.seeding import derive_seed, generator
 from fs_gmfl.errors import ConfigError, InputError
 
@@ -395,3 +395,9 @@ def split_client_validation(shards: list[Tensor], fraction: float, *, seed: int)
         val.append(order[:n_val].sort().values)
         train.append(order[n_val:].sort().values)
     return train, val
+
+
+def federated_data_for(cfg: RunConfig, tokenizer: object) -> FederatedData:
+    """The :class:`FederatedData` of a run configuration (clients, token length, seed, vocabulary)."""
+    return build_federated_data(cfg.data, num_clients=cfg.federate.client_num, tokenizer=tokenizer,
+                                max_length=cfg.llm.tok_len, seed=cfg.seed, vocab_size=cfg.model.vocab_size)

@@ -33,7 +33,7 @@ from fs_gmfl.core.seeding import generator
 from fs_gmfl.errors import ConfigError
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.plots import MIB, plot_runs
-from fs_gmfl.sim.data import FederatedData, build_federated_data
+from fs_gmfl.sim.data import FederatedData, federated_data_for
 from fs_gmfl.sim.models import AdapterVariants, build_backbone, load_tokenizer, set_threads_from_env
 from fs_gmfl.sim.store import ClientStateStore
 from fs_gmfl.sim.training import evaluate, train_local
@@ -117,9 +117,7 @@ class Simulation:
         cfg = self.cfg
         set_threads_from_env()
         tokenizer = load_tokenizer(cfg)
-        self.data: FederatedData = build_federated_data(
-            cfg.data, num_clients=cfg.federate.client_num, tokenizer=tokenizer, max_length=cfg.llm.tok_len,
-            seed=cfg.seed, vocab_size=cfg.model.vocab_size)
+        self.data: FederatedData = federated_data_for(cfg, tokenizer)
         num_labels = cfg.model.num_labels or self.data.num_labels
         self.backbone = build_backbone(cfg, num_labels)
         self.model = self.backbone.model.to(self.device)

@@ -1,0 +1,81 @@
+"""Helpers shared by the benchmarks: running configurations, statistics, tables, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fs_gmfl.config import load_config
+from fs_gmfl.plots import MIB
+from fs_gmfl.sim.runner import Simulation
+
+
+def machine() -> dict[str, Any]:
+    """Facts about the machine a benchmark ran on."""
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    vals = [float(v) for v in values]
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt_pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std`` of ``values * scale``."""
+    m, s = mean_std(values)
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def run_config(overrides: Sequence[str], *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one simulator configuration quietly and return its summary."""
+    cfg = load_config(None, list(overrides))
+    start = time.time()
+    summary = Simulation(cfg, quiet=True).run()
+    final = summary["final"]
+    log(f"  {cfg.run_name}: {time.time() - start:.0f}s, test_acc {final.get('test_acc', float('nan')):.4f}, "
+        f"uplink {summary['comm']['uplink_bytes'] / MIB:.2f} MiB")
+    return summary
+
+
+def mean_curve(summaries: Sequence[Mapping[str, Any]], metric: str = "test_acc") -> dict[str, Any]:
+    """A pseudo-summary whose per-round rows average ``metric`` and bytes over runs (for plotting)."""
+    rounds = [r["round"] for r in summaries[0]["per_round"]]
+    rows = []
+    for i, rnd in enumerate(rounds):
+        row: dict[str, Any] = {"round": rnd,
+                               "uplink_bytes": statistics.fmean(s["per_round"][i].get("uplink_bytes", 0)
+                                                                for s in summaries)}
+        if all(metric in s["per_round"][i] for s in summaries):
+            row[metric] = statistics.fmean(s["per_round"][i][metric] for s in summaries)
+        rows.append(row)
+    return {"per_round": rows}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON (creating parent folders)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float), encoding="utf-8")
+
+
+def progress(message: str) -> None:
+    """Benchmark progress line on stderr."""
+    print(message, file=sys.stderr, flush=True)
