@@ -17,6 +17,8 @@ from fs_gmfl.sim.models import AdapterVariants, build_backbone
 from fs_gmfl.sim.runner import Simulation
 from fs_gmfl.sim.training import train_local
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # tiny_bert (conftest): hidden 16, 2 layers, LoRA r=4 on query,value -> 4 modules; one rank-1 component of one
 # module is 16 (a_i) + 16 (b_i) = 32 floats = 128 bytes.
 MODULES, COMPONENT_BYTES = 4, 128

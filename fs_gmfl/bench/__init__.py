@@ -14,7 +14,11 @@ def _load(name: str) -> BenchFn:
         from fs_gmfl.bench.gmfl import main
 
         return main
-    raise ConfigError("bench", name, "one of: gmfl")
+    if name == "hafl":
+        from fs_gmfl.bench.hafl import main
+
+        return main
+    raise ConfigError("bench", name, "one of: gmfl, hafl")
 
 
 def run_benchmark(name: str, args: Sequence[str]) -> int:
