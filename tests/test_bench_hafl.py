@@ -15,7 +15,7 @@ TINY = ["model.type", "tiny_bert", "model.hidden_size", "16", "model.vocab_size"
         "federate.client_num", "6", "federate.sample_client_num", "3", "dataloader.batch_size", "8"]
 
 
-@pytest.mark.parametrize("rounds,freq", [(20, 2), (2, 1), (30, 5), (100, 10)])
+@pytest.mark.parametrize("rounds,freq", [(20, 5), (2, 1), (30, 5), (100, 25), (16, 4)])
 def test_eval_freq_hits_the_halfway_round(rounds, freq):
     """The evaluation period divides rounds / 2."""
     assert eval_freq(rounds) == freq and (rounds // 2) % freq == 0

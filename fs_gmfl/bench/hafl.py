@@ -76,9 +76,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def eval_freq(rounds: int) -> int:
-    """Largest divisor of ``rounds / 2`` not above ``rounds / 5``: the halfway round is always evaluated."""
+    """Largest divisor of ``rounds / 2`` not above ``rounds / 4``: the halfway round is always evaluated."""
     half = rounds // 2
-    return max(d for d in range(1, half + 1) if half % d == 0 and d <= max(1, rounds // 5))
+    return max(d for d in range(1, half + 1) if half % d == 0 and d <= max(1, rounds // 4))
 
 
 def method_config(method: str, overrides: Sequence[str]) -> RunConfig:
