@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from fs_gmfl.cli import main
@@ -14,7 +12,6 @@ from fs_gmfl.errors import ConfigError
 BASE = ["federate.method", "hafl", "federate.client_num", "10", "llm.adapter.args", "[{r: 16}]"]
 PAPER_TRUNCATION = "[{share: 0.33, rank: 2}, {share: 0.33, rank: 4}, {share: 0.34, rank: 16}]"
 PAPER_FREEZING = "[{share: 0.33, freeze_ratio: 0.875}, {share: 0.33, freeze_ratio: 0.75}, {share: 0.34, freeze_ratio: 0}]"
-YAML_DIR = Path(__file__).resolve().parents[1] / "yaml_configs"
 
 
 def hafl(*overrides: str):
@@ -91,10 +88,3 @@ def test_explicit_ids_and_shares_combine():
     assert profile_report(cfg.hafl, profile_of, 16)[0]["name"] == "weak"
     plain = hafl()
     assert client_capacities(plain.hafl, num_clients=10, r_max=16, seed=0)[1] == [16] * 10
-
-
-@pytest.mark.parametrize("path", sorted(YAML_DIR.glob("hafl_*.yaml")), ids=lambda p: p.name)
-def test_shipped_hafl_configs_load(path):
-    """Every shipped HAFL YAML is valid."""
-    cfg = load_config(path)
-    assert cfg.federate.method == "hafl"

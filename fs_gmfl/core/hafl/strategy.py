@@ -150,19 +150,11 @@ class HAFLStrategy(Strategy):
     # -- aggregation -------------------------------------------------------------------------
     def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
         """Validate every uplink, aggregate each module's components, FedAvg the head, update the scores."""
-        report = RoundReport()
-        accepted: list[Reply] = []
-        for reply in replies:
-            reason = self.check_reply(reply)
-            if reason:
-                report.rejected[reply.client_id] = reason
-            else:
-                accepted.append(reply)
-                report.accepted.append(reply.client_id)
+        report, accepted = self._validate(replies)
         self.pending = {}
-        contributors = [r for r in accepted if r.message.control[INDICES].shape[1] > 0]
         if not accepted:
             return report
+        contributors = [r for r in accepted if r.message.control[INDICES].shape[1] > 0]
         old = self.global_state
         new = dict(old)
         updated = torch.zeros(len(self.pairs), self.rank, dtype=torch.bool)
@@ -183,6 +175,18 @@ class HAFLStrategy(Strategy):
             self.tracker.observe(old, new)
         report.metrics["components_updated_fraction"] = float(updated.float().mean())
         return report
+
+    def _validate(self, replies: Sequence[Reply]) -> tuple[RoundReport, list[Reply]]:
+        report = RoundReport()
+        accepted = []
+        for reply in replies:
+            reason = self.check_reply(reply)
+            if reason:
+                report.rejected[reply.client_id] = reason
+            else:
+                accepted.append(reply)
+                report.accepted.append(reply.client_id)
+        return report, accepted
 
     def _component_updates(self, msg: Message) -> list[ops.ComponentUpdate]:
         indices = msg.control[INDICES].to(torch.long)
