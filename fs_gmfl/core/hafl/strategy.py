@@ -94,8 +94,9 @@ class HAFLStrategy(Strategy):
         for row, pair in enumerate(self.pairs):
             a, b = self.global_state[pair.a_key], self.global_state[pair.b_key]
             if self.config.scheme == "truncation":
-                a, b = ops.take_components(a, b, selected[row])
-            tensors[pair.a_key], tensors[pair.b_key] = a.clone(), b.clone()
+                tensors[pair.a_key], tensors[pair.b_key] = ops.take_components(a, b, selected[row])
+            else:
+                tensors[pair.a_key], tensors[pair.b_key] = a.clone(), b.clone()
         tensors.update({k: self.global_state[k].clone() for k in self.head_keys})
         control = {SCORES: scores.clone()}
         if self.config.scheme == "freezing":
@@ -118,8 +119,8 @@ class HAFLStrategy(Strategy):
         reason = self._check_indices(msg.control.get(INDICES), selected)
         if reason:
             return reason
-        return check_tensors(msg.tensors, self._expected_shapes(selected.shape[1]),
-                             expected_keys=set(self._expected_shapes(selected.shape[1])), max_abs=self.max_abs)
+        expected = self._expected_shapes(selected.shape[1])
+        return check_tensors(msg.tensors, expected, expected_keys=set(expected), max_abs=self.max_abs)
 
     def _check_indices(self, indices: object, selected: Tensor) -> str | None:
         if not isinstance(indices, Tensor) or indices.dtype not in INDEX_DTYPES:
