@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from fs_gmfl.cli import main
 from fs_gmfl.comm_estimate import ESTIMATORS, MIB
 from fs_gmfl.config import load_config
 from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_adapter_tensors, lora_pairs
@@ -165,7 +168,6 @@ def gpt2_large_initial():
     (["hafl.profiles", "[{share: 1.0, rank: 16}]", "hafl.aggregation", "fedavg"], 112.5),
     (["hafl.profiles", "[{share: 1.0, rank: 2}]", "hafl.aggregation", "fedavg", "llm.adapter.args",
       "[{r: 2, lora_alpha: 32, target_modules: [c_attn]}]"], 14.0625),
-    ([], 54_706_176 / MIB),  # 10 x (0.33*2 + 0.33*4 + 0.34*16) x 184,320 x 4 B = 52.17 MiB
     (["hafl.scheme", "freezing", "hafl.profiles",
       "[{share: 0.33, freeze_ratio: 0.875}, {share: 0.33, freeze_ratio: 0.75}, {share: 0.34, freeze_ratio: 0}]"],
      54_706_176 / MIB),
@@ -182,6 +184,18 @@ def test_gpt2_large_uplink_bytes_match_the_paper(gpt2_large_initial, overrides, 
     assert per_round["uplink_lora_mib"] == pytest.approx(mib, rel=1e-12)
     assert per_round["uplink_head_bytes"] == 0
     assert per_round["uplink_control_bytes"] > 0  # indices and sample counts are counted, separately
+
+
+def test_comm_command_prints_the_paper_mix(capsys):
+    """`fs-gmfl comm` on the GPT-2-Large config: 33/33/34 clients of rank 2/4/16 -> 52.17 MiB expected per round."""
+    assert main(["comm", "--cfg", "yaml_configs/hafl_comm_gpt2_large.yaml"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # 10 x (0.33*2 + 0.33*4 + 0.34*16) x 184,320 params x 4 B = 54,706,176 B
+    assert out["per_round"]["uplink_lora_bytes"] == pytest.approx(54_706_176, rel=1e-12)
+    assert f"{out['per_round']['uplink_lora_mib']:.2f}" == "52.17"
+    assert {k: v["uplink"]["lora_bytes"] for k, v in out["profiles"].items()} == {
+        "r2": 2 * 184_320 * 4, "r4": 4 * 184_320 * 4, "r16": 16 * 184_320 * 4}
+    assert [v["clients_share"] for v in out["profiles"].values()] == [0.33, 0.33, 0.34]
 
 
 def test_strategy_type_and_yaml_round_trip(tiny):
