@@ -143,6 +143,16 @@ def test_freezing_run_zero_padding_erases_untrained_components(tiny):
         assert not torch.equal(ad.global_state[pair.a_key][0], init[pair.a_key][0])
 
 
+def test_clients_training_nothing_upload_only_indices_and_counts(tiny):
+    """n_min 0 and rho 1: such clients train nothing, upload 8 bytes of sample count and empty index lists."""
+    sim, summary = run(tiny(*FREEZING, "hafl.profiles", "[{clients: [0, 1, 2, 3], freeze_ratio: 1.0}]",
+                            "hafl.n_min", "0", "federate.total_round_num", "1"))
+    assert summary["method_info"]["profiles"][0]["trained_components"] == 0
+    assert summary["comm"]["uplink_bytes"] == 2 * 8 and summary["rejected_updates"]["total"] == 0
+    initial = adapter_state(build_backbone(sim.cfg, 2).model)
+    assert all(torch.equal(v, initial[k]) for k, v in sim.method.strategy.global_adapter().items())
+
+
 def test_homlora_through_hafl_equals_fedit(tiny):
     """Every client at full rank + fedavg + train_head is FedIT: same global adapter after 2 rounds."""
     short = ["federate.total_round_num", "2"]
