@@ -152,6 +152,37 @@ def estimate_fedhft(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any
 register_estimator("fedhft", estimate_fedhft)
 
 
+def estimate_hafl(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
+    """HAFL: per profile, the real round-1 downlink and the uplink of its n_k components; shares from the assignment.
+
+    Per-round figures are expectations over uniform client sampling
+    (``clients x sum(share x bytes)``), e.g. 52.17 MiB of fp32 LoRA uplink for
+    GPT-2 Large with the paper's 33/33/34 profiles.
+    """
+    from fs_gmfl.core.hafl import HAFLStrategy, build_uplink
+
+    method = build_method(MethodContext(cfg, initial))
+    strategy = method.strategy
+    assert isinstance(strategy, HAFLStrategy)
+    profiles: dict[str, dict[str, Any]] = {}
+    for row in method.info["profiles"]:
+        if not row["client_ids"]:
+            continue
+        cid = row["client_ids"][0]
+        downlink = strategy.configure_round(1, [cid])[cid]
+        factors = {**downlink.tensors, **{k: initial[k] for k in strategy.head_keys}}
+        uplink = build_uplink(factors, strategy.pairs, strategy.pending[cid], rank=strategy.rank, num_samples=1,
+                              truncated=cfg.hafl.scheme == "truncation")
+        profiles[row["name"]] = {"clients_share": row["clients"] / cfg.federate.client_num,
+                                 "trained_components": row["trained_components"],
+                                 "uplink": breakdown(uplink), "downlink": breakdown(downlink)}
+    return {"scheme": cfg.hafl.scheme, "aggregation": cfg.hafl.aggregation, "profiles": profiles,
+            "per_round": per_round_totals(profiles, cfg.federate.clients_per_round())}
+
+
+register_estimator("hafl", estimate_hafl)
+
+
 def estimate(cfg: RunConfig) -> dict[str, Any]:
     """Build ``cfg``'s model on the meta device and estimate bytes per round."""
     from fs_gmfl.core.adapter import adapter_parameters

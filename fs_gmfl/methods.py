@@ -17,6 +17,7 @@ from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.fedavg import LoraClient, LoraFedAvg, mask_candidate_keys
 from fs_gmfl.core.fedhft import FedHFTClient, FedHFTStrategy
 from fs_gmfl.core.gmfl import GlobalMasking
+from fs_gmfl.core.hafl import HAFLClient, HAFLStrategy, client_capacities, profile_report
 from fs_gmfl.core.protocol import ClientAlgorithm, Strategy
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.errors import ConfigError
@@ -31,6 +32,11 @@ class MethodContext:
         initial: the initial global adapter (LoRA factors and head) by key.
         model_provider: host callback returning a model for adapter overrides
             (e.g. ``{"r": 4}``); ``None`` if the host has one fixed model.
+            ``provider(r=4, lora_alpha=2.0)`` returns the model with a LoRA of
+            that shape active on the same frozen backbone (its peft
+            ``active_adapter`` names it; non-LoRA adapter tensors such as the
+            head start as copies of the default adapter's); ``provider()``
+            re-activates the default adapter.
     """
 
     cfg: RunConfig
@@ -135,3 +141,19 @@ def build_fedhft(ctx: MethodContext) -> Method:
 
 
 register_method("fedhft", build_fedhft)
+
+
+def build_hafl(ctx: MethodContext) -> Method:
+    """HAFL (ITALoRA / IFALoRA / IFZLoRA / HomLoRA): seeded client profiles, strategy and client."""
+    cfg, h = ctx.cfg, ctx.cfg.hafl
+    r_max = cfg.lora.r
+    profile_of, trained = client_capacities(h, num_clients=cfg.federate.client_num, r_max=r_max, seed=cfg.seed)
+    strategy = HAFLStrategy(ctx.initial, h, trained=trained, lr=cfg.train.optimizer.lr)
+    client = HAFLClient(h.scheme, rank=r_max, alpha=cfg.lora.lora_alpha, scaling=h.scaling, train_head=h.train_head,
+                        model_provider=ctx.model_provider)
+    info = {"scheme": h.scheme, "aggregation": h.aggregation, "r_max": r_max,
+            "profiles": profile_report(h, profile_of, r_max)}
+    return Method(strategy, client, info)
+
+
+register_method("hafl", build_hafl)

@@ -41,3 +41,18 @@ def has_module(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+@pytest.fixture
+def single_thread(monkeypatch):
+    """Run torch (and the simulator, via FS_GMFL_THREADS) on one thread, then restore the thread count.
+
+    Tiny models are dominated by per-op thread synchronisation; on a shared CPU one thread is several times faster.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("FS_GMFL_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,7 +22,11 @@ def _load(name: str) -> BenchFn:
         from fs_gmfl.bench.fshost import main
 
         return main
-    raise ConfigError("bench", name, "one of: gmfl, fedhft, fshost")
+    if name == "hafl":
+        from fs_gmfl.bench.hafl import main
+
+        return main
+    raise ConfigError("bench", name, "one of: gmfl, hafl, fedhft, fshost")
 
 
 def run_benchmark(name: str, args: Sequence[str]) -> int:

@@ -15,9 +15,10 @@ from typing import Any
 from fs_gmfl.config.fields import fail, opt
 from fs_gmfl.core.fedhft.config import FedHFTConfig
 from fs_gmfl.core.gmfl.config import GMFLConfig
+from fs_gmfl.core.hafl.config import HAFLConfig
 
 #: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
-METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft")
+METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft", "hafl")
 #: methods GMFL can wrap.
 GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 
@@ -248,8 +249,16 @@ class RunConfig:
     eval: EvalConfig = opt(factory=EvalConfig, help="Evaluation.")
     gmfl: GMFLConfig = opt(factory=GMFLConfig, help="GMFL global masking.")
     fedhft: FedHFTConfig = opt(factory=FedHFTConfig, help="FedHFT (federate.method: fedhft).")
+    hafl: HAFLConfig = opt(factory=HAFLConfig, help="HAFL heterogeneous rank-1 truncation/freezing "
+                           "(federate.method: hafl).")
 
     def __post_init__(self) -> None:
+        if self.federate.method == "hafl":
+            if self.gmfl.use:
+                fail(self, "gmfl.use", True, "False with federate.method 'hafl': HAFL already decides per rank-1 "
+                     "component what each client trains and uploads, and GMFL's whole-tensor masks would cut "
+                     "components in half (an A row frozen, its B column trained); combining them is not supported")
+            self.hafl.check_run(r_max=self.lora.r, client_num=self.federate.client_num)
         if self.gmfl.use and self.federate.method not in GMFL_BASES:
             fail(self, "gmfl.use", True, f"only with federate.method in {GMFL_BASES} "
                  f"(got '{self.federate.method}')")

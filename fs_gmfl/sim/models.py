@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from transformers import logging as hf_logging
 
 from fs_gmfl.config.schema import LoraArgs, RunConfig
+from fs_gmfl.core.adapter import HEAD, adapter_parameters, kind_of
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.sim.data import HashTokenizer
@@ -216,6 +217,51 @@ def build_backbone(cfg: RunConfig, num_labels: int = 2, *, meta: bool = False) -
                                              fan_in_fan_out=targets_are_conv1d(base, targets)))
     vocab = int(getattr(base.config, "vocab_size", cfg.model.vocab_size))
     return Backbone(model, tokenizer, getattr(base.config, "model_type", "?"), targets, vocab)
+
+
+class AdapterVariants:
+    """The simulator's ``MethodContext.model_provider``: other LoRA shapes on the one shared backbone.
+
+    ``variants(r=4, lora_alpha=2.0)`` adds (once per distinct shape) a peft
+    adapter of that rank and alpha, with the run's target modules, dropout
+    and initialisation, and activates it; its non-LoRA tensors (the head)
+    start as copies of the default adapter's. ``variants()`` re-activates the
+    default adapter. Memory grows with the number of distinct shapes, not
+    with the number of clients.
+    """
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, targets: list[str]) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.targets = targets
+        self.names: dict[tuple[int, float], str] = {}
+
+    def __call__(self, **overrides: Any) -> nn.Module:
+        """The shared model with the adapter of ``overrides`` (``r``, ``lora_alpha``) active."""
+        unknown = set(overrides) - {"r", "lora_alpha"}
+        if unknown:
+            raise ValueError(f"unsupported adapter overrides {sorted(unknown)}; known: r, lora_alpha")
+        lora = self.cfg.lora
+        shape = (int(overrides.get("r", lora.r)), float(overrides.get("lora_alpha", lora.lora_alpha)))
+        if shape == (lora.r, float(lora.lora_alpha)):
+            self.model.set_adapter("default")
+            return self.model
+        if shape not in self.names:
+            self._add(shape)
+        self.model.set_adapter(self.names[shape])
+        return self.model
+
+    def _add(self, shape: tuple[int, float]) -> None:
+        name = f"variant{len(self.names)}"
+        torch.manual_seed(derive_seed(self.cfg.seed, "lora-variant", *shape))
+        self.model.add_adapter(name, lora_config(self.cfg.lora, self.cfg.model.task, self.targets, rank=shape[0],
+                                                 alpha=shape[1]))
+        default, added = adapter_parameters(self.model), adapter_parameters(self.model, name)
+        with torch.no_grad():
+            for key, p in added.items():
+                if kind_of(key) == HEAD:
+                    p.copy_(default[key])
+        self.names[shape] = name
 
 
 def set_threads_from_env() -> None:

@@ -34,7 +34,7 @@ from fs_gmfl.errors import ConfigError
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.plots import MIB, plot_runs
 from fs_gmfl.sim.data import FederatedData, federated_data_for
-from fs_gmfl.sim.models import build_backbone, load_tokenizer, set_threads_from_env
+from fs_gmfl.sim.models import AdapterVariants, build_backbone, load_tokenizer, set_threads_from_env
 from fs_gmfl.sim.store import ClientStateStore
 from fs_gmfl.sim.training import evaluate, train_local
 
@@ -121,7 +121,8 @@ class Simulation:
         num_labels = cfg.model.num_labels or self.data.num_labels
         self.backbone = build_backbone(cfg, num_labels)
         self.model = self.backbone.model.to(self.device)
-        self.method: Method = build_method(MethodContext(cfg, adapter_state(self.model)))
+        variants = AdapterVariants(self.model, cfg, self.backbone.target_modules)
+        self.method: Method = build_method(MethodContext(cfg, adapter_state(self.model), variants))
         self.transport = InMemoryTransport(self._fit_client)
         state_dir = self.run_dir / "client_state"
         if state_dir.exists():

@@ -1,0 +1,247 @@
+"""``fs-gmfl bench hafl``: a miniature of HAFL's Table II (Su et al., ICC 2025).
+
+Five methods from ``yaml_configs/hafl_*_minilm_news.yaml`` (HomLoRA r=16,
+HomLoRA r=2, ITALoRA, IFALoRA, IFZLoRA): the pre-trained MiniLM classifier on
+the 9-outlet news articles, 100 IID clients, 10 per round, r_max 16 and the
+paper's 33/33/34 client profiles, over several seeds. Reports test accuracy
+at the halfway and final round (mean ± std over seeds), measured uplink and
+downlink bytes per round and the uplink ratio against HomLoRA r=16, ITALoRA's
+global model truncated to each client rank, and, per client profile, the
+median local step time (interleaved on one process) and the peak memory of a
+local step (torch profiler). Writes ``results.json``, ``table.md`` and
+``hafl_bench.png`` to ``--out``; finished runs are reused unless ``--fresh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.profiler import ProfilerActivity, profile
+
+from fs_gmfl.bench.common import fmt_pm, machine, markdown_table, mean_curve, progress, write_json
+from fs_gmfl.config import RunConfig, load_config
+from fs_gmfl.core.adapter import adapter_state
+from fs_gmfl.core.message import Message
+from fs_gmfl.methods import Method, MethodContext, build_method
+from fs_gmfl.plots import MIB, plot_runs
+from fs_gmfl.sim.data import federated_data_for
+from fs_gmfl.sim.models import AdapterVariants, build_backbone, load_tokenizer
+from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.sim.training import train_local
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "yaml_configs"
+METHODS = {
+    "HomLoRA r=16": "hafl_homlora_r16_minilm_news",
+    "HomLoRA r=2": "hafl_homlora_r2_minilm_news",
+    "ITALoRA": "hafl_italora_minilm_news",
+    "IFALoRA": "hafl_ifalora_minilm_news",
+    "IFZLoRA": "hafl_ifzlora_minilm_news",
+}
+REFERENCE = "HomLoRA r=16"
+#: client profiles timed and measured: (label, method whose configuration builds it, profile name or None).
+PROFILE_CLIENTS = [
+    ("HomLoRA r=16", "HomLoRA r=16", None), ("HomLoRA r=2", "HomLoRA r=2", None),
+    ("ITALoRA r=2", "ITALoRA", "r2"), ("ITALoRA r=4", "ITALoRA", "r4"), ("ITALoRA r=16", "ITALoRA", "r16"),
+    ("IFALoRA/IFZLoRA n=2", "IFALoRA", "rho0.875"), ("IFALoRA/IFZLoRA n=4", "IFALoRA", "rho0.75"),
+    ("IFALoRA/IFZLoRA n=16", "IFALoRA", "rho0"),
+]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Benchmark options."""
+    p = argparse.ArgumentParser(prog="fs-gmfl bench hafl", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,42", help="comma-separated seeds (the paper's: 0,1,42)")
+    p.add_argument("--rounds", type=int, default=20, help="communication rounds (even)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="extra configuration override for every run (repeatable)")
+    p.add_argument("--timing-steps", type=int, default=4, help="local steps per timing block")
+    p.add_argument("--timing-repeats", type=int, default=5, help="interleaved timing blocks per profile")
+    p.add_argument("--no-profiles", action="store_true", help="skip the per-profile step time and memory")
+    p.add_argument("--fresh", action="store_true", help="rerun runs whose summary.json already exists")
+    p.add_argument("--out", default="bench_out/hafl")
+    p.add_argument("--quick", action="store_true", help="a smoke version: 2 rounds, 1 seed, 2 timing blocks")
+    args = p.parse_args(list(argv))
+    if args.quick:
+        args.rounds, args.seeds, args.timing_repeats, args.timing_steps = 2, "0", 2, 2
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown or args.rounds < 2 or args.rounds % 2:
+        p.error(f"unknown methods {unknown}" if unknown else "--rounds must be even and at least 2")
+    return args
+
+
+def eval_freq(rounds: int) -> int:
+    """Largest divisor of ``rounds / 2`` not above ``rounds / 4``: the halfway round is always evaluated."""
+    half = rounds // 2
+    return max(d for d in range(1, half + 1) if half % d == 0 and d <= max(1, rounds // 4))
+
+
+def method_config(method: str, overrides: Sequence[str]) -> RunConfig:
+    """The YAML configuration of ``method`` with ``overrides``."""
+    return load_config(CONFIG_DIR / f"{METHODS[method]}.yaml", list(overrides))
+
+
+def run_or_load(cfg: RunConfig, *, fresh: bool) -> dict[str, Any]:
+    """Run ``cfg`` on the simulator, or reuse the summary a previous run of it wrote."""
+    path = Path(cfg.outdir) / cfg.run_name / "summary.json"
+    if path.is_file() and not fresh:
+        progress(f"  reusing {path}")
+        return json.loads(path.read_text(encoding="utf-8"))
+    summary = Simulation(cfg, quiet=True).run()
+    progress(f"  {cfg.run_name}: {summary['wall_seconds']:.0f}s, test_acc {summary['final'].get('test_acc', 0):.4f}")
+    return summary
+
+
+def acc_at(summary: dict[str, Any], rnd: int, metric: str = "test_acc") -> float:
+    """``metric`` at round ``rnd`` of a summary."""
+    return next(r[metric] for r in summary["per_round"] if r["round"] == rnd and metric in r)
+
+
+def per_round_bytes(summaries: Sequence[dict[str, Any]], key: str) -> float:
+    """Mean over runs and rounds of ``key`` (e.g. ``uplink_bytes``)."""
+    return statistics.fmean(s["comm"][key] / s["rounds"] for s in summaries)
+
+
+def accuracy_rows(results: dict[str, list[dict[str, Any]]], rounds: int) -> list[list[Any]]:
+    """Rows of the main table."""
+    ref = per_round_bytes(results[REFERENCE], "uplink_bytes") if REFERENCE in results else None
+    rows = []
+    for name, summaries in results.items():
+        up = per_round_bytes(summaries, "uplink_bytes")
+        rows.append([name, fmt_pm([acc_at(s, rounds // 2) for s in summaries]),
+                     fmt_pm([acc_at(s, rounds) for s in summaries]), f"{up / MIB:.3f}",
+                     f"{up / ref:.3f}" if ref else "-", f"{per_round_bytes(summaries, 'downlink_bytes') / MIB:.3f}",
+                     len(summaries)])
+    return rows
+
+
+def truncation_rows(summaries: Sequence[dict[str, Any]], rounds: int) -> list[list[Any]]:
+    """ITALoRA's global model and its truncations to the client ranks (the paper's degradation figure)."""
+    final = summaries[0]["per_round"][-1]
+    names = sorted((k.split("/")[0] for k in final if k.startswith("rank_") and k.endswith("/test_acc")),
+                   key=lambda n: int(n.split("_")[1]))
+    rows = [[f"truncated to rank {n.split('_')[1]}", fmt_pm([acc_at(s, rounds // 2, f"{n}/test_acc") for s in summaries]),
+             fmt_pm([acc_at(s, rounds, f"{n}/test_acc") for s in summaries])] for n in names]
+    rows.append(["global (rank 16)", fmt_pm([acc_at(s, rounds // 2) for s in summaries]),
+                 fmt_pm([acc_at(s, rounds) for s in summaries])])
+    return rows
+
+
+# -- per-profile step time and memory ---------------------------------------------------------------
+def peak_step_memory(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated by torch on the CPU while ``fn`` runs, above the level at its start.
+
+    Every profiler event's own allocations and frees (``self_cpu_memory_usage``)
+    are summed in start-time order; the largest running total is the peak.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def profile_clients(args: argparse.Namespace, overrides: Sequence[str]) -> list[tuple[str, Method, Any, Message]]:
+    """For each profile of :data:`PROFILE_CLIENTS`: its method, model and a real round-1 downlink."""
+    built: dict[str, tuple[Method, Any]] = {}
+    clients = []
+    for label, method, profile_name in PROFILE_CLIENTS:
+        if method not in built:
+            cfg = method_config(method, [*overrides, "train.batch_or_epoch", "batch",
+                                         "train.local_update_steps", str(args.timing_steps)])
+            backbone = build_backbone(cfg, federated_data_for(cfg, load_tokenizer(cfg)).num_labels)
+            variants = AdapterVariants(backbone.model, cfg, backbone.target_modules)
+            built[method] = (build_method(MethodContext(cfg, adapter_state(backbone.model), variants)), backbone.model)
+        m, model = built[method]
+        rows = m.info["profiles"]
+        cid = next(r for r in rows if profile_name is None or r["name"] == profile_name)["client_ids"][0]
+        clients.append((label, m, model, m.strategy.configure_round(1, [cid])[cid]))
+    return clients
+
+
+def profile_measurements(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Median local step time (interleaved blocks, first step of each dropped) and peak step memory per profile."""
+    clients = profile_clients(args, overrides)
+    batch_mode = [*overrides, "train.batch_or_epoch", "batch", "train.local_update_steps"]
+    cfg = method_config(REFERENCE, [*batch_mode, str(args.timing_steps)])
+    one_step = method_config(REFERENCE, [*batch_mode, "1"])
+    data = federated_data_for(cfg, load_tokenizer(cfg)).client_data(0)
+    times: dict[str, list[float]] = {label: [] for label, *_ in clients}
+    out: dict[str, dict[str, Any]] = {}
+    for rep in range(args.timing_repeats):
+        for label, method, model, message in clients:
+            plan = method.client.prepare(model, message.detached_copy(), {})
+            stats = train_local(plan, data, cfg, rnd=rep + 1, client_id=0)
+            times[label].extend(stats.step_seconds[1:])
+            method.client.finish(plan, stats, {})
+    for label, method, model, message in clients:
+        plan = method.client.prepare(model, message.detached_copy(), {})
+        holder: dict[str, Any] = {}
+        peak = peak_step_memory(lambda: holder.setdefault("stats", train_local(plan, data, one_step, rnd=99,
+                                                                                client_id=0)))
+        method.client.finish(plan, holder["stats"], {})
+        trainable = sum(p.numel() for p in plan.trainable.values())
+        trained = sum(int(plan.grad_masks[k].sum()) if k in plan.grad_masks else p.numel()
+                      for k, p in plan.trainable.items())
+        out[label] = {"median_step_seconds": statistics.median(times[label]), "steps_timed": len(times[label]),
+                      "peak_step_bytes": peak, "trainable_params": trainable, "trained_params": trained}
+    base = out[REFERENCE]["median_step_seconds"]
+    for row in out.values():
+        row["step_time_vs_homlora_r16"] = row["median_step_seconds"] / base
+    return out
+
+
+def profile_rows(measured: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """Rows of the per-profile table."""
+    return [[label, f"{m['trainable_params']:,}", f"{m['trained_params']:,}",
+             f"{m['median_step_seconds'] * 1000:.0f}", f"{m['step_time_vs_homlora_r16']:.2f}",
+             f"{m['peak_step_bytes'] / MIB:.1f}"] for label, m in measured.items()]
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the HAFL benchmark; returns an exit code."""
+    args = parse_args(argv)
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = [word for pair in args.set for word in pair]
+    common = ["federate.total_round_num", str(args.rounds), "eval.freq", str(eval_freq(args.rounds)),
+              "outdir", str(out / "runs"), *extra]
+    methods = args.methods.split(",")
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for seed in seeds:
+        for name in methods:
+            progress(f"[bench hafl] seed {seed}: {name}")
+            cfg = method_config(name, [*common, "seed", str(seed), "expname", f"{METHODS[name]}_s{seed}"])
+            results[name].append(run_or_load(cfg, fresh=args.fresh))
+    measured = {}
+    if not args.no_profiles:
+        progress("[bench hafl] per-profile step time and memory")
+        measured = profile_measurements(args, extra)
+    text = markdown_table(["method", f"test acc % @ round {args.rounds // 2}", f"test acc % @ round {args.rounds}",
+                           "uplink MiB / round", f"uplink vs {REFERENCE}", "downlink MiB / round", "seeds"],
+                          accuracy_rows(results, args.rounds))
+    if "ITALoRA" in results:
+        text += "\n\nITALoRA global model truncated to the client ranks (test acc %):\n\n" + markdown_table(
+            ["model", f"@ round {args.rounds // 2}", f"@ round {args.rounds}"],
+            truncation_rows(results["ITALoRA"], args.rounds))
+    if measured:
+        text += "\n\nLocal training per client profile (interleaved timing, one process; peak = torch profiler):\n\n"
+        text += markdown_table(["client profile", "trainable params", "trained params", "median step ms",
+                                f"vs {REFERENCE}", "peak step MiB"], profile_rows(measured))
+    plot = plot_runs([(name, mean_curve(s)) for name, s in results.items()], out / "hafl_bench.png",
+                     title=f"MiniLM on news articles, 100 clients, 10/round, mean of {len(seeds)} seeds")
+    write_json(out / "results.json", {
+        "args": vars(args), "machine": machine(), "profiles": measured,
+        "runs": {n: [{k: s[k] for k in ("final", "comm", "timing", "per_round", "method_info", "wall_seconds")}
+                     for s in v] for n, v in results.items()}})
+    (out / "table.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    progress(f"[bench hafl] wrote {out / 'results.json'}, {out / 'table.md'}, {plot}")
+    return 0

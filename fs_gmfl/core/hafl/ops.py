@@ -1,0 +1,267 @@
+"""HAFL pure functions: importance scores, selection, profile assignment, norms and rank-1 aggregation.
+
+Su, Yan, Deng, "Federated LLMs Fine-tuned with Adaptive Importance-Aware
+LoRA" (HAFL, arXiv 2411.06581, ICC 2025). The paper's equations were lost in
+the available text; the formulas follow the reconstruction in
+``../shared/specs/HAFL.md`` (eqs. 4-14 there), which uses the PLATON /
+AdaLoRA sensitivity of peft's ``RankAllocator``.
+
+A LoRA module has ``A`` (``r x d_in``) and ``B`` (``d_out x r``); rank-1
+component ``i`` is ``b_i a_i`` with ``b_i = B[:, i]`` and ``a_i = A[i, :]``.
+Inputs are never mutated; hyper-parameters are keyword-only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fs_gmfl.core.seeding import generator
+from fs_gmfl.errors import AggregationError
+
+F64 = torch.float64
+
+
+# -- importance (spec eqs. 4-8) -----------------------------------------------------------------
+def sensitivity(new: Tensor, old: Tensor, *, lr: float) -> Tensor:
+    """Eq. (4): ``I = |theta_t * (theta_t - theta_{t-1}) / lr|``.
+
+    The gradient of PLATON / AdaLoRA's ``|theta * grad|`` is replaced by the
+    change between two consecutive global models divided by the learning
+    rate (``grad ~ -delta / lr``; the sign does not matter).
+    """
+    return (new * ((new - old) / lr)).abs()
+
+
+def smooth_importance(ipt: Tensor, exp_avg_ipt: Tensor, exp_avg_unc: Tensor, *, beta1: float,
+                      beta2: float) -> tuple[Tensor, Tensor]:
+    """Eqs. (5)-(6): EMA sensitivity and EMA uncertainty, as peft's ``RankAllocator.update_ipt``.
+
+    ``ipt_bar = b1 * ipt_bar + (1 - b1) * ipt``;
+    ``unc_bar = b2 * unc_bar + (1 - b2) * |ipt - ipt_bar|`` with the *updated* ``ipt_bar``.
+
+    Returns:
+        ``(new_exp_avg_ipt, new_exp_avg_unc)``.
+    """
+    new_ipt = beta1 * exp_avg_ipt + (1 - beta1) * ipt
+    new_unc = beta2 * exp_avg_unc + (1 - beta2) * (ipt - new_ipt).abs()
+    return new_ipt, new_unc
+
+
+def element_score(exp_avg_ipt: Tensor, exp_avg_unc: Tensor) -> Tensor:
+    """Eq. (7): ``s = ipt_bar * unc_bar`` (peft's ``RankAllocator._element_score``)."""
+    return exp_avg_ipt * exp_avg_unc
+
+
+def component_scores(score_a: Tensor, score_b: Tensor, *, reduce: str = "sum") -> Tensor:
+    """Eq. (8): one score per rank-1 component from the element scores of ``A`` and ``B``.
+
+    ``reduce="sum"`` (paper): ``S_i = sum_j s(B[j, i]) + sum_j s(A[i, j])``;
+    ``reduce="mean"`` (AdaLoRA's ``mask_to_budget``): the means instead of the sums.
+    """
+    if reduce == "sum":
+        return score_b.sum(dim=0) + score_a.sum(dim=1)
+    if reduce == "mean":
+        return score_b.mean(dim=0) + score_a.mean(dim=1)
+    raise ValueError(f"unknown score reduction {reduce!r}")
+
+
+def top_components(scores: Tensor, n: int) -> Tensor:
+    """Eqs. (9)/(12): indices of the ``n`` largest scores, best first; ties go to the smaller index.
+
+    With all scores equal (round 1) this is ``0, 1, ..., n-1`` (HetLoRA's
+    "first r_k" truncation).
+    """
+    if not 0 <= n <= scores.numel():
+        raise ValueError(f"cannot select {n} of {scores.numel()} components")
+    order = torch.sort(scores.detach().to(F64), descending=True, stable=True).indices
+    return order[:n].clone()
+
+
+# -- client profiles ------------------------------------------------------------------------------
+def largest_remainder(shares: Sequence[float], total: int) -> list[int]:
+    """Integer counts summing to ``total`` proportional to ``shares`` (largest-remainder rounding).
+
+    Each count is ``floor(share * total)``; the clients left over go one each
+    to the largest fractional remainders, ties to the earlier share.
+    """
+    if not shares:
+        return []
+    weight = sum(shares)
+    exact = [s / weight * total for s in shares]
+    counts = [math.floor(x + 1e-9) for x in exact]
+    order = sorted(range(len(shares)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def assign_profiles(num_clients: int, shares: Sequence[float | None], explicit: Sequence[Sequence[int]], *,
+                    seed: int) -> list[int]:
+    """Profile index of every client (``-1`` when there are no profiles).
+
+    Profiles with explicit ids take those clients; the remaining clients are
+    shuffled with a generator seeded by ``seed`` and cut into consecutive
+    blocks, one per share-profile, sized by :func:`largest_remainder`.
+    """
+    profile_of = [-1] * num_clients
+    for index, ids in enumerate(explicit):
+        for cid in ids:
+            profile_of[cid] = index
+    shared = [i for i, s in enumerate(shares) if s is not None]
+    if not shared:
+        return profile_of
+    free = [c for c in range(num_clients) if profile_of[c] == -1]
+    order = torch.randperm(len(free), generator=generator(seed, "hafl-profiles")).tolist()
+    counts = largest_remainder([float(shares[i]) for i in shared], len(free))  # type: ignore[arg-type]
+    start = 0
+    for index, count in zip(shared, counts):
+        for position in order[start:start + count]:
+            profile_of[free[position]] = index
+        start += count
+    return profile_of
+
+
+# -- payloads -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ComponentUpdate:
+    """A client's trained rank-1 components of one module.
+
+    Attributes:
+        indices: global component index of each row of ``a_rows`` / column of ``b_cols`` (``n``).
+        a_rows: the trained rows of ``A`` (``n x d_in``).
+        b_cols: the trained columns of ``B`` (``d_out x n``).
+    """
+
+    indices: Tensor
+    a_rows: Tensor
+    b_cols: Tensor
+
+
+def take_components(a: Tensor, b: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. (10): rows ``indices`` of ``A`` and columns ``indices`` of ``B``, in that order (new tensors)."""
+    idx = indices.to(torch.long)
+    return a.index_select(0, idx), b.index_select(1, idx)
+
+
+def truncated_factors(a: Tensor, b: Tensor, indices: Tensor, *, b_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Full-rank factors holding only components ``indices`` (others zero); kept columns of B times ``b_scale``.
+
+    With ``b_scale = (alpha / r_k) / (alpha / r_max)`` this is the rank-r_k
+    client model expressed in the global adapter's shape.
+    """
+    idx = indices.to(torch.long)
+    keep = torch.zeros(a.shape[0], dtype=torch.bool)
+    keep[idx] = True
+    new_a = torch.where(keep[:, None], a, torch.zeros((), dtype=a.dtype))
+    new_b = torch.where(keep[None, :], b * b_scale, torch.zeros((), dtype=b.dtype))
+    return new_a, new_b
+
+
+def scatter_components(a: Tensor, b: Tensor, update: ComponentUpdate) -> tuple[Tensor, Tensor]:
+    """Copies of ``A`` and ``B`` with the update's components written at their indices."""
+    idx = update.indices.to(torch.long)
+    new_a, new_b = a.clone(), b.clone()
+    new_a[idx] = update.a_rows.to(a.dtype)
+    new_b[:, idx] = update.b_cols.to(b.dtype)
+    return new_a, new_b
+
+
+# -- norms (spec eq. 14) ------------------------------------------------------------------------
+def product_norm(a: Tensor, b: Tensor) -> float:
+    """``||B A||_F`` without forming ``B A``: ``sqrt(sum((B^T B) * (A A^T)))``."""
+    a64, b64 = a.to(F64), b.to(F64)
+    squared = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+    return math.sqrt(max(squared, 0.0))
+
+
+def rank1_norms(a_rows: Tensor, b_cols: Tensor) -> Tensor:
+    """``||b_i a_i||_F = ||b_i|| * ||a_i||`` of every component (float64)."""
+    return b_cols.to(F64).norm(dim=0) * a_rows.to(F64).norm(dim=1)
+
+
+# -- aggregation (spec section 8) ---------------------------------------------------------------
+def _check_updates(a: Tensor, b: Tensor, updates: Sequence[ComponentUpdate], weights: Sequence[object]) -> None:
+    if len(updates) != len(weights):
+        raise AggregationError(f"{len(updates)} updates but {len(weights)} weights")
+    r = a.shape[0]
+    for u in updates:
+        n = u.indices.numel()
+        if u.a_rows.shape != (n, a.shape[1]) or u.b_cols.shape != (b.shape[0], n):
+            raise AggregationError(f"update shapes {tuple(u.a_rows.shape)}/{tuple(u.b_cols.shape)} do not fit "
+                                   f"{n} components of A {tuple(a.shape)} and B {tuple(b.shape)}")
+        if n and (int(u.indices.min()) < 0 or int(u.indices.max()) >= r or u.indices.unique().numel() != n):
+            raise AggregationError(f"component indices {u.indices.tolist()} are not distinct values in [0, {r})")
+
+
+def adaptive_rank1_average(a: Tensor, b: Tensor, updates: Sequence[ComponentUpdate],
+                           weights: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """HAFL adaptive aggregation (Algorithm 1 as reconstructed in spec section 8.1).
+
+    For each component ``i`` with contributors ``C_i`` (the clients that
+    uploaded it) and per-(client, component) weights ``w_{k,i}``:
+    ``b_i = sum_{k in C_i} w_{k,i} / Z_i * b_{k,i}`` with
+    ``Z_i = sum_{k in C_i} w_{k,i}`` (likewise ``a_i``); uniform weights over
+    ``C_i`` when ``Z_i = 0``; a component nobody uploaded keeps its value.
+
+    Args:
+        a, b: the global factors before aggregation.
+        updates: one :class:`ComponentUpdate` per contributing client.
+        weights: per update, a non-negative weight for each of its components
+            (e.g. the client's Frobenius norm repeated, or rank-1 norms).
+
+    Returns:
+        New ``(A, B)`` in the input dtype, accumulated in float64.
+    """
+    _check_updates(a, b, updates, weights)
+    r = a.shape[0]
+    total = torch.zeros(r, dtype=F64)
+    count = torch.zeros(r, dtype=F64)
+    for u, w in zip(updates, weights):
+        w64 = torch.as_tensor(w, dtype=F64).reshape(-1)
+        if w64.numel() != u.indices.numel() or not bool(torch.isfinite(w64).all()) or bool((w64 < 0).any()):
+            raise AggregationError(f"weights {w64.tolist()} must be finite, non-negative, one per component")
+        total.index_add_(0, u.indices.to(torch.long), w64)
+        count.index_add_(0, u.indices.to(torch.long), torch.ones_like(w64))
+    acc_a = torch.zeros(a.shape, dtype=F64)
+    acc_b = torch.zeros(b.shape, dtype=F64)
+    for u, w in zip(updates, weights):
+        idx = u.indices.to(torch.long)
+        z, c = total[idx], count[idx]
+        omega = torch.where(z > 0, torch.as_tensor(w, dtype=F64).reshape(-1) / z.clamp_min(1e-300), 1.0 / c)
+        acc_a.index_add_(0, idx, u.a_rows.to(F64) * omega[:, None])
+        acc_b.index_add_(1, idx, u.b_cols.to(F64) * omega[None, :])
+    trained = count > 0
+    new_a = torch.where(trained[:, None], acc_a.to(a.dtype), a)
+    new_b = torch.where(trained[None, :], acc_b.to(b.dtype), b)
+    return new_a, new_b
+
+
+def zero_padding_average(a: Tensor, b: Tensor, updates: Sequence[ComponentUpdate],
+                         weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """Zero-padding aggregation (IFZLoRA; HetLoRA-style, spec section 8.2).
+
+    Every client is padded to rank r with zero components; with
+    ``w_k = weights[k] / sum(weights)`` (uniform if the sum is 0),
+    ``b_i = sum_k w_k * 1[i in S_k] * b_{k,i}`` (likewise ``a_i``). A component
+    trained by a subset is shrunk by that subset's total weight; one trained by
+    nobody becomes zero.
+    """
+    _check_updates(a, b, updates, weights)
+    if not updates:
+        raise AggregationError("zero-padding aggregation needs at least one update")
+    w = torch.tensor([float(x) for x in weights], dtype=F64)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise AggregationError(f"weights {w.tolist()} must be finite and non-negative")
+    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(updates))
+    acc_a = torch.zeros(a.shape, dtype=F64)
+    acc_b = torch.zeros(b.shape, dtype=F64)
+    for u, wk in zip(updates, w.tolist()):
+        idx = u.indices.to(torch.long)
+        acc_a.index_add_(0, idx, u.a_rows.to(F64) * wk)
+        acc_b.index_add_(1, idx, u.b_cols.to(F64) * wk)
+    return acc_a.to(a.dtype), acc_b.to(b.dtype)

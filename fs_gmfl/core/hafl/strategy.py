@@ -1,0 +1,264 @@
+"""HAFL server: importance scores, per-client component selection, validation and rank-1 aggregation.
+
+Su, Yan, Deng, "Federated LLMs Fine-tuned with Adaptive Importance-Aware
+LoRA" (HAFL, arXiv 2411.06581, ICC 2025); spec ``../shared/specs/HAFL.md``.
+
+Wire format (all tensors, counted exactly):
+
+* downlink, truncation: rows ``S_k`` of every ``A`` and columns ``S_k`` of
+  every ``B`` in score order, plus ``scores`` (``modules x r_max`` float32);
+* downlink, freezing: the full ``A`` and ``B``, ``scores`` and ``n_train``
+  (the client's number of trained components, int16);
+* uplink: the trained rows of ``A`` / columns of ``B`` (``n_k`` per module),
+  ``indices`` (``modules x n_k`` int16: the global index of each uploaded
+  component) and ``num_samples``;
+* the head travels both ways only with ``hafl.train_head``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fs_gmfl.core.adapter import HEAD, LoraPair, kind_of, lora_pairs
+from fs_gmfl.core.fedavg.ops import weighted_average
+from fs_gmfl.core.hafl import ops
+from fs_gmfl.core.hafl.config import HAFLConfig
+from fs_gmfl.core.hafl.importance import ImportanceTracker
+from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply
+from fs_gmfl.core.protocol import RoundReport, Strategy
+from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_sample_count, check_tensors
+
+SCORES = "scores"
+N_TRAIN = "n_train"
+INDICES = "indices"
+INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+
+
+def index_dtype(rank: int) -> torch.dtype:
+    """The smallest integer dtype of the wire index lists for ``rank`` components."""
+    return torch.int16 if rank <= torch.iinfo(torch.int16).max else torch.int32
+
+
+class HAFLStrategy(Strategy):
+    """Server side of ITALoRA / IFALoRA / IFZLoRA / HomLoRA.
+
+    Args:
+        initial: the initial global adapter (rank-r_max LoRA factors and head).
+        config: the ``hafl`` configuration.
+        trained: ``n_k`` of every client id (components it trains per module).
+        lr: the clients' learning rate (eq. 4).
+        max_abs: uploads with a larger absolute entry are rejected.
+    """
+
+    def __init__(self, initial: Mapping[str, Tensor], config: HAFLConfig, *, trained: Sequence[int], lr: float,
+                 max_abs: float = DEFAULT_MAX_ABS) -> None:
+        self.config = config
+        self.name = f"hafl-{config.scheme}-{config.aggregation}"
+        self.global_state = {k: v.detach().clone() for k, v in initial.items()}
+        self.pairs: list[LoraPair] = lora_pairs(self.global_state)
+        if not self.pairs:
+            raise ValueError("HAFL needs LoRA factors in the adapter")
+        self.rank = int(self.global_state[self.pairs[0].a_key].shape[0])
+        self.head_keys = [k for k in self.global_state if kind_of(k) == HEAD] if config.train_head else []
+        self.trained = list(trained)
+        self.max_abs = max_abs
+        self.tracker = ImportanceTracker(self.pairs, self.rank, lr=lr, beta1=config.beta1, beta2=config.beta2,
+                                         reduce=config.score_reduce)
+        self.pending: dict[int, Tensor] = {}
+
+    # -- selection and downlink ----------------------------------------------------------------
+    def selection(self, n: int, scores: Tensor | None = None) -> Tensor:
+        """Top-``n`` components of every module (``modules x n``, best first) under the current scores."""
+        scores = self.tracker.scores() if scores is None else scores
+        if n == 0:
+            return torch.zeros(len(self.pairs), 0, dtype=torch.long)
+        return torch.stack([ops.top_components(row, n) for row in scores])
+
+    def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
+        """Scores to every sampled client, with the truncated (truncation) or full (freezing) factors."""
+        scores = self.tracker.scores()
+        self.pending = {}
+        out = {}
+        for cid in clients:
+            selected = self.selection(self.trained[cid], scores)
+            self.pending[cid] = selected
+            out[cid] = self._downlink(selected, scores)
+        return out
+
+    def _downlink(self, selected: Tensor, scores: Tensor) -> Message:
+        tensors: dict[str, Tensor] = {}
+        for row, pair in enumerate(self.pairs):
+            a, b = self.global_state[pair.a_key], self.global_state[pair.b_key]
+            if self.config.scheme == "truncation":
+                tensors[pair.a_key], tensors[pair.b_key] = ops.take_components(a, b, selected[row])
+            else:
+                tensors[pair.a_key], tensors[pair.b_key] = a.clone(), b.clone()
+        tensors.update({k: self.global_state[k].clone() for k in self.head_keys})
+        control = {SCORES: scores.clone()}
+        if self.config.scheme == "freezing":
+            control[N_TRAIN] = torch.tensor(selected.shape[1], dtype=index_dtype(self.rank))
+        return Message(tensors, control)
+
+    # -- validation --------------------------------------------------------------------------
+    def check_reply(self, reply: Reply) -> str | None:
+        """Why an uplink is unacceptable (``None`` if it is fine); nothing is used before this passes."""
+        selected = self.pending.get(reply.client_id)
+        if selected is None:
+            return "client was not sampled this round"
+        msg = reply.message
+        reason = check_sample_count(msg.num_samples)
+        if reason:
+            return reason
+        extra = set(msg.control) - {NUM_SAMPLES, INDICES}
+        if extra:
+            return f"unexpected control entries {sorted(extra)}"
+        reason = self._check_indices(msg.control.get(INDICES), selected)
+        if reason:
+            return reason
+        expected = self._expected_shapes(selected.shape[1])
+        return check_tensors(msg.tensors, expected, expected_keys=set(expected), max_abs=self.max_abs)
+
+    def _check_indices(self, indices: object, selected: Tensor) -> str | None:
+        if not isinstance(indices, Tensor) or indices.dtype not in INDEX_DTYPES:
+            return "indices: missing or not an integer tensor"
+        if tuple(indices.shape) != tuple(selected.shape):
+            return f"indices: shape {tuple(indices.shape)}, expected {tuple(selected.shape)} (modules x n_k)"
+        idx = indices.to(torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.rank):
+            return f"indices: values outside [0, {self.rank})"
+        for row, assigned in zip(idx, selected):
+            if row.unique().numel() != row.numel():
+                return f"indices: duplicate component in {row.tolist()}"
+            if set(row.tolist()) != set(assigned.tolist()):
+                return (f"indices: components {sorted(row.tolist())} differ from the assigned "
+                        f"{sorted(assigned.tolist())}")
+        return None
+
+    def _expected_shapes(self, n: int) -> dict[str, Tensor]:
+        shapes: dict[str, Tensor] = {}
+        if n:
+            for pair in self.pairs:
+                a, b = self.global_state[pair.a_key], self.global_state[pair.b_key]
+                shapes[pair.a_key] = torch.empty(n, a.shape[1], dtype=a.dtype, device="meta")
+                shapes[pair.b_key] = torch.empty(b.shape[0], n, dtype=b.dtype, device="meta")
+        shapes.update({k: self.global_state[k].to("meta") for k in self.head_keys})
+        return shapes
+
+    # -- aggregation -------------------------------------------------------------------------
+    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
+        """Validate every uplink, aggregate each module's components, FedAvg the head, update the scores."""
+        report, accepted = self._validate(replies)
+        self.pending = {}
+        if not accepted:
+            return report
+        contributors = [r for r in accepted if r.message.control[INDICES].shape[1] > 0]
+        old = self.global_state
+        new = dict(old)
+        updated = torch.zeros(len(self.pairs), self.rank, dtype=torch.bool)
+        if contributors:
+            updates = [self._component_updates(r.message) for r in contributors]
+            weights = self._weights(updates, [r.message.num_samples for r in contributors])
+            for row, pair in enumerate(self.pairs):
+                column = [u[row] for u in updates]
+                new[pair.a_key], new[pair.b_key] = self._aggregate_module(old[pair.a_key], old[pair.b_key], column,
+                                                                          [w[row] for w in weights])
+                for u in column:
+                    updated[row, u.indices.to(torch.long)] = True
+        if self.head_keys:
+            new.update(weighted_average([r.message.tensors for r in accepted],
+                                        [r.message.num_samples for r in accepted], keys=self.head_keys))
+        self.global_state = new
+        if contributors:  # a round that changed no component carries no importance information
+            self.tracker.observe(old, new)
+        report.metrics["components_updated_fraction"] = float(updated.float().mean())
+        return report
+
+    def _validate(self, replies: Sequence[Reply]) -> tuple[RoundReport, list[Reply]]:
+        report = RoundReport()
+        accepted = []
+        for reply in replies:
+            reason = self.check_reply(reply)
+            if reason:
+                report.rejected[reply.client_id] = reason
+            else:
+                accepted.append(reply)
+                report.accepted.append(reply.client_id)
+        return report, accepted
+
+    def _component_updates(self, msg: Message) -> list[ops.ComponentUpdate]:
+        indices = msg.control[INDICES].to(torch.long)
+        return [ops.ComponentUpdate(indices[row], msg.tensors[p.a_key], msg.tensors[p.b_key])
+                for row, p in enumerate(self.pairs)]
+
+    def _aggregate_module(self, a: Tensor, b: Tensor, updates: list[ops.ComponentUpdate],
+                          weights: list[Tensor]) -> tuple[Tensor, Tensor]:
+        if self.config.aggregation == "zero_padding":
+            return ops.zero_padding_average(a, b, updates, [float(w[0]) for w in weights])
+        return ops.adaptive_rank1_average(a, b, updates, weights)
+
+    def _weights(self, updates: list[list[ops.ComponentUpdate]], samples: list[int]) -> list[list[Tensor]]:
+        """Per client and module, one weight per uploaded component (spec eq. 14 and its options)."""
+        cfg = self.config
+        mode = "datasize" if cfg.aggregation == "fedavg" else cfg.weighting
+        out = []
+        for client_updates, n_samples in zip(updates, samples):
+            if mode == "norm":
+                per_module = [self._norm_weights(row, u) for row, u in enumerate(client_updates)]
+                if cfg.norm_granularity == "model":
+                    total = sum(float(w.sum()) if cfg.norm_scope == "rank1" else float(w[0]) for w in per_module)
+                    per_module = [torch.full((u.indices.numel(),), total, dtype=ops.F64) for u in client_updates]
+            else:
+                value = float(n_samples) if mode == "datasize" else 1.0
+                per_module = [torch.full((u.indices.numel(),), value, dtype=ops.F64) for u in client_updates]
+            out.append(per_module)
+        return out
+
+    def _norm_weights(self, row: int, u: ops.ComponentUpdate) -> Tensor:
+        scope, n = self.config.norm_scope, u.indices.numel()
+        if scope == "rank1":
+            return ops.rank1_norms(u.a_rows, u.b_cols)
+        a, b = u.a_rows, u.b_cols
+        if scope == "full" and self.config.scheme == "freezing":
+            pair = self.pairs[row]
+            a, b = ops.scatter_components(self.global_state[pair.a_key], self.global_state[pair.b_key], u)
+        return torch.full((n,), ops.product_norm(a, b), dtype=ops.F64)
+
+    # -- reporting / persistence -------------------------------------------------------------
+    def global_adapter(self) -> dict[str, Tensor]:
+        """The global adapter (a copy)."""
+        return {k: v.clone() for k, v in self.global_state.items()}
+
+    def truncated_adapter(self, n: int, *, b_scale: float = 1.0) -> dict[str, Tensor]:
+        """The global adapter keeping only each module's top-``n`` components (what a rank-n client deploys)."""
+        out = self.global_adapter()
+        for row, selected in enumerate(self.selection(n)):
+            pair = self.pairs[row]
+            out[pair.a_key], out[pair.b_key] = ops.truncated_factors(out[pair.a_key], out[pair.b_key], selected,
+                                                                     b_scale=b_scale)
+        return out
+
+    def evaluation_adapters(self) -> dict[str, dict[str, Tensor]]:
+        """``rank_<n>``: the global model truncated to each profile's n_k < r_max (``eval_truncated_ranks``)."""
+        if not self.config.eval_truncated_ranks:
+            return {}
+        per_rank = self.config.scaling == "peft_per_rank"
+        ranks = sorted({n for n in self.trained if 0 < n < self.rank})
+        return {f"rank_{n}": self.truncated_adapter(n, b_scale=self.rank / n if per_rank else 1.0) for n in ranks}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Global tensors, importance state, client capacities and the current round's assignment."""
+        return {"global": self.global_adapter(), "importance": self.tracker.state_dict(),
+                "trained": list(self.trained), "pending": {c: s.clone() for c, s in self.pending.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if set(state["global"]) != set(self.global_state):
+            raise ValueError("checkpoint adapter keys do not match this model")
+        self.global_state = {k: v.clone() for k, v in state["global"].items()}
+        self.tracker.load_state_dict(state["importance"])
+        self.trained = [int(n) for n in state["trained"]]
+        self.pending = {int(c): s.clone() for c, s in state["pending"].items()}
