@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fs_gmfl.config.fields import fail, opt
+from fs_gmfl.core.fedkrso.config import FedKRSOConfig
+from fs_gmfl.core.fft.config import FFTConfig
 from fs_gmfl.core.gmfl.config import GMFLConfig
 
 #: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
-METHODS = ("fedit", "fedavg", "ffa_lora")
+METHODS = ("fedit", "fedavg", "ffa_lora", "fedkrso", "fft")
 #: methods GMFL can wrap.
 GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 
@@ -235,6 +237,8 @@ class RunConfig:
     grad: GradConfig = opt(factory=GradConfig, help="Gradients.")
     eval: EvalConfig = opt(factory=EvalConfig, help="Evaluation.")
     gmfl: GMFLConfig = opt(factory=GMFLConfig, help="GMFL global masking.")
+    fedkrso: FedKRSOConfig = opt(factory=FedKRSOConfig, help="FedKRSO random-subspace full fine-tuning.")
+    fft: FFTConfig = opt(factory=FFTConfig, help="Federated full fine-tuning (baseline).")
 
     def __post_init__(self) -> None:
         if self.gmfl.use and self.federate.method not in GMFL_BASES:

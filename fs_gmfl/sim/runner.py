@@ -123,7 +123,7 @@ class Simulation:
         num_labels = cfg.model.num_labels or self.data.num_labels
         self.backbone = build_backbone(cfg, num_labels)
         self.model = self.backbone.model.to(self.device)
-        self.method: Method = build_method(MethodContext(cfg, adapter_state(self.model)))
+        self.method: Method = build_method(MethodContext(cfg, adapter_state(self.model), model=self.model))
         self.transport = InMemoryTransport(self._fit_client)
         state_dir = self.run_dir / "client_state"
         if state_dir.exists():
