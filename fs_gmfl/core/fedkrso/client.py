@@ -76,6 +76,9 @@ def exclude_from_weight_decay(optimizer: torch.optim.Optimizer, params: Sequence
         moved = [p for p in group["params"] if id(p) in ids]
         if not moved:
             continue
+        if len(moved) == len(group["params"]):
+            group["weight_decay"] = 0.0
+            continue
         group["params"] = [p for p in group["params"] if id(p) not in ids]
         optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
                                    "weight_decay": 0.0})
