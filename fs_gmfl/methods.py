@@ -21,7 +21,7 @@ from fs_gmfl.core.fft import FullWeightClient
 from fs_gmfl.core.gmfl import GlobalMasking
 from fs_gmfl.core.protocol import ClientAlgorithm, Strategy
 from fs_gmfl.core.seeding import derive_seed
-from fs_gmfl.core.targets import resolve_targets, target_weights
+from fs_gmfl.core.targets import disable_lora_branches, resolve_targets, target_weights
 from fs_gmfl.errors import InputError
 
 
@@ -35,8 +35,9 @@ class MethodContext:
         model_provider: host callback returning a model for adapter overrides
             (e.g. ``{"r": 4}``); ``None`` if the host has one fixed model.
         model: the host's model, for methods that train backbone weights
-            (their initial values and shapes come from it); builders must not
-            modify it. ``None`` if the host does not provide it.
+            (their initial values and shapes come from it); builders may
+            switch off adapter branches their method does not use, and change
+            nothing else. ``None`` if the host does not provide it.
     """
 
     cfg: RunConfig
@@ -114,6 +115,7 @@ def build_fedkrso(ctx: MethodContext) -> Method:
     cfg = ctx.cfg.fedkrso
     model = host_model(ctx)
     layers = resolve_targets(model, cfg.target_modules, key="fedkrso.target_modules")
+    disable_lora_branches(model)
     weights = {name: w.detach() for name, w in target_weights(model, layers).items()}
     head = {k: v for k, v in ctx.initial.items() if kind_of(k) == HEAD}
     strategy = FedKRSOServer(cfg, layers, weights, head, seed=derive_seed(ctx.cfg.seed, "fedkrso"))
@@ -127,6 +129,7 @@ def build_fft(ctx: MethodContext) -> Method:
     """Federated full fine-tuning: FedAvg of the targeted weights and the head, sent in full both ways."""
     model = host_model(ctx)
     layers = resolve_targets(model, ctx.cfg.fft.target_modules, key="fft.target_modules")
+    disable_lora_branches(model)
     initial = {name: w.detach() for name, w in target_weights(model, layers).items()}
     initial.update({k: v for k, v in ctx.initial.items() if kind_of(k) == HEAD})
     strategy = LoraFedAvg(initial, variant="fedit")

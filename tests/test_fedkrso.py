@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fs_gmfl.comm_estimate import MIB, estimate
@@ -143,6 +144,8 @@ def test_shared_simulator_model_holds_the_global_weights_at_every_client(tiny, t
         sim.run_round(rnd)
     assert len(checks) == 10 and all(checks)
     assert sim.method.strategy.version == 5 and sim.store.clients() == []  # no per-client state in memory or disk
+    lora_layers = [m for m in sim.model.modules() if isinstance(m, LoraLayer)]
+    assert lora_layers and all(m.disable_adapters for m in lora_layers)  # the host's unused LoRA is switched off
     assert list(tmp_path.iterdir()) == []  # the synced weights spilled during training were cleaned up
 
 
@@ -386,3 +389,22 @@ def test_fft_baseline_trains_targeted_weights_and_averages_them(tiny):
     frozen = [n for n, _ in fresh.model.named_parameters() if "embeddings" in n or "LayerNorm" in n]
     params = dict(sim.model.named_parameters())
     assert frozen and all(torch.equal(params[n], dict(fresh.model.named_parameters())[n]) for n in frozen)
+
+
+def test_benchmark_summary_and_table_from_run_rows():
+    """The benchmark's summary averages over seeds and its table prints accuracy, bytes, memory and step time."""
+    from fs_gmfl.bench.fedkrso import markdown_table, summarise
+
+    runs = [{"method": "fedkrso", "split": "iid", "seed": s, "final_test_acc": a, "best_test_acc": a + 0.01,
+             "test_acc_at_best_val": None, "uplink_bytes_per_client": MIB, "downlink_bytes_per_client": 2 * MIB,
+             "uplink_bytes_per_round": 5 * MIB, "downlink_bytes_per_round": 10 * MIB} for s, a in ((0, 0.7), (1, 0.8))]
+    probes = [{"method": "fedkrso", "median_step_seconds": t, "tensor_peak_training_mib": 100.0 + t,
+               "rss_before_training_mib": 500.0, "model_mib": 87.0, "trainable_params": 83714,
+               "rss_training_overhead_mib": 50.0, "rss_peak_mib": 550.0} for t in (0.2, 0.4, 0.3)]
+    summary = summarise(runs, probes, ["fedkrso"], ["iid"])
+    assert summary["accuracy"]["fedkrso/iid"]["final_test_acc"][0] == pytest.approx(0.75)
+    assert summary["client"]["fedkrso"]["median_step_seconds"] == pytest.approx(0.3)
+    table = markdown_table(summary, ["fedkrso"], ["iid"])
+    assert "| fedkrso | iid | 0.7500 ± 0.0707 | n/a | 0.7600 ± 0.0707 | 1.000 MiB | 2.000 MiB |" in table
+    assert "| fedkrso | 83,714 | 0.300 | 100.3 | 50.0 | 500 |" in table
+

@@ -14,7 +14,11 @@ def _load(name: str) -> BenchFn:
         from fs_gmfl.bench.gmfl import main
 
         return main
-    raise ConfigError("bench", name, "one of: gmfl")
+    if name == "fedkrso":
+        from fs_gmfl.bench.fedkrso import main
+
+        return main
+    raise ConfigError("bench", name, "one of: gmfl, fedkrso")
 
 
 def run_benchmark(name: str, args: Sequence[str]) -> int:

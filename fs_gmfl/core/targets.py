@@ -150,3 +150,21 @@ def target_modules(model: nn.Module, layers: Sequence[TargetLayer]) -> dict[str,
     """The (plain linear) modules of ``layers`` by weight name."""
     modules = dict(model.named_modules())
     return {layer.name: modules[layer.module] for layer in layers}
+
+
+def disable_lora_branches(model: nn.Module) -> int:
+    """Switch off every peft LoRA branch of ``model`` (the layers then compute their base output only).
+
+    Methods that train backbone weights themselves do not use the host's LoRA
+    adapter; switching it off saves its forward and backward work. The head
+    (``modules_to_save``) is not a LoRA layer and stays active.
+
+    Returns:
+        The number of LoRA layers switched off.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    return len(layers)

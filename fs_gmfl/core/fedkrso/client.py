@@ -250,7 +250,7 @@ class FedKRSOClient(ClientAlgorithm):
         """Write the synced weights to a temporary file (restored in :meth:`finish`)."""
         fd, path = tempfile.mkstemp(prefix="fedkrso-sync-", suffix=".pt", dir=self.spill_dir)
         os.close(fd)
-        torch.save({name: w.detach() for name, w in weights.items()}, path)
+        torch.save({name: w.detach().cpu() for name, w in weights.items()}, path)
         return path
 
     # -- finish ------------------------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ class FedKRSOClient(ClientAlgorithm):
     @staticmethod
     def _restore(model: nn.Module, path: str) -> None:
         try:
-            saved = torch.load(path, mmap=True, weights_only=True)
+            saved = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
             with torch.no_grad():
                 params = dict(model.named_parameters())
                 for name, value in saved.items():
