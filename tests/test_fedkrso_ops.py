@@ -174,6 +174,7 @@ def test_unknown_or_head_targets_are_config_errors(tiny, targets, fragment):
     assert err.value.key == "fedkrso.target_modules"
 
 
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
 def test_gpt2_conv1d_layers_are_transposed_targets(tiny):
     """GPT-2's Conv1D weights are stored d_in x d_out; c_attn has d_out = 3 x hidden."""
     model = build_backbone(tiny("model.type", "tiny_gpt2", "model.task", "causal_lm"), 2).model

@@ -44,7 +44,7 @@ from typing import Any
 
 METHODS = ("fedkrso", "fedit", "fft")
 TARGETS = "[query, key, value, intermediate.dense, output.dense]"
-DEFAULT_LR = {"fedkrso": 2e-4, "fedit": 2e-3, "fft": 1e-4}
+DEFAULT_LR = {"fedkrso": 5e-4, "fedit": 2e-3, "fft": 2e-4}
 MIB = 1024 * 1024
 
 
@@ -57,18 +57,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--splits", default="iid,lda", help="comma-separated: iid, lda (Dirichlet alpha 0.5)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--per-round", type=int, default=5, help="clients sampled per round")
+    p.add_argument("--per-round", type=int, default=3, help="clients sampled per round")
     p.add_argument("--steps", type=int, default=20, help="local steps per round (T)")
     p.add_argument("--interval", type=int, default=5, help="FedKRSO interval J")
     p.add_argument("--num-seeds", type=int, default=10, help="FedKRSO K")
     p.add_argument("--rank", type=int, default=4, help="FedKRSO r and LoRA rank")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--tok-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tok-len", type=int, default=48)
     p.add_argument("--eval-freq", type=int, default=2)
     p.add_argument("--eval-split", default="[test]", help="server splits evaluated, e.g. '[val, test]' (val adds "
                    "the test accuracy at the round of best validation accuracy)")
-    p.add_argument("--lr", action="append", default=[], help="METHOD=LR (default: fedkrso=2e-4, fedit=2e-3, "
-                   "fft=1e-4)")
+    p.add_argument("--lr", action="append", default=[], help="METHOD=LR (default: fedkrso=5e-4, fedit=2e-3, "
+                   "fft=2e-4)")
     p.add_argument("--probe-steps", type=int, default=10, help="timed steps per probe")
     p.add_argument("--probe-reps", type=int, default=2, help="probe repetitions per method (alternating order)")
     p.add_argument("--no-accuracy", action="store_true", help="only the memory/step-time probes")
