@@ -183,6 +183,108 @@ def estimate_hafl(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
 register_estimator("hafl", estimate_hafl)
 
 
+def _meta_targets(cfg: RunConfig, requested: list[str], key: str) -> tuple[list[Any], dict[str, Tensor], list[str]]:
+    """Targeted layers, their weights and the target list of ``cfg``'s backbone built on the meta device."""
+    from fs_gmfl.core.targets import default_targets, resolve_targets, target_weights
+    from fs_gmfl.sim.models import build_backbone
+
+    model = build_backbone(cfg, cfg.model.num_labels or 2, meta=True).model
+    layers = resolve_targets(model, requested, key=key)
+    weights = {k: w.detach() for k, w in target_weights(model, layers).items()}
+    return layers, weights, list(requested) or default_targets(model)
+
+
+def _trained_summary(weights: dict[str, Tensor], head: dict[str, Tensor]) -> dict[str, Any]:
+    any_tensor = next(iter(weights.values()))
+    return {"targeted_params": sum(w.numel() for w in weights.values()),
+            "head_params": sum(v.numel() for v in head.values()), "element_bytes": any_tensor.element_size(),
+            "dtype": str(any_tensor.dtype).replace("torch.", "")}
+
+
+def _affine_bytes(build: Callable[[int], Message], x: float) -> dict[str, float]:
+    """Bytes of a message whose size is affine in a count, at a fractional count ``x`` (from two real messages)."""
+    one, two = breakdown(build(1)), breakdown(build(2))
+    return {k: one[k] + (two[k] - one[k]) * (x - 1) for k in one}
+
+
+def estimate_fedkrso(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
+    """FedKRSO bytes per client and round, with FedIT LoRA (same rank and targets) and full fine-tuning.
+
+    Messages are built by FedKRSO's own wire code on meta tensors. Expected
+    values use ``E|U_n| = K (1 - (1 - 1/K)^I)`` seeds per client (``I``
+    intervals) and ``E|U| = K (1 - (1 - 1/K)^(I C))`` seeds per round (``C``
+    clients), exact because messages are affine in the number of seeds.
+    """
+    from fs_gmfl.core.fedkrso import messages as wire
+    from fs_gmfl.core.fedkrso.ops import expected_seeds_used, intervals_per_round, layer_rank
+
+    k = cfg.fedkrso
+    layers, weights, targets = _meta_targets(cfg, k.target_modules, "fedkrso.target_modules")
+    head = {key: v for key, v in initial.items() if kind_of(key) == HEAD}
+    dtype = next(iter(weights.values())).dtype
+    clients = cfg.federate.clients_per_round()
+    intervals = intervals_per_round(cfg.train.local_update_steps, k.interval)
+
+    def accumulators(used: int) -> dict[int, dict[str, Tensor]]:
+        return {s: {la.name: torch.empty(la.d_out, layer_rank(la, k.rank), dtype=dtype, device="meta")
+                    for la in layers} for s in range(used)}
+
+    def uplink(used: int, all_slots: bool = False) -> Message:
+        return wire.uplink_message(accumulators(used), layers, rank=k.rank, num_seeds=k.num_seeds, head=head,
+                                   num_samples=1, all_slots=all_slots, dtype=dtype, device="meta")
+
+    def downlink(used: int) -> Message:
+        acc = accumulators(used)
+        entry = wire.LogEntry(1, list(range(used)),
+                              {la.name: torch.stack([acc[s][la.name] for s in range(used)]) for la in layers})
+        return wire.downlink_message(seeds=range(k.num_seeds), schedule_seed=0, version=1, head=head, replay=[entry])
+
+    per_client = expected_seeds_used(k.num_seeds, intervals)
+    per_round = expected_seeds_used(k.num_seeds, intervals * clients)
+    full_sync = breakdown(wire.downlink_message(seeds=range(k.num_seeds), schedule_seed=0, version=1, head=head,
+                                                full=weights))
+    lora = {f"{la.name}.lora_{f}": torch.empty(shape, dtype=dtype, device="meta") for la in layers
+            for f, shape in (("A", (k.rank, la.d_in)), ("B", (la.d_out, k.rank)))}
+    fft = breakdown(uplink_message({**weights, **head}, list({**weights, **head})))
+    profiles = {
+        "expected": {"clients_share": 1.0, "uplink": _affine_bytes(uplink, per_client),
+                     "downlink": _affine_bytes(downlink, per_round)},
+    }
+    return {
+        "target_modules": targets,
+        "adapter": _trained_summary(weights, head),
+        "fedkrso": {"layers": len(layers), "rows_R": sum(la.d_out for la in layers), "num_seeds": k.num_seeds,
+                    "rank": k.rank, "interval": k.interval, "local_steps": cfg.train.local_update_steps,
+                    "intervals": intervals, "expected_seeds_per_client": per_client,
+                    "expected_seeds_per_round": per_round},
+        "uplink_bytes": {"one_seed": breakdown(uplink(1))["bytes"], "expected": profiles["expected"]["uplink"]["bytes"],
+                         "all_slots": breakdown(uplink(0, all_slots=True))["bytes"]},
+        "downlink_bytes": {"one_round_expected": profiles["expected"]["downlink"]["bytes"],
+                           "one_round_all_seeds": breakdown(downlink(k.num_seeds))["bytes"],
+                           "full_sync": full_sync["bytes"]},
+        "baselines_uplink_bytes": {"fedit_lora_same_rank_and_targets": breakdown(uplink_message(
+            {**lora, **head}, list({**lora, **head})))["bytes"], "fft_targeted_and_head": fft["bytes"]},
+        "profiles": profiles,
+        "per_round": per_round_totals(profiles, clients),
+    }
+
+
+def estimate_fft(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
+    """Federated full fine-tuning: the targeted weights and the head, each way."""
+    _, weights, targets = _meta_targets(cfg, cfg.fft.target_modules, "fft.target_modules")
+    head = {k: v for k, v in initial.items() if kind_of(k) == HEAD}
+    trained = {**weights, **head}
+    message = breakdown(uplink_message(trained, list(trained)))
+    down = dict(message, control_bytes=0, bytes=message["bytes"] - message["control_bytes"])
+    profiles = {"default": {"clients_share": 1.0, "uplink": message, "downlink": down}}
+    return {"target_modules": targets, "adapter": _trained_summary(weights, head), "profiles": profiles,
+            "per_round": per_round_totals(profiles, cfg.federate.clients_per_round())}
+
+
+register_estimator("fedkrso", estimate_fedkrso)
+register_estimator("fft", estimate_fft)
+
+
 def estimate(cfg: RunConfig) -> dict[str, Any]:
     """Build ``cfg``'s model on the meta device and estimate bytes per round."""
     from fs_gmfl.core.adapter import adapter_parameters

@@ -14,13 +14,17 @@ from typing import Any
 from torch import Tensor, nn
 
 from fs_gmfl.config.schema import RunConfig
+from fs_gmfl.core.adapter import HEAD, kind_of
 from fs_gmfl.core.fedavg import LoraClient, LoraFedAvg, mask_candidate_keys
 from fs_gmfl.core.fedhft import FedHFTClient, FedHFTStrategy
+from fs_gmfl.core.fedkrso import FedKRSOClient, FedKRSOServer
+from fs_gmfl.core.fft import FullWeightClient
 from fs_gmfl.core.gmfl import GlobalMasking
 from fs_gmfl.core.hafl import HAFLClient, HAFLStrategy, client_capacities, profile_report
 from fs_gmfl.core.protocol import ClientAlgorithm, Strategy
 from fs_gmfl.core.seeding import derive_seed
-from fs_gmfl.errors import ConfigError
+from fs_gmfl.core.targets import disable_lora_branches, resolve_targets, target_weights
+from fs_gmfl.errors import ConfigError, InputError
 
 
 @dataclass
@@ -37,11 +41,16 @@ class MethodContext:
             ``active_adapter`` names it; non-LoRA adapter tensors such as the
             head start as copies of the default adapter's); ``provider()``
             re-activates the default adapter.
+        model: the host's model, for methods that train backbone weights
+            (their initial values and shapes come from it); builders may
+            switch off adapter branches their method does not use, and change
+            nothing else. ``None`` if the host does not provide it.
     """
 
     cfg: RunConfig
     initial: dict[str, Tensor]
     model_provider: Callable[..., nn.Module] | None = None
+    model: nn.Module | None = None
 
 
 @dataclass
@@ -157,3 +166,43 @@ def build_hafl(ctx: MethodContext) -> Method:
 
 
 register_method("hafl", build_hafl)
+
+
+def host_model(ctx: MethodContext) -> nn.Module:
+    """The host's model, required by methods that train backbone weights."""
+    if ctx.model is None:
+        raise InputError(f"federate.method '{ctx.cfg.method}' trains backbone weights and needs the host's model "
+                         "(MethodContext.model)")
+    return ctx.model
+
+
+def build_fedkrso(ctx: MethodContext) -> Method:
+    """FedKRSO on the targeted linear layers of the host's model; the head is averaged normally."""
+    cfg = ctx.cfg.fedkrso
+    model = host_model(ctx)
+    layers = resolve_targets(model, cfg.target_modules, key="fedkrso.target_modules")
+    disable_lora_branches(model)
+    weights = {name: w.detach() for name, w in target_weights(model, layers).items()}
+    head = {k: v for k, v in ctx.initial.items() if kind_of(k) == HEAD}
+    strategy = FedKRSOServer(cfg, layers, weights, head, seed=derive_seed(ctx.cfg.seed, "fedkrso"))
+    client = FedKRSOClient(cfg, layers, list(head), weight_decay=ctx.cfg.train.optimizer.weight_decay)
+    info = {"target_layers": len(layers), "targeted_params": sum(w.numel() for w in weights.values()),
+            "rows_R": sum(layer.d_out for layer in layers), "head_params": sum(v.numel() for v in head.values())}
+    return Method(strategy, client, info)
+
+
+def build_fft(ctx: MethodContext) -> Method:
+    """Federated full fine-tuning: FedAvg of the targeted weights and the head, sent in full both ways."""
+    model = host_model(ctx)
+    layers = resolve_targets(model, ctx.cfg.fft.target_modules, key="fft.target_modules")
+    disable_lora_branches(model)
+    initial = {name: w.detach() for name, w in target_weights(model, layers).items()}
+    initial.update({k: v for k, v in ctx.initial.items() if kind_of(k) == HEAD})
+    strategy = LoraFedAvg(initial, variant="fedit")
+    strategy.name = "fft"
+    info = {"target_layers": len(layers), "trained_params": sum(v.numel() for v in initial.values())}
+    return Method(strategy, FullWeightClient(list(initial)), info)
+
+
+register_method("fedkrso", build_fedkrso)
+register_method("fft", build_fft)

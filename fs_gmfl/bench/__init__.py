@@ -26,7 +26,11 @@ def _load(name: str) -> BenchFn:
         from fs_gmfl.bench.hafl import main
 
         return main
-    raise ConfigError("bench", name, "one of: gmfl, hafl, fedhft, fshost")
+    if name == "fedkrso":
+        from fs_gmfl.bench.fedkrso import main
+
+        return main
+    raise ConfigError("bench", name, "one of: gmfl, hafl, fedkrso, fedhft, fshost")
 
 
 def run_benchmark(name: str, args: Sequence[str]) -> int:

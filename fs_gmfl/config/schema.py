@@ -14,11 +14,13 @@ from typing import Any
 
 from fs_gmfl.config.fields import fail, opt
 from fs_gmfl.core.fedhft.config import FedHFTConfig
+from fs_gmfl.core.fedkrso.config import FedKRSOConfig
+from fs_gmfl.core.fft.config import FFTConfig
 from fs_gmfl.core.gmfl.config import GMFLConfig
 from fs_gmfl.core.hafl.config import HAFLConfig
 
 #: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
-METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft", "hafl")
+METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft", "hafl", "fedkrso", "fft")
 #: methods GMFL can wrap.
 GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 
@@ -251,6 +253,8 @@ class RunConfig:
     fedhft: FedHFTConfig = opt(factory=FedHFTConfig, help="FedHFT (federate.method: fedhft).")
     hafl: HAFLConfig = opt(factory=HAFLConfig, help="HAFL heterogeneous rank-1 truncation/freezing "
                            "(federate.method: hafl).")
+    fedkrso: FedKRSOConfig = opt(factory=FedKRSOConfig, help="FedKRSO random-subspace full fine-tuning.")
+    fft: FFTConfig = opt(factory=FFTConfig, help="Federated full fine-tuning (baseline).")
 
     def __post_init__(self) -> None:
         if self.federate.method == "hafl":

@@ -47,6 +47,10 @@ class LocalPlan:
         weight_decay_mask_via_loss: ask the host to apply weight decay as an
             explicit L2 loss on unmasked entries only instead of in the optimiser.
         info: free-form values the algorithm wants back in :meth:`ClientAlgorithm.finish`.
+        on_optimizer: optional callback ``f(optimizer)`` the host calls once
+            with the optimiser it built over ``trainable``, before the first
+            step (methods that reset or transform optimiser state between
+            phases, or regroup parameters, keep it).
     """
 
     model: nn.Module
@@ -56,6 +60,7 @@ class LocalPlan:
     after_step: Callable[[int], None] | None = None
     weight_decay_mask_via_loss: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    on_optimizer: Callable[[Any], None] | None = None
 
 
 @dataclass

@@ -122,7 +122,8 @@ class Simulation:
         self.backbone = build_backbone(cfg, num_labels)
         self.model = self.backbone.model.to(self.device)
         variants = AdapterVariants(self.model, cfg, self.backbone.target_modules)
-        self.method: Method = build_method(MethodContext(cfg, adapter_state(self.model), variants))
+        self.method: Method = build_method(MethodContext(cfg, adapter_state(self.model), variants,
+                                                         model=self.model))
         self.transport = InMemoryTransport(self._fit_client)
         state_dir = self.run_dir / "client_state"
         if state_dir.exists():

@@ -124,6 +124,8 @@ def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, cli
     wd = cfg.train.optimizer.weight_decay
     optimizer = make_optimizer(cfg.train.optimizer, list(plan.trainable.values()), lr,
                                weight_decay=0.0 if plan.weight_decay_mask_via_loss else wd)
+    if plan.on_optimizer is not None:
+        plan.on_optimizer(optimizer)
     hooks = [plan.trainable[k].register_hook(lambda g, m=m: g * m) for k, m in plan.grad_masks.items()]
     total = count_batches(n, cfg)
     losses, times = [], []

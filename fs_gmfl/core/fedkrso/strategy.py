@@ -1,0 +1,196 @@
+"""FedKRSO server: round seeds, per-seed accumulator averaging, streaming update, catch-up log.
+
+Yang et al., "FedKRSO: Communication and Memory Efficient Federated
+Fine-Tuning of Large Language Models", arXiv 2602.03019 (2026); spec
+``FedKRSO.md`` §3-§6 and §9.1.
+
+The server keeps the fp32 master of every targeted weight ``W^t`` and the head
+``Phi^t``. Each round it draws ``K`` seeds; after the round it averages the
+uploaded accumulators seed by seed (clients that did not use a seed count as
+zero), applies ``W += sum_k Bbar_k P_k`` layer by layer in place, and appends
+``(seeds, Bbar)`` to a log. A client's next downlink replays the log entries
+since its last sync, or carries the full targeted weights when that is
+cheaper (``catchup``), so stateful clients reach ``W^t`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fs_gmfl.core.fedavg.ops import normalised_weights, weighted_average
+from fs_gmfl.core.fedkrso import messages as wire
+from fs_gmfl.core.fedkrso.config import FedKRSOConfig
+from fs_gmfl.core.fedkrso.ops import apply_update_, average_accumulators, round_seeds
+from fs_gmfl.core.message import Message, Reply, tensor_bytes
+from fs_gmfl.core.protocol import RoundReport, Strategy
+from fs_gmfl.core.seeding import derive_seed
+from fs_gmfl.core.targets import TargetLayer
+from fs_gmfl.core.validation import DEFAULT_MAX_ABS
+
+
+class FedKRSOServer(Strategy):
+    """Server side of FedKRSO.
+
+    Args:
+        config: the ``fedkrso`` configuration.
+        layers: the targeted layers.
+        weights: initial targeted weights ``W^0`` by weight name (copied).
+        head: initial head ``Phi^0`` by adapter key (copied; may be empty).
+        seed: master seed of round seeds and interval schedules.
+        max_abs: uploads with a larger absolute entry are rejected.
+    """
+
+    name = "fedkrso"
+
+    def __init__(self, config: FedKRSOConfig, layers: Sequence[TargetLayer], weights: Mapping[str, Tensor],
+                 head: Mapping[str, Tensor], *, seed: int = 0, max_abs: float = DEFAULT_MAX_ABS) -> None:
+        self.config = config
+        self.layers = list(layers)
+        self.weights = {layer.name: weights[layer.name].detach().clone() for layer in self.layers}
+        self.head = {k: v.detach().clone() for k, v in head.items()}
+        self.seed = seed
+        self.max_abs = max_abs
+        self.version = 0
+        self.log: list[wire.LogEntry] = []
+        self.client_version: dict[int, int] = {}
+        self.last_catchup: dict[int, str] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Element type of the targeted weights (and of accumulators on the wire)."""
+        return next(iter(self.weights.values())).dtype if self.weights else torch.float32
+
+    def seeds_of(self, rnd: int) -> list[int]:
+        """The ``K`` seeds of round ``rnd`` (a pure function of the master seed and ``rnd``)."""
+        return round_seeds(self.seed, rnd, count=self.config.num_seeds, bits=self.config.seed_bits)
+
+    def full_sync_bytes(self) -> int:
+        """Bytes of the targeted weights (a full sync)."""
+        return sum(tensor_bytes(w) for w in self.weights.values())
+
+    # -- downlink ----------------------------------------------------------------------------------------------
+    def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
+        """Seeds, schedule seed, head and catch-up for each sampled client."""
+        seeds = self.seeds_of(rnd)
+        out = {}
+        for cid in clients:
+            replay, full = self._catchup(self.client_version.get(cid, 0))
+            out[cid] = wire.downlink_message(seeds=seeds, schedule_seed=derive_seed(self.seed, "schedule", rnd, cid),
+                                             version=self.version, head=self.head, replay=replay, full=full)
+            self.last_catchup[cid] = "full" if full is not None else "replay"
+            self.client_version[cid] = self.version
+        return out
+
+    def replay_bytes(self, since: int) -> int | None:
+        """Bytes of replaying every round after version ``since`` (``None`` if the log no longer reaches back)."""
+        entries = [e for e in self.log if e.round > since]
+        if len(entries) != self.version - since:
+            return None
+        return sum(e.nbytes for e in entries)
+
+    def _catchup(self, since: int) -> tuple[list[wire.LogEntry], dict[str, Tensor] | None]:
+        replay_cost = self.replay_bytes(since)
+        policy = self.config.catchup
+        stale = since < self.version - 1
+        use_full = replay_cost is None or (policy == "full" and stale) or (
+            policy == "auto" and replay_cost > self.full_sync_bytes())
+        if use_full:
+            return [], self.weights
+        return [e for e in self.log if e.round > since], None
+
+    # -- aggregation -------------------------------------------------------------------------------------------
+    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
+        """Validate every uplink, average per seed, update ``W`` layer by layer and the head, log the round."""
+        report = RoundReport()
+        accepted: list[tuple[Reply, list[int]]] = []
+        for reply in replies:
+            slots, reason = wire.check_uplink(reply.message, layers=self.layers, rank=self.config.rank,
+                                              num_seeds=self.config.num_seeds, all_slots=self.config.send_all_slots,
+                                              head=self.head, dtype=self.dtype, max_abs=self.max_abs)
+            if reason or slots is None:
+                report.rejected[reply.client_id] = reason or "invalid slots"
+            else:
+                accepted.append((reply, slots))
+                report.accepted.append(reply.client_id)
+        entry = wire.LogEntry(rnd, [])
+        if accepted:
+            entry = self._apply(rnd, accepted)
+            report.metrics.update({"seeds_used": float(len(entry.seeds)),
+                                   "mean_client_seeds": sum(len(s) for _, s in accepted) / len(accepted)})
+        self.log.append(entry)
+        self.version = rnd
+        self._prune_log()
+        return report
+
+    def _weights_of(self, accepted: Sequence[tuple[Reply, list[int]]]) -> list[float]:
+        if self.config.weighting == "uniform":
+            return normalised_weights([1.0] * len(accepted))
+        return normalised_weights([r.message.num_samples for r, _ in accepted])
+
+    def _apply(self, rnd: int, accepted: Sequence[tuple[Reply, list[int]]]) -> wire.LogEntry:
+        weights = self._weights_of(accepted)
+        seeds = self.seeds_of(rnd)
+        averaged: dict[str, tuple[list[int], Tensor]] = {}
+        for layer in self.layers:
+            uploads = [(slots, r.message.tensors[wire.acc_key(layer.name)]) for r, slots in accepted]
+            averaged[layer.name] = average_accumulators(uploads, weights)
+        union = next(iter(averaged.values()))[0] if averaged else []
+        keep = [j for j in range(len(union)) if any(bool(avg[j].any()) for _, avg in averaged.values())]
+        entry = wire.LogEntry(rnd, [seeds[union[j]] for j in keep])
+        for layer in self.layers:
+            avg = averaged.pop(layer.name)[1][keep]
+            apply_update_(self.weights[layer.name], avg, entry.seeds, layer=layer, rank=self.config.rank)
+            entry.tensors[layer.name] = avg
+        if self.head:
+            self.head = weighted_average([r.message.tensors for r, _ in accepted], weights, keys=list(self.head))
+        return entry
+
+    def _prune_log(self) -> None:
+        """Drop entries no catch-up under the policy can use (``replay`` keeps all; ``full`` only the last)."""
+        policy = self.config.catchup
+        if policy == "replay":
+            return
+        if policy == "full":
+            self.log = self.log[-1:]
+            return
+        budget, kept = self.full_sync_bytes(), []
+        for entry in reversed(self.log):
+            budget -= entry.nbytes
+            if budget < 0:
+                break
+            kept.append(entry)
+        self.log = kept[::-1]
+
+    # -- reporting / persistence -------------------------------------------------------------------------------
+    def global_adapter(self) -> dict[str, Tensor]:
+        """The global targeted weights (by parameter name) and head (copies)."""
+        return {**{k: v.clone() for k, v in self.weights.items()}, **{k: v.clone() for k, v in self.head.items()}}
+
+    def round_metrics(self) -> dict[str, float]:
+        """Entries and bytes held in the catch-up log."""
+        return {"log_entries": float(len(self.log)), "log_bytes": float(sum(e.nbytes for e in self.log))}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, head, version, per-client sync versions and the catch-up log."""
+        return {"weights": {k: v.clone() for k, v in self.weights.items()},
+                "head": {k: v.clone() for k, v in self.head.items()},
+                "version": self.version,
+                "client_version": dict(self.client_version),
+                "log": [{"round": e.round, "seeds": list(e.seeds), "tensors": {k: v.clone() for k, v in
+                                                                                e.tensors.items()}}
+                        for e in self.log]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (same layers and head keys)."""
+        if set(state["weights"]) != set(self.weights) or set(state["head"]) != set(self.head):
+            raise ValueError("checkpoint weights or head keys do not match this model")
+        self.weights = {k: state["weights"][k].clone() for k in self.weights}
+        self.head = {k: state["head"][k].clone() for k in self.head}
+        self.version = int(state["version"])
+        self.client_version = {int(c): int(v) for c, v in state["client_version"].items()}
+        self.log = [wire.LogEntry(int(e["round"]), [int(s) for s in e["seeds"]],
+                                  {k: v.clone() for k, v in e["tensors"].items()}) for e in state["log"]]
