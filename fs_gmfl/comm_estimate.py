@@ -188,7 +188,7 @@ def _meta_targets(cfg: RunConfig, requested: list[str], key: str) -> tuple[list[
     from fs_gmfl.core.targets import default_targets, resolve_targets, target_weights
     from fs_gmfl.sim.models import build_backbone
 
-    model = build_backbone(cfg, cfg.model.num_labels or 2, meta=True).model
+    model = build_backbone(cfg, estimated_num_labels(cfg), meta=True).model
     layers = resolve_targets(model, requested, key=key)
     weights = {k: w.detach() for k, w in target_weights(model, layers).items()}
     return layers, weights, list(requested) or default_targets(model)
@@ -285,12 +285,19 @@ register_estimator("fedkrso", estimate_fedkrso)
 register_estimator("fft", estimate_fft)
 
 
+def estimated_num_labels(cfg: RunConfig) -> int:
+    """Head classes: ``model.num_labels``, else the packaged dataset's, else 2 (user files are not read)."""
+    from fs_gmfl.sim.data import declared_num_labels
+
+    return cfg.model.num_labels or declared_num_labels(cfg.data) or 2
+
+
 def estimate(cfg: RunConfig) -> dict[str, Any]:
     """Build ``cfg``'s model on the meta device and estimate bytes per round."""
     from fs_gmfl.core.adapter import adapter_parameters
     from fs_gmfl.sim.models import build_backbone
 
-    num_labels = cfg.model.num_labels or 2
+    num_labels = estimated_num_labels(cfg)
     backbone = build_backbone(cfg, num_labels, meta=True)
     initial = {k: p.detach() for k, p in adapter_parameters(backbone.model).items()}
     result = {"model": cfg.model.type, "method": cfg.method + ("+gmfl" if cfg.gmfl.use else ""),

@@ -66,6 +66,22 @@ def test_comm_gmfl_schedule_roberta_base(capsys):
     assert out["gmfl"]["mean_uplink_saving_max"] == pytest.approx(expected, rel=1e-12)  # equal-size tensors
 
 
+@pytest.mark.parametrize("data_args,num_labels", [
+    (["data.type", "health_tweets"], 16), (["data.type", "news_articles"], 9),
+    (["data.type", "synthetic", "data.synthetic_num_classes", "5"], 5)])
+def test_comm_sizes_the_head_from_the_dataset_classes(capsys, data_args, num_labels):
+    """model.num_labels 0: the head has as many outputs as the packaged dataset has classes, as in a real run."""
+    base = ["comm", "--cfg", "/dev/null", "model.type", "tiny_bert"]
+    assert main([*base, *data_args]) == 0
+    from_data = json.loads(capsys.readouterr().out)
+    assert main([*base, "model.num_labels", str(num_labels)]) == 0
+    explicit = json.loads(capsys.readouterr().out)
+    assert from_data["num_labels"] == num_labels
+    head = from_data["profiles"]["default"]["uplink"]["head_bytes"]
+    assert head == explicit["profiles"]["default"]["uplink"]["head_bytes"]
+    assert head == (32 * num_labels + num_labels) * 4  # tiny_bert hidden 32: classifier weight + bias, fp32
+
+
 def test_keys_lists_gmfl_section(capsys):
     """fs-gmfl keys gmfl prints every gmfl key with its help."""
     assert main(["keys", "gmfl"]) == 0

@@ -171,6 +171,17 @@ READERS: dict[str, Callable[[DataConfig], TextCorpus]] = {
 }
 
 
+#: classes of the packaged datasets, known without reading them (``fs-gmfl comm`` sizes the head from it).
+PACKAGED_NUM_LABELS = {"rotten_tomatoes": 2, "rotten_tomatoes_full": 2, "news_articles": 9, "health_tweets": 16}
+
+
+def declared_num_labels(cfg: DataConfig) -> int | None:
+    """Classes of ``cfg``'s dataset if known without reading it; ``None`` for user files."""
+    if cfg.type == "synthetic":
+        return cfg.synthetic_num_classes
+    return PACKAGED_NUM_LABELS.get(cfg.type)
+
+
 def read_corpus(cfg: DataConfig) -> TextCorpus:
     """Read the text dataset named by ``data.type``.
 
