@@ -19,7 +19,6 @@ pytest.importorskip("federatedscope", reason="FederatedScope (branch llm) is not
 
 from fs_host_helpers import FS_CONFIGS, fs_command, fs_env, summary, system_metrics  # noqa: E402
 from fs_gmfl.hosts.fs.assets import write_tiny_llm_assets  # noqa: E402
-from fs_gmfl.methods import registered_methods  # noqa: E402
 
 pytestmark = [pytest.mark.fs_host, pytest.mark.slow]
 
@@ -111,8 +110,6 @@ def test_distributed_gmfl_run_completes_with_exact_bytes(tiny_llm, tmp_path):
         assert client["total_upload_bytes"] == 2 * 8200 + 2 * 4104
 
 
-@pytest.mark.skipif("hafl" not in registered_methods(),
-                    reason="federate.method 'hafl' is not registered in fs_gmfl.methods yet (branch hafl)")
 def test_distributed_hafl_run_completes(tiny_llm, tmp_path):
     """HAFL through the same adapter over gRPC: every process exits 0 and the bytes add up each way."""
     out = run_distributed(tmp_path, tiny_llm, ["federate.method", "hafl", "gmfl.use", "False"])

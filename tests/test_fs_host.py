@@ -32,7 +32,6 @@ from fs_gmfl.hosts.fs.builders import build_fs_data, build_fs_model  # noqa: E40
 from fs_gmfl.hosts.fs.registration import KEY, RegistrationConflict, call_trainer  # noqa: E402
 from fs_gmfl.hosts.fs.trainer import Assignment, FsGmflTrainer, inner_model  # noqa: E402
 from fs_gmfl.hosts.fs.workers import FsGmflClient, FsGmflServer  # noqa: E402
-from fs_gmfl.methods import registered_methods  # noqa: E402
 from fs_gmfl.sim.models import build_backbone  # noqa: E402
 from fs_gmfl.sim.runner import Simulation  # noqa: E402
 
@@ -86,6 +85,9 @@ def test_another_plugin_claiming_an_fs_gmfl_method_is_a_conflict():
     (("federate.method", "fedavg", "trainer.type", "llmtrainer"), "gmfl.use"),
     (("quantization.method", "uniform"), "quantization.method"),
     (("model.type", "/m/llama@huggingface_llm"), "model.type"),
+    (("federate.method", "fedkrso", "gmfl.use", False), "federate.method"),
+    (("federate.method", "fft", "gmfl.use", False), "federate.method"),
+    (("federate.method", "fedhft", "gmfl.use", False, "data.client_val_fraction", 0.2), "fedhft.eval"),
 ])
 def test_invalid_settings_fail_at_config_time_naming_the_key(opts, key):
     """Check functions raise ConfigError (a ValueError) naming the key while the YAML is merged."""
@@ -190,11 +192,11 @@ def test_trainer_freezes_through_masks_and_keeps_every_tensor_in_the_state_dict(
 
 
 # -- parity and bytes --------------------------------------------------------------------------------------
-HAFL_MISSING = pytest.mark.skipif("hafl" not in registered_methods(), reason="federate.method 'hafl' is not "
-                                  "registered in fs_gmfl.methods yet (branch hafl)")
+HEAD_KEYS = {"base_model.model.classifier.modules_to_save.weight", "base_model.model.classifier.modules_to_save.bias"}
 PARITY = [pytest.param("fedit", [], [0.0, 0.5], id="fedit"),
           pytest.param("ffa_lora", ["federate.sample_client_num", "2"], [0.0, 0.5], id="ffa_lora-2-of-3-clients"),
-          pytest.param("hafl", ["gmfl.use", "False"], None, marks=HAFL_MISSING, id="hafl")]
+          pytest.param("hafl", ["gmfl.use", "False"], None, id="hafl"),
+          pytest.param("fedhft", ["gmfl.use", "False", "fedhft.eval", "global"], None, id="fedhft")]
 
 
 @pytest.mark.parametrize("method, extra, frozen", PARITY)
@@ -216,10 +218,13 @@ def test_same_yaml_gives_the_same_global_adapter_and_bytes_in_both_hosts(tmp_pat
     # Assert
     fs_adapter = checkpoint_adapter(tmp_path / "fs" / "final_run.ckpt")
     sim_adapter = sim.method.strategy.global_adapter()
-    assert set(fs_adapter) == set(sim_adapter)
-    for key, value in sim_adapter.items():
-        torch.testing.assert_close(fs_adapter[key], value, rtol=0, atol=1e-6)
     initial = adapter_state(build_backbone(sim.cfg, 2).model)
+    untrained = set(sim_adapter) - set(fs_adapter)  # FederatedScope checkpoints requires_grad tensors only
+    assert set(fs_adapter) <= set(sim_adapter)
+    assert untrained == (HEAD_KEYS if method == "hafl" else set())  # HAFL leaves the head untrained by default
+    assert all(torch.equal(sim_adapter[k], initial[k]) for k in untrained)
+    for key, value in fs_adapter.items():
+        torch.testing.assert_close(value, sim_adapter[key], rtol=0, atol=1e-6)
     moved = [k for k in sim_adapter if not torch.equal(sim_adapter[k], initial[k])]
     assert len(moved) > len(sim_adapter) // 2  # training happened (FFA-LoRA keeps every lora_A)
     fs_rows, sim_rows = summary(tmp_path / "fs" / "run")["per_round"], sim_summary["per_round"][1:]
