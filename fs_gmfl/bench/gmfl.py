@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
     p = argparse.ArgumentParser(prog="fs-gmfl bench gmfl", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=24)
     p.add_argument("--period", type=int, default=4, help="GMFL refresh period")
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--per-round", type=int, default=2)
