@@ -94,6 +94,10 @@ TABLE = [
      "'global' unless data.client_val_fraction > 0"),
     ([*HFT, "fedhft.num_clusters", "5"], "fedhft.num_clusters", "at most the clients per round (2)"),
     ([*HFT, "fedhft.svd", "qr"], "fedhft.svd", "'randomized', 'exact'"),
+    # faults (embedded simulator)
+    (["faults.dropout_before", "1.5"], "faults.dropout_before", "[0.0, 1.0]"),
+    (["faults.deadline", "0.5"], "faults.deadline", "at least faults.client_seconds (1.0)"),
+    (["faults.straggler_fraction", "0.2"], "faults.straggler_delay", "a number > 0 when faults.straggler_fraction"),
     # missing data paths and unknown datasets / backbones
     (["data.type", "jsonl:/nonexistent/x.jsonl"], "data.type", "an existing JSONL file"),
     (["data.type", "imdb"], "data.type", "csv:<path>, jsonl:<path>"),
@@ -132,7 +136,7 @@ def test_table_covers_every_section_and_method_subtree():
     """The table spans the FederatedScope sections and all five method subtrees."""
     sections = {key.split(".")[0].split("[")[0] for _, key, _ in TABLE}
     assert {"federate", "data", "model", "llm", "train", "eval", "dataloader", "grad"} <= sections
-    assert {"gmfl", "hafl", "fedkrso", "fft", "fedhft"} <= sections
+    assert {"gmfl", "hafl", "fedkrso", "fft", "fedhft", "faults"} <= sections
     assert len(TABLE) >= 25
 
 
