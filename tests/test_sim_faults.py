@@ -14,6 +14,7 @@ import torch
 
 from fs_gmfl.config import load_config
 from fs_gmfl.core.adapter import LORA_A, LORA_B, kind_of
+from fs_gmfl.core.message import Reply
 from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, LATE, ON_TIME, FaultsConfig, client_fate, round_fates
 from fs_gmfl.sim.runner import Simulation, sample_clients
 
@@ -219,3 +220,21 @@ def test_faults_keys_load_from_yaml_overrides():
     cfg = load_config(None, ["faults.dropout_before", "0.25", "faults.deadline", "3"])
     assert (cfg.faults.dropout_before, cfg.faults.deadline, cfg.faults.client_seconds) == (0.25, 3.0, 1.0)
     assert cfg.faults.active and not load_config(None).faults.active
+
+
+def test_fedkrso_replays_a_round_without_replies(tiny):
+    """FedKRSO: a client catching up over a round nobody answered gets an empty replay entry (0 bytes) and trains."""
+    # Prepare
+    sim = Simulation(tiny("federate.method", "fedkrso", "fedkrso.catchup", "replay"), quiet=True)
+    sim.setup()
+    strategy = sim.method.strategy
+    strategy.configure_round(1, [0])
+    strategy.aggregate(1, [])
+    # Execute
+    down = strategy.configure_round(2, [0])[0]
+    uplink = sim._fit_client(2, 0, down.detached_copy())
+    report = strategy.aggregate(2, [Reply(0, uplink)])
+    # Assert
+    replayed = {k: v for k, v in {**down.tensors, **down.control}.items() if k.startswith("krso.replay")}
+    assert replayed and all(v.numel() == 0 for v in replayed.values())
+    assert report.accepted == [0] and strategy.version == 2
