@@ -160,8 +160,10 @@ class Simulation:
         steps_before = len(self.step_seconds)
         fates = round_fates(cfg.faults, clients, seed=cfg.seed, rnd=rnd)
         self.offline = {c for c in clients if fates[c][0] == DROPPED_BEFORE}
-        replies = self.transport.exchange(rnd, downlinks)
-        self.offline = set()
+        try:
+            replies = self.transport.exchange(rnd, downlinks)
+        finally:
+            self.offline = set()
         arrived = [reply for reply in replies if fates[reply.client_id][0] not in (DROPPED_BEFORE, DROPPED_AFTER)]
         for reply in arrived:
             self.ledger.record(rnd, reply.client_id, "uplink", reply.message)
