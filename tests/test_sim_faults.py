@@ -238,3 +238,16 @@ def test_fedkrso_replays_a_round_without_replies(tiny):
     replayed = {k: v for k, v in {**down.tensors, **down.control}.items() if k.startswith("krso.replay")}
     assert replayed and all(v.numel() == 0 for v in replayed.values())
     assert report.accepted == [0] and strategy.version == 2
+
+
+@pytest.mark.parametrize("method", ["fedit", "hafl", "fedkrso", "fedhft"])
+def test_a_run_nobody_ever_answers_ends_with_the_initial_model(tiny, method):
+    """dropout_before 1: every round is reported empty, nothing divides by zero, the final model is the initial one."""
+    sim = Simulation(tiny(*METHODS[method], "faults.dropout_before", "1.0"), quiet=True)
+    summary = sim.run()
+    rounds = summary["per_round"]
+    assert summary["faults"]["rounds_without_replies"] == [1, 2, 3, 4]
+    assert [r["replies"] for r in rounds[1:]] == [0] * 4 and summary["comm"]["uplink_bytes"] == 0
+    assert summary["timing"]["local_steps"] == 0 and summary["timing"]["median_step_seconds"] is None
+    assert {k: v for k, v in rounds[-1].items() if k.startswith("test_")} == {
+        k: v for k, v in rounds[0].items() if k.startswith("test_")}
