@@ -88,6 +88,8 @@ def test_another_plugin_claiming_an_fs_gmfl_method_is_a_conflict():
     (("federate.method", "fedkrso", "gmfl.use", False), "federate.method"),
     (("federate.method", "fft", "gmfl.use", False), "federate.method"),
     (("federate.method", "fedhft", "gmfl.use", False, "data.client_val_fraction", 0.2), "fedhft.eval"),
+    (("faults.dropout_before", 0.2), "faults.dropout_before"),
+    (("faults.straggler_fraction", 0.5, "faults.straggler_delay", 1.0), "faults.straggler_fraction"),
 ])
 def test_invalid_settings_fail_at_config_time_naming_the_key(opts, key):
     """Check functions raise ConfigError (a ValueError) naming the key while the YAML is merged."""

@@ -18,6 +18,7 @@ from fs_gmfl.core.fedkrso.config import FedKRSOConfig
 from fs_gmfl.core.fft.config import FFTConfig
 from fs_gmfl.core.gmfl.config import GMFLConfig
 from fs_gmfl.core.hafl.config import HAFLConfig
+from fs_gmfl.sim.faults import FaultsConfig
 
 #: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
 METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft", "hafl", "fedkrso", "fft")
@@ -255,6 +256,8 @@ class RunConfig:
                            "(federate.method: hafl).")
     fedkrso: FedKRSOConfig = opt(factory=FedKRSOConfig, help="FedKRSO random-subspace full fine-tuning.")
     fft: FFTConfig = opt(factory=FFTConfig, help="Federated full fine-tuning (baseline).")
+    faults: FaultsConfig = opt(factory=FaultsConfig, help="Simulated client dropout and stragglers (embedded "
+                               "simulator only).")
 
     def __post_init__(self) -> None:
         if self.federate.method == "hafl":

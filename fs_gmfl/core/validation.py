@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-#: default bound on the L2 norm of an uploaded tensor relative to sqrt(numel); see ``reliability.max_update_norm``.
+#: default bound on the absolute value of any uploaded entry (so an L2 norm above 1e4 * sqrt(numel) is impossible).
 DEFAULT_MAX_ABS = 1e4
 
 

@@ -29,11 +29,13 @@ from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.adapter import adapter_state, load_model_tensors, model_tensor_map
 from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Message, Reply
+from fs_gmfl.core.protocol import TrainStats
 from fs_gmfl.core.seeding import generator
 from fs_gmfl.errors import ConfigError
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.plots import MIB, plot_runs
 from fs_gmfl.sim.data import FederatedData, federated_data_for
+from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
 from fs_gmfl.sim.models import AdapterVariants, build_backbone, load_tokenizer, set_threads_from_env
 from fs_gmfl.sim.store import ClientStateStore
 from fs_gmfl.sim.training import evaluate, train_local
@@ -110,6 +112,9 @@ class Simulation:
         self.ledger = CommLedger()
         self.step_seconds: list[float] = []
         self.rejections: dict[str, int] = {}
+        self.offline: set[int] = set()
+        self.fault_counts: dict[str, int] = {fate: 0 for fate in FATES if fate != ON_TIME}
+        self.empty_rounds: list[int] = []
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -133,8 +138,11 @@ class Simulation:
     def _fit_client(self, rnd: int, client_id: int, message: Message) -> Message:
         with self.store.open(client_id) as state:
             plan = self.method.client.prepare(self.model, message, state)
-            stats = train_local(plan, self.data.client_data(client_id), self.cfg, rnd=rnd, client_id=client_id,
-                                device=self.device)
+            data = self.data.client_data(client_id)
+            if client_id in self.offline:  # dropped out after loading its downlink: no training, no reply
+                stats = TrainStats(num_samples=len(data), steps=0, mean_loss=float("nan"))
+            else:
+                stats = train_local(plan, data, self.cfg, rnd=rnd, client_id=client_id, device=self.device)
             uplink = self.method.client.finish(plan, stats, state)
         self.step_seconds.extend(stats.step_seconds)
         return uplink
@@ -150,18 +158,42 @@ class Simulation:
         for cid, msg in downlinks.items():
             self.ledger.record(rnd, cid, "downlink", msg)
         steps_before = len(self.step_seconds)
-        replies = self.transport.exchange(rnd, downlinks)
-        for reply in replies:
+        fates = round_fates(cfg.faults, clients, seed=cfg.seed, rnd=rnd)
+        self.offline = {c for c in clients if fates[c][0] == DROPPED_BEFORE}
+        try:
+            replies = self.transport.exchange(rnd, downlinks)
+        finally:
+            self.offline = set()
+        arrived = [reply for reply in replies if fates[reply.client_id][0] not in (DROPPED_BEFORE, DROPPED_AFTER)]
+        for reply in arrived:
             self.ledger.record(rnd, reply.client_id, "uplink", reply.message)
-        report = strategy.aggregate(rnd, replies)
+        on_time = [reply for reply in arrived if fates[reply.client_id][0] == ON_TIME]
+        if not on_time:
+            self.empty_rounds.append(rnd)
+            logger.warning("round %d: no reply arrived in time; the global model is unchanged", rnd)
+        report = strategy.aggregate(rnd, on_time)
         for cid, reason in report.rejected.items():
             logger.warning("round %d: update of client %d rejected: %s", rnd, cid, reason)
             self.rejections[reason.split(":")[0]] = self.rejections.get(reason.split(":")[0], 0) + 1
         row: dict[str, Any] = {"round": rnd, "clients": clients, **self.ledger.round_totals(rnd),
-                               "rejected": len(report.rejected), **used, **report.metrics}
+                               "replies": len(on_time), "rejected": len(report.rejected), **used, **report.metrics}
+        if cfg.faults.active:
+            row.update(self._fault_row(fates))
         step_times = self.step_seconds[steps_before:]
         if step_times:
             row["median_step_seconds"] = statistics.median(step_times)
+        return row
+
+    def _fault_row(self, fates: Mapping[int, tuple[str, float]]) -> dict[str, Any]:
+        """Per-round fault counts (also added to the run totals) and the round's simulated duration."""
+        row: dict[str, Any] = {}
+        for fate in self.fault_counts:
+            row[fate] = sum(1 for f, _ in fates.values() if f == fate)
+            self.fault_counts[fate] += row[fate]
+        deadline = self.cfg.faults.deadline
+        missing = any(f != ON_TIME for f, _ in fates.values())
+        on_time = [seconds for f, seconds in fates.values() if f == ON_TIME]
+        row["round_seconds"] = deadline if deadline > 0 and missing else max(on_time, default=0.0)
         return row
 
     def evaluate_global(self) -> dict[str, float]:
@@ -270,6 +302,7 @@ class Simulation:
             "data": {"type": self.cfg.data.type, "train": len(self.data.train), "val": len(self.data.val),
                      "test": len(self.data.test), "num_labels": self.data.num_labels},
             "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections)},
+            "faults": {**self.fault_counts, "rounds_without_replies": list(self.empty_rounds)},
             "method_info": self.method.info,
             "device": str(self.device),
         }

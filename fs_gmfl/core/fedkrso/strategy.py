@@ -24,7 +24,7 @@ from torch import Tensor
 from fs_gmfl.core.fedavg.ops import normalised_weights, weighted_average
 from fs_gmfl.core.fedkrso import messages as wire
 from fs_gmfl.core.fedkrso.config import FedKRSOConfig
-from fs_gmfl.core.fedkrso.ops import apply_update_, average_accumulators, round_seeds
+from fs_gmfl.core.fedkrso.ops import apply_update_, average_accumulators, layer_rank, round_seeds
 from fs_gmfl.core.message import Message, Reply, tensor_bytes
 from fs_gmfl.core.protocol import RoundReport, Strategy
 from fs_gmfl.core.seeding import derive_seed
@@ -116,7 +116,7 @@ class FedKRSOServer(Strategy):
             else:
                 accepted.append((reply, slots))
                 report.accepted.append(reply.client_id)
-        entry = wire.LogEntry(rnd, [])
+        entry = self._empty_entry(rnd)
         if accepted:
             entry = self._apply(rnd, accepted)
             report.metrics.update({"seeds_used": float(len(entry.seeds)),
@@ -148,6 +148,11 @@ class FedKRSOServer(Strategy):
         if self.head:
             self.head = weighted_average([r.message.tensors for r, _ in accepted], weights, keys=list(self.head))
         return entry
+
+    def _empty_entry(self, rnd: int) -> wire.LogEntry:
+        """A round without accepted replies: no seeds and zero-size averages, so its replay stays well formed."""
+        return wire.LogEntry(rnd, [], {layer.name: torch.zeros((0, layer.d_out, layer_rank(layer, self.config.rank)),
+                                                               dtype=self.dtype) for layer in self.layers})
 
     def _prune_log(self) -> None:
         """Drop entries no catch-up under the policy can use (``replay`` keeps all; ``full`` only the last)."""

@@ -235,6 +235,9 @@ UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
     ("personalization.local_param", ([],), "no FederatedScope parameter filter (methods decide what is sent)"),
     ("eval.monitoring", ([],), "no FederatedScope model monitoring (it reads state dicts, not fs_gmfl payloads)"),
     ("llm.deepspeed.use", (False,), "no DeepSpeed (the adapter rebuilds the optimizer over the trained tensors)"),
+    ("faults.dropout_before", (0, 0.0), "no simulated faults (faults.* are embedded-simulator settings)"),
+    ("faults.dropout_after", (0, 0.0), "no simulated faults (faults.* are embedded-simulator settings)"),
+    ("faults.straggler_fraction", (0, 0.0), "no simulated faults (faults.* are embedded-simulator settings)"),
 )
 
 

@@ -1,0 +1,85 @@
+"""Simulated client failures of the embedded simulator (the ``faults:`` YAML subtree).
+
+Each sampled client of a round meets one fate, drawn from its own generator
+``derive_seed(seed, "faults", round, client)`` so the draw does not depend on
+the other clients, on the order of simulation, or on the other probabilities:
+
+* ``dropped_before``: the client receives and loads its downlink (counted;
+  caches and catch-up state follow what the server sent), then goes offline
+  without training and never answers;
+* ``dropped_after``: the client trains, but its uplink is lost on the way
+  (not counted, not aggregated);
+* ``late``: a straggler whose simulated reply time exceeds the deadline; it
+  trains and sends (the uplink's bytes are counted, they crossed the
+  network), but the server has closed the round and does not aggregate it;
+* ``on_time``: the reply is aggregated.
+
+Time is simulated (no sleeping): every client needs ``client_seconds``; a
+straggler needs ``client_seconds + u * straggler_delay`` with ``u`` uniform
+in [0, 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fs_gmfl.config.fields import fail, opt
+from fs_gmfl.core.seeding import generator
+
+ON_TIME = "on_time"
+DROPPED_BEFORE = "dropped_before"
+DROPPED_AFTER = "dropped_after"
+LATE = "late"
+FATES = (ON_TIME, DROPPED_BEFORE, DROPPED_AFTER, LATE)
+
+
+@dataclass
+class FaultsConfig:
+    """Client dropout and stragglers with a deadline (embedded simulator only)."""
+
+    dropout_before: float = opt(0.0, "Probability that a sampled client drops out after receiving its downlink "
+                                "and before training (it never replies).", ge=0.0, le=1.0)
+    dropout_after: float = opt(0.0, "Probability that a client that trained loses its uplink (the server never "
+                               "receives it).", ge=0.0, le=1.0)
+    straggler_fraction: float = opt(0.0, "Probability that a replying client is a straggler.", ge=0.0, le=1.0)
+    straggler_delay: float = opt(0.0, "A straggler's extra simulated seconds are uniform in [0, this).", ge=0.0)
+    client_seconds: float = opt(1.0, "Simulated seconds every client needs to train and reply.", gt=0.0)
+    deadline: float = opt(0.0, "Simulated seconds after which the server closes a round and ignores later "
+                          "replies; 0 waits for every reply.", ge=0.0)
+
+    def __post_init__(self) -> None:
+        if 0.0 < self.deadline < self.client_seconds:
+            fail(self, "deadline", self.deadline, f"0 (no deadline) or at least faults.client_seconds "
+                 f"({self.client_seconds}); every client would miss it")
+        if self.straggler_fraction > 0 and self.straggler_delay == 0:
+            fail(self, "straggler_delay", self.straggler_delay, "a number > 0 when faults.straggler_fraction > 0 "
+                 "(a straggler without delay is an ordinary client)")
+
+    @property
+    def active(self) -> bool:
+        """Whether any fault can happen."""
+        return self.dropout_before > 0 or self.dropout_after > 0 or self.straggler_fraction > 0
+
+
+def client_fate(cfg: FaultsConfig, *, seed: int, rnd: int, client_id: int) -> tuple[str, float]:
+    """The fate of one client in round ``rnd`` and its simulated reply time (seconds; 0 when it never replies)."""
+    u_before, u_after, u_straggler, u_delay = torch.rand(4, generator=generator(seed, "faults", rnd, client_id),
+                                                         dtype=torch.float64).tolist()
+    if u_before < cfg.dropout_before:
+        return DROPPED_BEFORE, 0.0
+    if u_after < cfg.dropout_after:
+        return DROPPED_AFTER, 0.0
+    seconds = cfg.client_seconds
+    if u_straggler < cfg.straggler_fraction:
+        seconds += u_delay * cfg.straggler_delay
+    if cfg.deadline > 0 and seconds > cfg.deadline:
+        return LATE, seconds
+    return ON_TIME, seconds
+
+
+def round_fates(cfg: FaultsConfig, clients: Sequence[int], *, seed: int, rnd: int) -> dict[int, tuple[str, float]]:
+    """:func:`client_fate` of every sampled client."""
+    return {cid: client_fate(cfg, seed=seed, rnd=rnd, client_id=cid) for cid in clients}
