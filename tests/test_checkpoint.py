@@ -103,6 +103,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tiny, monkeypatch):
     assert latest_checkpoint_dir(sim.run_dir).name == "round_000002"
     monkeypatch.undo()
     assert Simulation(cfg, quiet=True, resume=True).run()["rounds"] == 4
+    assert sorted(p.name for p in (sim.run_dir / "checkpoint").iterdir()) == ["LATEST", "round_000004"]
 
 
 @pytest.fixture

@@ -141,6 +141,10 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, *, rnd: int, method: str, ser
     """Write the checkpoint of round ``rnd`` and make it the latest one atomically; return its directory."""
     root = run_dir / CHECKPOINT_DIR
     final = root / f"round_{rnd:06d}"
+    copies = 1
+    while final.exists():  # never overwrite a directory LATEST may name (an earlier run's round rnd)
+        copies += 1
+        final = root / f"round_{rnd:06d}-{copies}"
     tmp = root / f".round_{rnd:06d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -157,13 +161,11 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, *, rnd: int, method: str, ser
         json.dump(manifest, fh, default=float)
         fh.flush()
         os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
     tmp.replace(final)
     pointer = root / (LATEST + ".tmp")
     pointer.write_text(final.name, encoding="utf-8")
     pointer.replace(root / LATEST)
-    for old in root.glob("round_*"):
+    for old in [*root.glob("round_*"), *root.glob(".round_*.tmp")]:  # older rounds, half-written leftovers
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
