@@ -118,9 +118,9 @@ def saved_run(tmp_path):
     return args, tmp_path / "x" / "checkpoint" / "round_000002"
 
 
-@pytest.mark.parametrize("damage", ["manifest", "truncated", "config"])
+@pytest.mark.parametrize("damage", ["manifest", "truncated", "config", "finished"])
 def test_damaged_or_mismatched_checkpoint_is_refused_with_one_line(saved_run, capsys, damage):
-    """A corrupt manifest, a truncated state file or a changed configuration: exit 2, one line naming the cause."""
+    """Corrupt manifest, truncated state, changed configuration, nothing left to run: exit 2, one line naming why."""
     # Prepare
     args, directory = saved_run
     extra = ["federate.total_round_num", "3"]
@@ -129,8 +129,10 @@ def test_damaged_or_mismatched_checkpoint_is_refused_with_one_line(saved_run, ca
     elif damage == "truncated":
         data = (directory / "state.safetensors").read_bytes()
         (directory / "state.safetensors").write_bytes(data[: len(data) // 2])
-    else:
+    elif damage == "config":
         extra += ["train.optimizer.lr", "0.5"]
+    else:
+        extra = []
     capsys.readouterr()
     # Execute
     code = main(["run", "--quiet", "--resume", "--cfg", *args, *extra])
@@ -138,7 +140,8 @@ def test_damaged_or_mismatched_checkpoint_is_refused_with_one_line(saved_run, ca
     # Assert
     assert code == 2 and len(err) == 1
     expected = {"manifest": "corrupt checkpoint", "truncated": "SHA-256 does not match",
-                "config": "config key 'train.optimizer.lr' = 0.5"}[damage]
+                "config": "config key 'train.optimizer.lr' = 0.5",
+                "finished": "config key 'federate.total_round_num' = 2 is not allowed: more than the 2 rounds"}[damage]
     assert expected in err[0]
 
 

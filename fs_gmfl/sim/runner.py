@@ -17,6 +17,7 @@ import shutil
 import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -35,9 +36,9 @@ from fs_gmfl.core.seeding import generator
 from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.plots import MIB, plot_runs
+from fs_gmfl.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from fs_gmfl.sim.data import FederatedData, federated_data_for
 from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
-from fs_gmfl.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from fs_gmfl.sim.models import AdapterVariants, build_backbone, load_tokenizer, set_threads_from_env
 from fs_gmfl.sim.store import ClientStateStore
 from fs_gmfl.sim.training import evaluate, train_local
@@ -289,16 +290,16 @@ class Simulation:
         """Run every round, write the outputs and return the summary."""
         start = time.time()
         self.setup()
-        writer = RunWriter(self.run_dir, self.cfg)
         total = self.cfg.federate.total_round_num
+        if self.checkpoint is not None and self.checkpoint.round >= total:
+            raise ConfigError("federate.total_round_num", total, f"more than the {self.checkpoint.round} rounds "
+                              "already run by the checkpoint being resumed")
+        writer = RunWriter(self.run_dir, self.cfg)
         if self.checkpoint is not None:
             per_round: list[dict[str, Any]] = list(self.checkpoint.manifest["per_round"])
             for rnd, metrics in self.eval_records:
                 writer.eval_line(rnd, metrics)
             first = self.checkpoint.round + 1
-            if first > total:
-                raise ConfigError("federate.total_round_num", total, f"more than the {self.checkpoint.round} rounds "
-                                  "already run by the checkpoint being resumed")
         else:
             per_round = [{"round": 0, **self._evaluate_and_log(writer, 0)}]
             first = 1
@@ -376,8 +377,6 @@ def stop_on_sigterm() -> Iterator[None]:
 
     Checkpoints are written atomically, so stopping anywhere leaves the last one intact.
     """
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
