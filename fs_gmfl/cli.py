@@ -2,7 +2,7 @@
 
 Sub-commands:
 
-* ``run --cfg FILE [--quiet] [KEY VALUE ...]``: a federated run on the
+* ``run --cfg FILE [--quiet] [--resume] [KEY VALUE ...]``: a federated run on the
   embedded simulator;
 * ``comm --cfg FILE [KEY VALUE ...]``: per-round bytes per client profile as
   JSON, from a model built on the meta device (no weights);
@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from fs_gmfl import __version__
 from fs_gmfl.errors import FsGmflError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def _quiet_libraries() -> None:
@@ -51,7 +53,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fs_gmfl.sim.runner import Simulation
 
     cfg = load_config(args.cfg, args.opts)
-    Simulation(cfg, quiet=args.quiet).run()
+    sim = Simulation(cfg, quiet=args.quiet, resume=args.resume)
+    try:
+        sim.run()
+    except KeyboardInterrupt:
+        if sim.saved_round is None:
+            print("fs-gmfl: interrupted; no checkpoint was written (set federate.save_freq > 0 to allow resuming)",
+                  file=sys.stderr)
+        else:
+            command = " ".join(["fs-gmfl run --cfg", shlex.quote(args.cfg), "--resume", *map(shlex.quote, args.opts)])
+            print(f"fs-gmfl: interrupted; the checkpoint of round {sim.saved_round} in {sim.run_dir / 'checkpoint'} "
+                  f"is intact; resume with: {command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -113,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federated experiment on the embedded simulator")
     run.add_argument("--cfg", required=True, help="YAML configuration file")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint "
+                     "(written every federate.save_freq rounds); the configuration must match")
     run.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, e.g. federate.total_round_num 5")
     run.set_defaults(func=_cmd_run)
     comm = sub.add_parser("comm", help="estimate per-round bytes from a meta-device model")
@@ -153,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fs-gmfl: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 HOST_ONLY_SECTIONS = ("trainer", "criterion", "early_stop", "distribute", "wandb", "backend", "verbose",
                       "print_decimal_digits", "check_completeness", "expname_tag", "cfg_file")
 HOST_ONLY_KEYS = ("federate.share_local_model", "federate.make_global_eval", "federate.save_to",
-                  "federate.save_freq", "federate.restore_from", "eval.count_flops",
+                  "federate.restore_from", "eval.count_flops",
                   "eval.best_res_update_round_wise_key", "eval.report", "llm.cache", "llm.chat",
                   "llm.retry_on_nan_loss", "llm.adapter.mv_to_cpu", "dataloader.num_workers")
 
@@ -51,6 +51,8 @@ class FederateConfig:
     sample_client_rate: float = opt(-1.0, "Fraction of clients sampled per round when sample_client_num is -1.",
                                     ge=-1.0, le=1.0)
     total_round_num: int = opt(10, "Number of communication rounds.", ge=1)
+    save_freq: int = opt(0, "Rounds between checkpoints of the run (<run_dir>/checkpoint, resumed with "
+                         "'fs-gmfl run --cfg F --resume'); the last round is always saved; 0 or -1: none.", ge=-1)
 
     def __post_init__(self) -> None:
         if self.sample_client_num == 0:

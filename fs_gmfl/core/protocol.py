@@ -19,7 +19,7 @@ Neither side knows which host it runs in.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,13 @@ class ClientAlgorithm(abc.ABC):
     @abc.abstractmethod
     def finish(self, plan: LocalPlan, stats: TrainStats, client_state: MutableMapping[str, Any]) -> Message:
         """Build the uplink after local training."""
+
+    def host_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """What this algorithm keeps in the host's shared ``model`` between rounds (for checkpoints); none here."""
+        return {}
+
+    def load_host_state_dict(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`host_state_dict` into ``model``."""
 
 
 @dataclass

@@ -14,8 +14,10 @@ import json
 import logging
 import resource
 import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -31,9 +33,10 @@ from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import TrainStats
 from fs_gmfl.core.seeding import generator
-from fs_gmfl.errors import ConfigError
+from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.plots import MIB, plot_runs
+from fs_gmfl.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from fs_gmfl.sim.data import FederatedData, federated_data_for
 from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
 from fs_gmfl.sim.models import AdapterVariants, build_backbone, load_tokenizer, set_threads_from_env
@@ -97,14 +100,20 @@ class Simulation:
     Args:
         cfg: the run configuration.
         quiet: no progress bar and no final line.
+        resume: continue from the latest checkpoint in the run directory
+            (written every ``federate.save_freq`` rounds).
     """
 
-    def __init__(self, cfg: RunConfig, *, quiet: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> None:
         if cfg.federate.mode != "standalone":
             raise ConfigError("federate.mode", cfg.federate.mode, "'standalone' in the embedded simulator; "
                               "distributed runs go through the FederatedScope host ('fs-gmfl fs-run')")
         self.cfg = cfg
         self.quiet = quiet
+        self.resume = resume
+        self.checkpoint: Checkpoint | None = None
+        self.saved_round: int | None = None  # the round of the latest checkpoint this run wrote or resumed
+        self.eval_records: list[tuple[int, dict[str, float]]] = []
         self.run_dir = Path(cfg.outdir) / cfg.run_name
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and cfg.device >= 0:
@@ -131,9 +140,49 @@ class Simulation:
                                                          model=self.model))
         self.transport = InMemoryTransport(self._fit_client)
         state_dir = self.run_dir / "client_state"
+        if self.resume:
+            self.checkpoint = load_checkpoint(self.run_dir, cfg, self.method.strategy.name)
         if state_dir.exists():
             shutil.rmtree(state_dir)  # a fresh run must not inherit client caches of an earlier run
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint, state_dir)
         self.store = ClientStateStore(state_dir)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _restore(self, ckpt: Checkpoint, state_dir: Path) -> None:
+        """Put the server, the client store and the run records back to the end of round ``ckpt.round``."""
+        try:
+            self.method.strategy.load_state_dict(ckpt.server_state["strategy"])
+            self.method.client.load_host_state_dict(self.model, ckpt.server_state["client"])
+        except (KeyError, ValueError, TypeError, IndexError) as err:
+            raise InputError(f"checkpoint {ckpt.directory} does not fit this run's strategy: {err}") from None
+        if ckpt.client_state_dir.exists():
+            shutil.copytree(ckpt.client_state_dir, state_dir)
+        records = ckpt.manifest
+        self.ledger.load_state_dict(records["ledger"])
+        self.step_seconds = [float(x) for x in records["step_seconds"]]
+        self.rejections = dict(records["rejections"])
+        self.fault_counts = dict(records["fault_counts"])
+        self.empty_rounds = list(records["empty_rounds"])
+        self.eval_records = [(int(r), dict(m)) for r, m in records["eval_records"]]
+        restore_rng(records)
+        self.saved_round = ckpt.round
+
+    def save(self, rnd: int, per_round: list[dict[str, Any]]) -> None:
+        """Checkpoint the run at the end of round ``rnd``."""
+        records = {"per_round": per_round, "ledger": self.ledger.state_dict(), "step_seconds": self.step_seconds,
+                   "rejections": self.rejections, "fault_counts": self.fault_counts,
+                   "empty_rounds": self.empty_rounds, "eval_records": self.eval_records}
+        save_checkpoint(self.run_dir, self.cfg, rnd=rnd, method=self.method.strategy.name,
+                        server_state={"strategy": self.method.strategy.state_dict(),
+                                        "client": self.method.client.host_state_dict(self.model)},
+                        records=records,
+                        client_state_dir=self.store.directory)
+        self.saved_round = rnd
+
+    def _due(self, rnd: int) -> bool:
+        freq = self.cfg.federate.save_freq
+        return freq > 0 and (rnd % freq == 0 or rnd == self.cfg.federate.total_round_num)
 
     def _fit_client(self, rnd: int, client_id: int, message: Message) -> Message:
         with self.store.open(client_id) as state:
@@ -241,22 +290,30 @@ class Simulation:
         """Run every round, write the outputs and return the summary."""
         start = time.time()
         self.setup()
-        writer = RunWriter(self.run_dir, self.cfg)
-        per_round: list[dict[str, Any]] = []
-        initial = self.evaluate_global()
-        writer.eval_line(0, initial)
-        per_round.append({"round": 0, **initial})
         total = self.cfg.federate.total_round_num
-        bar = tqdm(range(1, total + 1), desc=self.cfg.run_name, unit="round", disable=self.quiet, file=sys.stderr,
-                   dynamic_ncols=True)
-        for rnd in bar:
-            row = self.run_round(rnd)
-            if rnd % self.cfg.eval.freq == 0 or rnd == total:
-                metrics = self.evaluate_global()
-                row.update(metrics)
+        if self.checkpoint is not None and self.checkpoint.round >= total:
+            raise ConfigError("federate.total_round_num", total, f"more than the {self.checkpoint.round} rounds "
+                              "already run by the checkpoint being resumed")
+        writer = RunWriter(self.run_dir, self.cfg)
+        if self.checkpoint is not None:
+            per_round: list[dict[str, Any]] = list(self.checkpoint.manifest["per_round"])
+            for rnd, metrics in self.eval_records:
                 writer.eval_line(rnd, metrics)
-            per_round.append(row)
-            bar.set_postfix(self._progress(per_round), refresh=False)
+            first = self.checkpoint.round + 1
+        else:
+            per_round = [{"round": 0, **self._evaluate_and_log(writer, 0)}]
+            first = 1
+        bar = tqdm(range(first, total + 1), desc=self.cfg.run_name, unit="round", disable=self.quiet,
+                   file=sys.stderr, dynamic_ncols=True)
+        with stop_on_sigterm():
+            for rnd in bar:
+                row = self.run_round(rnd)
+                if rnd % self.cfg.eval.freq == 0 or rnd == total:
+                    row.update(self._evaluate_and_log(writer, rnd))
+                per_round.append(row)
+                if self._due(rnd):
+                    self.save(rnd, per_round)
+                bar.set_postfix(self._progress(per_round), refresh=False)
         summary = self.summary(per_round, time.time() - start)
         writer.finish(summary, self.ledger)
         if not self.quiet:
@@ -265,6 +322,12 @@ class Simulation:
                   + f", uplink {summary['comm']['uplink_bytes'] / MIB:.2f} MiB, downlink "
                   f"{summary['comm']['downlink_bytes'] / MIB:.2f} MiB -> {self.run_dir}", file=sys.stderr)
         return summary
+
+    def _evaluate_and_log(self, writer: RunWriter, rnd: int) -> dict[str, float]:
+        metrics = self.evaluate_global()
+        self.eval_records.append((rnd, metrics))
+        writer.eval_line(rnd, metrics)
+        return metrics
 
     def _progress(self, per_round: list[dict[str, Any]]) -> dict[str, str]:
         totals = self.ledger.totals()
@@ -306,6 +369,26 @@ class Simulation:
             "method_info": self.method.info,
             "device": str(self.device),
         }
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into ``KeyboardInterrupt`` (like SIGINT) while the rounds run, in the main thread only.
+
+    Checkpoints are written atomically, so stopping anywhere leaves the last one intact.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class RunWriter:

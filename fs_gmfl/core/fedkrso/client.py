@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,6 +188,24 @@ class FedKRSOClient(ClientAlgorithm):
     def model_version(self, model: nn.Module) -> int:
         """The global version ``model``'s targeted weights hold (0: the initial backbone)."""
         return self._versions.get(model, 0)
+
+    def host_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """The version the shared model's targeted weights hold and, past the initial one, those weights."""
+        version = self.model_version(model)
+        weights = target_weights(model, self.layers) if version else {}
+        return {"version": version, "weights": {k: w.detach().clone() for k, w in weights.items()}}
+
+    def load_host_state_dict(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        """Put the targeted weights saved by :meth:`host_state_dict` back into ``model``."""
+        if not state.get("version"):
+            return
+        weights = target_weights(model, self.layers)
+        if set(state["weights"]) != set(weights):
+            raise ValueError("checkpoint FedKRSO weights do not match this model's targeted layers")
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                weights[name].copy_(value)
+        self._versions[model] = int(state["version"])
 
     # -- prepare -----------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
