@@ -248,12 +248,14 @@ SIMULATOR_ONLY_METHODS = ("fedkrso", "fft")
 def _check_supported(cfg: Any) -> None:
     method = str(plain(lookup(cfg, "federate.method"))).lower()
     if method in SIMULATOR_ONLY_METHODS:
-        raise ConfigError("federate.method", method, f"one of {sorted(set(owned_methods()) - set(SIMULATOR_ONLY_METHODS))} "
-                          f"under FederatedScope: '{method}' trains backbone weights, which this host does not yet "
-                          "exchange or checkpoint; run it with the embedded simulator (fs-gmfl run)")
-    if method == "fedhft" and plain(lookup(cfg, "fedhft.eval")) not in ("global", _MISSING):
-        raise ConfigError("fedhft.eval", plain(lookup(cfg, "fedhft.eval")), "'global' under FederatedScope: "
-                          "personalised evaluation on the clients' local shards runs in the embedded simulator only")
+        hostable = sorted(set(owned_methods()) - set(SIMULATOR_ONLY_METHODS))
+        raise ConfigError("federate.method", method, f"one of {hostable} under FederatedScope: '{method}' trains "
+                          "backbone weights, which this host does not yet exchange or checkpoint; run it with the "
+                          "embedded simulator (fs-gmfl run)")
+    fedhft_eval = plain(lookup(cfg, "fedhft.eval"))
+    if method == "fedhft" and fedhft_eval not in ("global", _MISSING):
+        raise ConfigError("fedhft.eval", fedhft_eval, "'global' under FederatedScope: personalised evaluation on "
+                          "the clients' local shards runs in the embedded simulator only")
     trainer = plain(lookup(cfg, "trainer.type"))
     if trainer != TRAINER_TYPE:
         raise ConfigError("trainer.type", trainer, f"'{TRAINER_TYPE}' for federate.method "
