@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fs_gmfl.bench.hafl import eval_freq, main
+from fs_gmfl.bench.hafl import eval_freq, main, per_seed_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -41,6 +41,20 @@ def test_bench_hafl_tiny_end_to_end(tmp_path):
     assert profiles["IFALoRA/IFZLoRA n=2"]["trained_params"] == 2 * 6 * 32
     assert all(p["peak_step_bytes"] > 0 for p in profiles.values())
     table = (out / "table.md").read_text()
-    assert "truncated to rank 2" in table and (out / "hafl_bench.png").is_file()
+    assert "truncated to rank 2" in table and "per seed" in table and (out / "hafl_bench.png").is_file()
     # a second call reuses the finished runs
     assert main(["--quick", "--out", str(out), "--no-profiles", *sets]) == 0
+
+
+def _summary(final_acc: float, rounds: int = 4) -> dict:
+    """A run summary whose test accuracy is ``final_acc`` at round ``rounds``."""
+    return {"per_round": [{"round": 2, "test_acc": 0.1}, {"round": rounds, "test_acc": final_acc}]}
+
+
+def test_per_seed_rows_pair_each_seed_with_the_reference():
+    """Each method's gap to HomLoRA r=16 is taken seed by seed, then averaged."""
+    results = {"HomLoRA r=16": [_summary(0.50), _summary(0.60)], "IFALoRA": [_summary(0.45), _summary(0.61)]}
+    rows = per_seed_rows(results, rounds=4)
+    assert rows[0] == ["HomLoRA r=16", "50.0", "60.0", "-"]
+    # gaps -5.0 and +1.0 points, mean -2.0
+    assert rows[1] == ["IFALoRA", "45.0", "61.0", "-2.0 (-5.0, +1.0)"]
