@@ -22,6 +22,15 @@ from fs_gmfl.sim.faults import FaultsConfig
 
 #: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
 METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft", "hafl", "fedkrso", "fft")
+#: packaged instruction datasets (causal-LM instruction tuning; rows read by ``fs_gmfl.sim.instructions``).
+PACKAGED_INSTRUCTION_DATA = ("evals_math", "chatterbot_en")
+
+
+def is_instruction_data_type(data_type: str) -> bool:
+    """True for instruction data: a packaged instruction set or a FederatedScope-LLM ``<file>.json(l)@llm``."""
+    return data_type in PACKAGED_INSTRUCTION_DATA or data_type.endswith((".json@llm", ".jsonl@llm"))
+
+
 #: methods GMFL can wrap.
 GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 
@@ -32,6 +41,7 @@ GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 HOST_ONLY_SECTIONS = ("trainer", "criterion", "early_stop", "distribute", "wandb", "backend", "verbose",
                       "print_decimal_digits", "check_completeness", "expname_tag", "cfg_file")
 HOST_ONLY_KEYS = ("federate.share_local_model", "federate.make_global_eval", "federate.save_to",
+                  "federate.online_aggr",
                   "federate.restore_from", "eval.count_flops",
                   "eval.best_res_update_round_wise_key", "eval.report", "llm.cache", "llm.chat",
                   "llm.retry_on_nan_loss", "llm.adapter.mv_to_cpu", "dataloader.num_workers")
@@ -79,11 +89,15 @@ class DataConfig:
     root: str = opt("data", "Directory searched first for dataset files (then $FS_GMFL_DATA and installed "
                     "packages).")
     type: str = opt("rotten_tomatoes", "Dataset: rotten_tomatoes, rotten_tomatoes_full, news_articles, "
-                    "health_tweets, synthetic, or csv:<path> / jsonl:<path> with 'text' and 'label' fields.")
+                    "health_tweets, synthetic, or csv:<path> / jsonl:<path> with 'text' and 'label' fields "
+                    "(classification); evals_math, chatterbot_en, or a FederatedScope-LLM '<file>.jsonl@llm' / "
+                    "'<file>.json@llm' under data.root (instruction tuning, model.task causal_lm).")
     splits: list[float] = opt(factory=lambda: [0.8, 0.1, 0.1], help="Train/val/test fractions of the pooled "
                               "data; train is partitioned over clients, val/test are held by the server.",
                               ge=0.0, le=1.0)
-    splitter: str = opt("iid", "Client partition: 'iid' or 'lda' (Dirichlet over labels).", choices=("iid", "lda"))
+    splitter: str = opt("iid", "Client partition: 'iid', 'lda' (Dirichlet over labels; over categories for "
+                        "instruction data) or 'meta' (one category -- or class -- per client, FederatedScope's meta splitter).",
+                        choices=("iid", "lda", "meta"))
     splitter_args: list[dict[str, Any]] = opt(factory=list, help="Splitter arguments, FederatedScope style: "
                                               "[{alpha: 0.5}] for lda (min_size optional).")
     subsample: float = opt(1.0, "Fraction of the dataset used (after a seeded shuffle).", gt=0.0, le=1.0)
@@ -100,7 +114,7 @@ class DataConfig:
         args = self.splitter_args[0] if self.splitter_args else {}
         if len(self.splitter_args) > 1:
             fail(self, "splitter_args", self.splitter_args, "a list with at most one mapping")
-        allowed = {"iid": set(), "lda": {"alpha", "min_size"}}[self.splitter]
+        allowed = {"iid": set(), "meta": set(), "lda": {"alpha", "min_size"}}[self.splitter]
         extra = set(args) - allowed
         if extra:
             fail(self, "splitter_args", self.splitter_args,
@@ -130,8 +144,10 @@ class ModelConfig:
                     "'tiny_llama' (random, from a config), a local model directory, or a shape preset "
                     "('gpt2-large', 'llama-7b', 'roberta-base'; 'fs-gmfl comm' only). A FederatedScope "
                     "'@huggingface_llm' suffix is accepted.")
-    task: str = opt("seq_cls", "'seq_cls' (sequence classification with a trained head) or 'causal_lm'.",
-                    choices=("seq_cls", "causal_lm"))
+    task: str = opt("auto", "'seq_cls' (sequence classification with a trained head), 'causal_lm' (instruction "
+                    "tuning: loss on response tokens, generation-based evaluation; classification data become "
+                    "'answer with the label name' rows) or 'auto' (causal_lm for instruction data, else seq_cls).",
+                    choices=("auto", "seq_cls", "causal_lm"))
     num_labels: int = opt(0, "Classes of the head; 0 takes the dataset's.", ge=0)
     hidden_size: int = opt(32, "Hidden size of tiny_* models.", ge=4)
     num_layers: int = opt(2, "Layers of tiny_* models.", ge=1)
@@ -176,6 +192,10 @@ class LLMConfig:
     """``llm.*``."""
 
     tok_len: int = opt(128, "Maximum tokens per example.", ge=4)
+    min_response_fraction: float = opt(0.25, "Instruction data: when prompt + response exceed tok_len, the "
+                                       "response keeps at least this fraction of tok_len (or all of it, if "
+                                       "shorter) and the prompt is cut from the left; counts are reported.",
+                                       gt=0.0, le=1.0, inferred=True)
     adapter: AdapterConfig = opt(factory=AdapterConfig, help="Adapter settings.")
 
 
@@ -215,6 +235,15 @@ class TrainConfig:
     batch_or_epoch: str = opt("batch", "Unit of local_update_steps.", choices=("batch", "epoch"))
     optimizer: OptimizerConfig = opt(factory=OptimizerConfig, help="Optimizer.")
     scheduler: SchedulerConfig = opt(factory=SchedulerConfig, help="Learning-rate schedule.")
+    is_enable_half: bool = opt(False, "FederatedScope's switch: keep the whole model (backbone and adapter) in "
+                               "train.half_dtype; clients train and upload in that dtype.")
+    half_dtype: str = opt("bfloat16", "Dtype of is_enable_half: 'bfloat16' (fast on CPUs with avx512_bf16 and on "
+                          "GPUs) or 'float16' (FederatedScope's .half(); GPU only in practice).",
+                          choices=("bfloat16", "float16"), inferred=True)
+    autocast: str = opt("none", "Mixed precision with fp32 master weights and fp32 uplinks: 'bfloat16' autocast "
+                        "(CPU and GPU) or 'none'.", choices=("none", "bfloat16"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, more "
+                                       "time).")
 
 
 @dataclass
@@ -229,10 +258,16 @@ class EvalConfig:
     """``eval.*``."""
 
     freq: int = opt(1, "Evaluate the global model every this many rounds (and after the last).", ge=1)
-    metrics: list[str] = opt(factory=lambda: ["acc", "loss"], help="Metrics to report.", choices=("acc", "loss"))
+    metrics: list[str] = opt(factory=lambda: ["acc", "loss"], help="Metrics to report; for causal_lm 'acc' or "
+                             "'exact_match' adds generation-based exact match, 'loss' the response-token loss, "
+                             "average loss and perplexity.", choices=("acc", "loss", "exact_match"))
     split: list[str] = opt(factory=lambda: ["test"], help="Server-held splits to evaluate.",
                            choices=("val", "test"))
     batch_size: int = opt(64, "Evaluation batch size.", ge=1)
+    max_new_tokens: int = opt(32, "causal_lm: greedy decoding stops after this many new tokens (or at EOS).",
+                              ge=1)
+    generation_rows: int = opt(0, "causal_lm: exact match is measured on this many rows of each split (a fixed "
+                               "seeded subset; 0: all rows). Losses always use every row.", ge=0)
 
 
 @dataclass
@@ -262,6 +297,7 @@ class RunConfig:
                                "simulator only).")
 
     def __post_init__(self) -> None:
+        self._resolve_task()
         if self.federate.method == "hafl":
             if self.gmfl.use:
                 fail(self, "gmfl.use", True, "False with federate.method 'hafl': HAFL already decides per rank-1 "
@@ -275,6 +311,16 @@ class RunConfig:
             fail(self, "llm.adapter.use", False, f"True for federate.method '{self.federate.method}'")
         if self.federate.method == "fedhft":
             self._check_fedhft()
+
+    def _resolve_task(self) -> None:
+        instruction = is_instruction_data_type(self.data.type)
+        if self.model.task == "auto":
+            self.model.task = "causal_lm" if instruction else "seq_cls"
+        elif instruction and self.model.task == "seq_cls":
+            fail(self, "model.task", "seq_cls", f"'causal_lm' or 'auto' for instruction data '{self.data.type}'")
+        if self.train.is_enable_half and self.train.autocast != "none":
+            fail(self, "train.autocast", self.train.autocast, "'none' with train.is_enable_half (the model is "
+                 "already in half precision)")
 
     def _check_fedhft(self) -> None:
         hft = self.fedhft

@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -233,19 +234,34 @@ class Encoded:
 class HashTokenizer:
     """Dependency-free word tokenizer for tiny random models: ``id = 3 + crc32(word) mod (V - 3)``.
 
-    Ids 0, 1, 2 are padding, start and end.
+    Ids 0, 1, 2 are padding, start and end. :meth:`decode` maps ids back to
+    the words this tokenizer has encoded (hash collisions give the latest word).
     """
 
     pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
+        self.words: dict[int, str] = {}
+
+    def word_ids(self, text: str) -> list[int]:
+        """Token ids of the words of ``text``, without start/end ids."""
+        ids = []
+        for word in re.findall(r"\w+|[^\w\s]", text.lower()):
+            token = 3 + zlib.crc32(word.encode()) % (self.vocab_size - 3)
+            self.words[token] = word
+            ids.append(token)
+        return ids
 
     def encode(self, text: str, max_length: int) -> list[int]:
         """Token ids of one text, with start/end ids, cut to ``max_length``."""
-        words = re.findall(r"\w+|[^\w\s]", text.lower())
-        ids = [1] + [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in words] + [2]
-        return ids[:max_length]
+        return [self.bos_token_id, *self.word_ids(text), self.eos_token_id][:max_length]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The words of ``ids`` joined by spaces (special ids dropped)."""
+        return " ".join(self.words.get(int(i), f"<{int(i)}>") for i in ids if int(i) > 2 or not skip_special_tokens)
 
 
 def encode_texts(texts: Sequence[str], tokenizer: object, max_length: int) -> tuple[Tensor, Tensor]:
@@ -351,6 +367,7 @@ class FederatedData:
     num_labels: int
     label_names: list[str]
     client_val_indices: list[Tensor] | None = None
+    truncation: Any = None  # a causal_data.TruncationReport for instruction data
 
     def client_data(self, client_id: int) -> Encoded:
         """Training rows of client ``client_id`` (0-based)."""
@@ -369,8 +386,16 @@ class FederatedData:
 
 
 def build_federated_data(cfg: DataConfig, *, num_clients: int, tokenizer: object, max_length: int, seed: int,
-                         vocab_size: int = 1000) -> FederatedData:
-    """Read, tokenise, split and partition the dataset of ``cfg``."""
+                         vocab_size: int = 1000, task: str = "seq_cls",
+                         min_response_fraction: float = 0.25) -> FederatedData:
+    """Read, tokenise, split and partition the dataset of ``cfg`` (instruction rows for ``task == 'causal_lm'``)."""
+    if task == "causal_lm":
+        from fs_gmfl.sim.causal_data import instruction_pool
+
+        pool, label_names, truncation = instruction_pool(cfg, tokenizer, max_length=max_length, seed=seed,
+                                                         min_response_fraction=min_response_fraction)
+        return _split_and_partition(cfg, pool, label_names, num_clients=num_clients, seed=seed,
+                                    truncation=truncation)
     if cfg.type == "synthetic":
         pool = synthetic_dataset(cfg, vocab_size=vocab_size, max_length=max_length, seed=seed)
         label_names = [str(i) for i in range(cfg.synthetic_num_classes)]
@@ -380,6 +405,12 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, tokenizer: object
         labels = torch.tensor(corpus.labels, dtype=torch.long)
         pool = Encoded(ids, mask, labels, labels.clone())
         label_names = corpus.label_names
+    return _split_and_partition(cfg, pool, label_names, num_clients=num_clients, seed=seed)
+
+
+def _split_and_partition(cfg: DataConfig, pool: Encoded, label_names: list[str], *, num_clients: int, seed: int,
+                         truncation: Any = None) -> FederatedData:
+    """Subsample, split into train/val/test and partition train over clients (``groups`` drive lda and meta)."""
     if cfg.subsample < 1.0:
         keep = torch.randperm(len(pool), generator=generator(seed, "subsample"))[: max(1, int(cfg.subsample * len(pool)))]
         pool = pool.subset(keep.sort().values)
@@ -388,13 +419,17 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, tokenizer: object
     if cfg.splitter == "lda":
         shards = lda_partition(train.groups, num_clients, alpha=cfg.lda_alpha(), min_size=cfg.lda_min_size(),
                                seed=seed)
+    elif cfg.splitter == "meta":
+        from fs_gmfl.sim.causal_data import meta_partition
+
+        shards = meta_partition(train.groups, num_clients, seed=seed)
     else:
         shards = iid_partition(len(train), num_clients, seed=seed)
     local_val = None
     if cfg.client_val_fraction > 0:
         shards, local_val = split_client_validation(shards, cfg.client_val_fraction, seed=seed)
     return FederatedData(train, pool.subset(val_idx), pool.subset(test_idx), shards, len(label_names), label_names,
-                         local_val)
+                         local_val, truncation)
 
 
 def split_client_validation(shards: list[Tensor], fraction: float, *, seed: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -411,4 +446,5 @@ def split_client_validation(shards: list[Tensor], fraction: float, *, seed: int)
 def federated_data_for(cfg: RunConfig, tokenizer: object) -> FederatedData:
     """The :class:`FederatedData` of a run configuration (clients, token length, seed, vocabulary)."""
     return build_federated_data(cfg.data, num_clients=cfg.federate.client_num, tokenizer=tokenizer,
-                                max_length=cfg.llm.tok_len, seed=cfg.seed, vocab_size=cfg.model.vocab_size)
+                                max_length=cfg.llm.tok_len, seed=cfg.seed, vocab_size=cfg.model.vocab_size,
+                                task=cfg.model.task, min_response_fraction=cfg.llm.min_response_fraction)

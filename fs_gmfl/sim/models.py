@@ -102,9 +102,13 @@ def model_dir(cfg: RunConfig) -> Path | None:
     source = model_source(cfg.model.type)
     if source in TINY_TYPES or source in SHAPE_PRESETS:
         return None
+    if source == "smollm2":
+        from fs_gmfl.sim.smollm2 import smollm2_dir
+
+        return smollm2_dir()
     path = minilm_path() if source == "minilm" else Path(source)
     if not (path / "config.json").is_file():
-        raise ConfigError("model.type", cfg.model.type, "'minilm', a tiny_* type, a shape preset "
+        raise ConfigError("model.type", cfg.model.type, "'minilm', 'smollm2', a tiny_* type, a shape preset "
                           f"({', '.join(SHAPE_PRESETS)}) or a local model directory containing config.json")
     return path
 
@@ -262,6 +266,21 @@ class AdapterVariants:
                 if kind_of(key) == HEAD:
                     p.copy_(default[key])
         self.names[shape] = name
+
+
+def prepare_for_training(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
+    """Move ``model`` to ``device``; cast it to ``train.half_dtype`` under ``train.is_enable_half``; switch on
+    gradient checkpointing under ``train.gradient_checkpointing``."""
+    model = model.to(device)
+    if cfg.train.is_enable_half:
+        model = model.to(getattr(torch, cfg.train.half_dtype))
+    if cfg.train.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", True) or not hasattr(
+                model, "gradient_checkpointing_enable"):
+            raise ConfigError("train.gradient_checkpointing", True, f"False for {cfg.model.type} (the model does not "
+                              "support it)")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def set_threads_from_env() -> None:

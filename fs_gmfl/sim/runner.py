@@ -39,7 +39,9 @@ from fs_gmfl.plots import MIB, plot_runs
 from fs_gmfl.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from fs_gmfl.sim.data import FederatedData, federated_data_for
 from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
-from fs_gmfl.sim.models import AdapterVariants, build_backbone, load_tokenizer, set_threads_from_env
+from fs_gmfl.sim.llm_eval import EvalSettings, evaluate_causal_lm
+from fs_gmfl.sim.models import (AdapterVariants, build_backbone, load_tokenizer, prepare_for_training,
+                                set_threads_from_env)
 from fs_gmfl.sim.store import ClientStateStore
 from fs_gmfl.sim.training import evaluate, train_local
 
@@ -134,7 +136,7 @@ class Simulation:
         self.data: FederatedData = federated_data_for(cfg, tokenizer)
         num_labels = cfg.model.num_labels or self.data.num_labels
         self.backbone = build_backbone(cfg, num_labels)
-        self.model = self.backbone.model.to(self.device)
+        self.model = prepare_for_training(self.backbone.model, cfg, self.device)
         variants = AdapterVariants(self.model, cfg, self.backbone.target_modules)
         self.method: Method = build_method(MethodContext(cfg, adapter_state(self.model), variants,
                                                          model=self.model))
@@ -264,7 +266,7 @@ class Simulation:
                     cid = int(name.split(":", 1)[1])
                     data = self.data.client_val_data(cid)
                     if len(data):
-                        metrics = self._metrics(data)
+                        metrics = self._metrics(data, "val")
                         client_results.append((len(data), metrics))
                         results.update({f"{name}/val_{k}": v for k, v in metrics.items()})
                 else:
@@ -272,17 +274,24 @@ class Simulation:
         results.update(weighted_client_metrics(client_results))
         return results
 
-    def _metrics(self, data: Any) -> dict[str, float]:
-        metrics = evaluate(self.model, data, batch_size=self.cfg.eval.batch_size, task=self.cfg.model.task,
-                           device=self.device)
-        return {k: v for k, v in metrics.items() if k in self.cfg.eval.metrics or k == "ppl"}
+    def _metrics(self, data: Any, split: str) -> dict[str, float]:
+        cfg = self.cfg
+        if cfg.model.task == "causal_lm":
+            wanted = set(cfg.eval.metrics)
+            settings = EvalSettings(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                                    generation_rows=cfg.eval.generation_rows, seed=cfg.seed,
+                                    exact_match=bool(wanted & {"acc", "exact_match"}), loss="loss" in wanted)
+            return evaluate_causal_lm(self.model, self.backbone.tokenizer, data, settings, split=split,
+                                      device=self.device)
+        metrics = evaluate(self.model, data, batch_size=cfg.eval.batch_size, task=cfg.model.task, device=self.device)
+        return {k: v for k, v in metrics.items() if k in cfg.eval.metrics or k == "ppl"}
 
     def _evaluate_splits(self, prefix: str) -> dict[str, float]:
         results: dict[str, float] = {}
         for split in self.cfg.eval.split:
             data = self.data.val if split == "val" else self.data.test
             if len(data):
-                results.update({f"{prefix}{split}_{k}": v for k, v in self._metrics(data).items()})
+                results.update({f"{prefix}{split}_{k}": v for k, v in self._metrics(data, split).items()})
         return results
 
     # -- the whole run -----------------------------------------------------------------------
@@ -334,7 +343,7 @@ class Simulation:
         post = {"up": f"{totals['uplink_bytes'] / MIB:.1f}MiB", "down": f"{totals['downlink_bytes'] / MIB:.1f}MiB"}
         latest = next((r for r in reversed(per_round) if any(k.endswith("_acc") or k.endswith("_loss") for k in r)),
                       None)
-        for key in ("test_acc", "val_acc", "test_loss"):
+        for key in ("test_acc", "val_acc", "test_exact_match", "test_avg_loss", "test_loss"):
             if latest and key in latest:
                 post[key] = f"{latest[key]:.3f}"
                 break
@@ -363,11 +372,13 @@ class Simulation:
             "clients": {"num": self.cfg.federate.client_num, "per_round": self.cfg.federate.clients_per_round(),
                         "train_sizes": [int(len(i)) for i in self.data.client_indices]},
             "data": {"type": self.cfg.data.type, "train": len(self.data.train), "val": len(self.data.val),
-                     "test": len(self.data.test), "num_labels": self.data.num_labels},
+                     "test": len(self.data.test), "num_labels": self.data.num_labels,
+                     **({"truncated": self.data.truncation.as_dict()} if self.data.truncation else {})},
             "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections)},
             "faults": {**self.fault_counts, "rounds_without_replies": list(self.empty_rounds)},
             "method_info": self.method.info,
             "device": str(self.device),
+            "precision": precision_of(self.cfg),
         }
 
 
@@ -412,9 +423,17 @@ class RunWriter:
             for t in ledger.transfers:
                 fh.write(json.dumps(t.as_row()) + "\n")
         write_json_atomic(self.run_dir / "summary.json", summary)
-        metric = "test_acc" if any("test_acc" in r for r in summary["per_round"]) else "test_loss"
+        metric = next((m for m in ("test_acc", "test_exact_match", "test_avg_loss")
+                       if any(m in r for r in summary["per_round"])), "test_loss")
         plot_runs([(summary["run_name"], summary)], self.run_dir / "curves.png", metric=metric,
                   title=summary["run_name"])
+
+
+def precision_of(cfg: RunConfig) -> str:
+    """How the run computes: ``fp32``, ``bfloat16 autocast`` or the is_enable_half dtype."""
+    if cfg.train.is_enable_half:
+        return f"{cfg.train.half_dtype} weights (is_enable_half)"
+    return "fp32" if cfg.train.autocast == "none" else f"fp32 weights, {cfg.train.autocast} autocast"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

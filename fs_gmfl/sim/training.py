@@ -8,6 +8,7 @@ restored after every step so decoupled weight decay cannot move them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -108,6 +109,13 @@ def restore_frozen_values(plan: LocalPlan) -> None:
         p.copy_(torch.where(keep, p, frozen))
 
 
+def autocast_context(cfg: RunConfig, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """``train.autocast``: bf16 autocast of the forward pass (weights and optimizer state stay fp32)."""
+    if cfg.train.autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, cfg.train.autocast))
+
+
 def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, client_id: int,
                 device: torch.device | str = "cpu") -> TrainStats:
     """Run local training as ``plan`` describes and report samples, steps, loss and step times.
@@ -136,7 +144,8 @@ def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, cli
             for group in optimizer.param_groups:
                 group["lr"] = lr * step_lr_factor(step, total, cfg.train.scheduler, lr)
             batch = {k: v.to(device) for k, v in data.batch(index).items()}
-            loss = plan.model(**batch).loss
+            with autocast_context(cfg, device):
+                loss = plan.model(**batch).loss
             if plan.weight_decay_mask_via_loss and wd > 0:
                 loss = loss + masked_l2_penalty(plan, wd)
             if not torch.isfinite(loss):

@@ -1,0 +1,159 @@
+"""Evaluation of causal LMs on instruction data: response-token loss and generation-based exact match.
+
+Metric names follow FederatedScope-LLM's trainer and monitor, per split:
+
+* ``<split>_loss``: sum over batches of the batch's mean response-token loss
+  times the batch size, ``<split>_total``: rows, ``<split>_avg_loss``: their
+  ratio (what FederatedScope reports for ``eval.metrics: ['loss']``);
+* ``<split>_token_loss``: mean cross-entropy over all response tokens, and
+  ``<split>_ppl = exp(token_loss)``;
+* ``<split>_exact_match``: the share of rows whose greedy answer equals the
+  reference after :func:`normalize_answer` (only when requested).
+
+Batches are sorted by length (less padding), run under ``torch.inference_mode``
+and the greedy decoding uses the KV cache with left-padded prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationConfig
+
+from fs_gmfl.core.seeding import generator
+from fs_gmfl.sim.causal_data import IGNORE_INDEX, CausalEncoded, special_ids
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """The first non-empty line, lower-cased, without punctuation and articles, whitespace collapsed.
+
+    (SQuAD's answer normalisation applied to the answer's first line, so text
+    the model appends after its answer on later lines does not count.)
+    """
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    return " ".join(_ARTICLES.sub(" ", line.lower().translate(_PUNCTUATION)).split())
+
+
+@dataclass
+class EvalSettings:
+    """What to measure and how (``eval.*``)."""
+
+    batch_size: int
+    max_new_tokens: int
+    generation_rows: int = 0
+    exact_match: bool = True
+    loss: bool = True
+    seed: int = 0
+
+
+def length_sorted_batches(lengths: Tensor, batch_size: int) -> list[Tensor]:
+    """Row indices grouped into batches of similar length (longest first)."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return list(torch.split(order, batch_size))
+
+
+@torch.inference_mode()
+def response_losses(model: nn.Module, data: CausalEncoded, *, batch_size: int,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """FederatedScope-style ``loss``/``total``/``avg_loss`` and per-token ``token_loss``/``ppl`` over ``data``."""
+    fs_loss, token_sum, tokens = 0.0, 0.0, 0
+    for index in length_sorted_batches(data.attention_mask.sum(dim=1), batch_size):
+        batch = {k: v.to(device) for k, v in data.batch(index).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        if not bool(keep.any()):
+            continue
+        batch_sum = float(F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum"))
+        batch_tokens = int(keep.sum())
+        token_sum += batch_sum
+        tokens += batch_tokens
+        fs_loss += batch_sum / batch_tokens * len(index)
+    if tokens == 0:
+        return {}
+    token_loss = token_sum / tokens
+    return {"loss": fs_loss, "total": float(len(data)), "avg_loss": fs_loss / len(data),
+            "token_loss": token_loss, "ppl": math.exp(min(token_loss, 50.0))}
+
+
+def left_padded(prompts: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` of ``prompts`` padded on the left to the longest."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def greedy_answers(model: nn.Module, tokenizer: object, prompts: Sequence[Tensor], *, batch_size: int,
+                   max_new_tokens: int, device: torch.device | str = "cpu") -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (new token ids, up to and without EOS), in input order."""
+    pad, eos = special_ids(tokenizer)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                              eos_token_id=eos, use_cache=True)
+    answers: list[list[int]] = [[] for _ in prompts]
+    lengths = torch.tensor([len(p) for p in prompts])
+    for index in length_sorted_batches(lengths, batch_size):
+        ids, mask = left_padded([prompts[i] for i in index.tolist()], pad)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        for row, i in enumerate(index.tolist()):
+            new = out[row, ids.shape[1]:].tolist()
+            answers[i] = new[: new.index(eos)] if eos in new else new
+    return answers
+
+
+def decode(tokenizer: object, ids: Sequence[int]) -> str:
+    """Text of ``ids`` without special tokens."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def generation_subset(n: int, rows: int, *, seed: int, split: str) -> Tensor:
+    """The fixed rows exact match is measured on: all, or a seeded subset of ``rows``."""
+    if rows <= 0 or rows >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator(seed, "generation-rows", split))[:rows].sort().values
+
+
+def exact_match(model: nn.Module, tokenizer: object, data: CausalEncoded, settings: EvalSettings, *, split: str,
+                device: torch.device | str = "cpu") -> float:
+    """Share of rows whose normalised greedy answer equals the normalised reference.
+
+    The reference is the row's response tokens decoded by the same tokenizer,
+    so both sides see the same tokenisation artefacts.
+    """
+    rows = generation_subset(len(data), settings.generation_rows, seed=settings.seed, split=split).tolist()
+    if not rows:
+        return float("nan")
+    answers = greedy_answers(model, tokenizer, [data.prompt(i) for i in rows], batch_size=settings.batch_size,
+                             max_new_tokens=settings.max_new_tokens, device=device)
+    hits = 0
+    for i, answer in zip(rows, answers):
+        reference_ids = data.labels[i][data.labels[i] != IGNORE_INDEX].tolist()
+        hits += normalize_answer(decode(tokenizer, answer)) == normalize_answer(decode(tokenizer, reference_ids))
+    return hits / len(rows)
+
+
+def evaluate_causal_lm(model: nn.Module, tokenizer: object, data: CausalEncoded, settings: EvalSettings, *,
+                       split: str, device: torch.device | str = "cpu") -> dict[str, float]:
+    """The metrics of ``settings`` on ``data`` (names without the split prefix)."""
+    model.eval()
+    metrics: dict[str, float] = {}
+    if settings.loss:
+        metrics.update(response_losses(model, data, batch_size=settings.batch_size, device=device))
+    if settings.exact_match and len(data):
+        metrics["exact_match"] = exact_match(model, tokenizer, data, settings, split=split, device=device)
+    return metrics
