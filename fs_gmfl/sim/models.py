@@ -261,8 +261,10 @@ class AdapterVariants:
         self.model.add_adapter(name, lora_config(self.cfg.lora, self.cfg.model.task, self.targets, rank=shape[0],
                                                  alpha=shape[1]))
         default, added = adapter_parameters(self.model), adapter_parameters(self.model, name)
+        like = next(iter(default.values()))
         with torch.no_grad():
             for key, p in added.items():
+                p.data = p.data.to(device=like.device, dtype=like.dtype)  # same dtype/device as the default adapter
                 if kind_of(key) == HEAD:
                     p.copy_(default[key])
         self.names[shape] = name
