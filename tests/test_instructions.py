@@ -128,7 +128,8 @@ def test_bad_row_is_one_line_naming_file_and_row(tmp_path, suffix, bad, message)
     ("e.json", b"  \n\t\n", "is empty"),
     ("e.json", b"[]", "contains no rows"),
     ("e.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a", \n', "row 2 is not valid JSON"),
-    ("e.json", b'[{"instruction": "a", "output": "b"},\n {"instruction": }]', "is not valid JSON: Expecting value at line 2"),
+    ("e.json", b'[{"instruction": "a", "output": "b"},\n {"instruction": }]',
+     "is not valid JSON: Expecting value at line 2"),
     ("e.json", b'{"instruction": "a", "output": "b"}', "must hold a JSON list of row objects, found a JSON object"),
     ("e.json", b'"just text"', "found a JSON string"),
     ("e.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n',
@@ -162,7 +163,8 @@ def test_chat_to_row_system_becomes_instruction_user_becomes_input():
     messages = [{"role": "system", "content": " Answer with a number. "}, {"role": "user", "content": "2+2"}]
     assert chat_to_row(messages, " 4 ", "t") == InstructionRow("Answer with a number.", "2+2", "4", "t")
     assert chat_to_row(messages, ["[4]", "[4.0]"], "t").output == "[4]"
-    assert chat_to_row([{"role": "user", "content": "Say yes."}], "yes", "t") == InstructionRow("Say yes.", "", "yes", "t")
+    only_user = [{"role": "user", "content": "Say yes."}]
+    assert chat_to_row(only_user, "yes", "t") == InstructionRow("Say yes.", "", "yes", "t")
     two_system = [{"role": "system", "content": "A."}, {"role": "system", "content": "B."}, *messages[1:]]
     assert chat_to_row(two_system, "4", "t").instruction == "A.\nB."
 

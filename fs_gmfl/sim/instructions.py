@@ -374,5 +374,5 @@ def read_chatterbot_en(root: str) -> InstructionSet:
         for conversation in conversations:
             if isinstance(conversation, list):
                 rows.extend(InstructionRow(q, "", a, stem) for q, a in conversation_pairs(conversation))
-    return InstructionSet("chatterbot_en", rows,
-                          f"chatterbot-corpus {CHATTERBOT_VERSION} English, {len(CHATTERBOT_EN_FILES)} files in {folder}")
+    source = f"chatterbot-corpus {CHATTERBOT_VERSION} English, {len(CHATTERBOT_EN_FILES)} files in {folder}"
+    return InstructionSet("chatterbot_en", rows, source)

