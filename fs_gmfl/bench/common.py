@@ -79,3 +79,20 @@ def write_json(path: Path, data: Any) -> None:
 def progress(message: str) -> None:
     """Benchmark progress line on stderr."""
     print(message, file=sys.stderr, flush=True)
+
+
+def peak_step_memory(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated by torch on the CPU while ``fn`` runs, above the level at its start.
+
+    Every profiler event's own allocations and frees (``self_cpu_memory_usage``)
+    are summed in start-time order; the largest running total is the peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak

@@ -21,9 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch.profiler import ProfilerActivity, profile
 
-from fs_gmfl.bench.common import fmt_pm, machine, markdown_table, mean_curve, progress, write_json
+from fs_gmfl.bench.common import fmt_pm, machine, markdown_table, mean_curve, peak_step_memory, progress, write_json
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.adapter import adapter_state
 from fs_gmfl.core.message import Message
@@ -152,21 +151,6 @@ def truncation_rows(summaries: Sequence[dict[str, Any]], rounds: int) -> list[li
 
 
 # -- per-profile step time and memory ---------------------------------------------------------------
-def peak_step_memory(fn: Callable[[], Any]) -> int:
-    """Peak bytes allocated by torch on the CPU while ``fn`` runs, above the level at its start.
-
-    Every profiler event's own allocations and frees (``self_cpu_memory_usage``)
-    are summed in start-time order; the largest running total is the peak.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
-
-
 def profile_clients(args: argparse.Namespace, overrides: Sequence[str]) -> list[tuple[str, Method, Any, Message]]:
     """For each profile of :data:`PROFILE_CLIENTS`: its method, model and a real round-1 downlink."""
     built: dict[str, tuple[Method, Any]] = {}

@@ -27,8 +27,8 @@ PACKAGED_INSTRUCTION_DATA = ("evals_math", "chatterbot_en")
 
 
 def is_instruction_data_type(data_type: str) -> bool:
-    """True for instruction data: a packaged instruction set or a FederatedScope-LLM ``<file>.json(l)@llm``."""
-    return data_type in PACKAGED_INSTRUCTION_DATA or data_type.endswith((".json@llm", ".jsonl@llm"))
+    """True for instruction data: a packaged instruction set or any FederatedScope-LLM ``<name>@llm`` type."""
+    return data_type in PACKAGED_INSTRUCTION_DATA or data_type.endswith("@llm")
 
 
 #: methods GMFL can wrap.

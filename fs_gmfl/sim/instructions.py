@@ -40,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from fs_gmfl.config.schema import PACKAGED_INSTRUCTION_DATA, is_instruction_data_type
 from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.sim.data import find_package_file, search_dirs
 
@@ -98,17 +99,12 @@ CHATTERBOT_EN_FILES = (
     "sports", "tech_support", "trivia",
 )
 
-PACKAGED = ("evals_math", "chatterbot_en")
-
-
-def is_instruction_data(data_type: str) -> bool:
-    """True for the packaged instruction datasets and FederatedScope-LLM ``'<name>@llm'`` types.
-
-    Every ``'<name>@llm'`` counts, so that an unsupported one (e.g. FederatedScope-LLM's
-    downloaded ``alpaca@llm``) gets :func:`read_instruction_set`'s error rather than the
-    classification datasets' one.
-    """
-    return data_type in PACKAGED or data_type.endswith(LLM_SUFFIX)
+#: packaged instruction sets; the config layer owns the list so it can resolve ``model.task`` without reading data.
+PACKAGED = PACKAGED_INSTRUCTION_DATA
+#: True for the packaged instruction datasets and every FederatedScope-LLM ``'<name>@llm'`` type (an unsupported
+#: one, e.g. FederatedScope-LLM's downloaded ``alpaca@llm``, gets :func:`read_instruction_set`'s error rather than
+#: the classification datasets' one).
+is_instruction_data = is_instruction_data_type
 
 
 def read_instruction_set(data_type: str, root: str) -> InstructionSet:

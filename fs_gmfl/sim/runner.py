@@ -310,15 +310,21 @@ class Simulation:
                 writer.eval_line(rnd, metrics)
             first = self.checkpoint.round + 1
         else:
-            per_round = [{"round": 0, **self._evaluate_and_log(writer, 0)}]
+            started = time.perf_counter()
+            per_round = [{"round": 0, **self._evaluate_and_log(writer, 0), "eval_seconds": 0.0}]
+            per_round[0]["eval_seconds"] = time.perf_counter() - started
             first = 1
         bar = tqdm(range(first, total + 1), desc=self.cfg.run_name, unit="round", disable=self.quiet,
                    file=sys.stderr, dynamic_ncols=True)
         with stop_on_sigterm():
             for rnd in bar:
+                started = time.perf_counter()
                 row = self.run_round(rnd)
+                row["train_seconds"] = time.perf_counter() - started
                 if rnd % self.cfg.eval.freq == 0 or rnd == total:
+                    started = time.perf_counter()
                     row.update(self._evaluate_and_log(writer, rnd))
+                    row["eval_seconds"] = time.perf_counter() - started
                 per_round.append(row)
                 if self._due(rnd):
                     self.save(rnd, per_round)
