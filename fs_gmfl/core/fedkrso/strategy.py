@@ -156,7 +156,7 @@ class FedKRSOServer(Strategy):
         keep = [j for j in range(len(union)) if any(bool(avg[j].any()) for _, avg in averaged.values())]
         entry = wire.LogEntry(rnd, [seeds[union[j]] for j in keep])
         for layer in self.layers:
-            avg = averaged.pop(layer.name)[1][keep]
+            avg = averaged.pop(layer.name)[1][keep].to(self.dtype)  # uploads may travel in a narrower dtype
             apply_update_(self.weights[layer.name], avg, entry.seeds, layer=layer, rank=self.config.rank)
             entry.tensors[layer.name] = avg
         if self.head:
