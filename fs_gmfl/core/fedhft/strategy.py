@@ -167,8 +167,10 @@ class FedHFTStrategy(Strategy):
 
     @torch.no_grad()
     def _check_update(self, client_id: int, upload: ParsedUplink) -> str | None:
-        """The update-norm bound on ``ΔW_i`` per module (``‖BA‖² = tr(B (A Aᵀ) Bᵀ)``, no dense product), ``A_i``
-        and the head."""
+        """The update-norm bound on ``ΔW_i`` per module, ``A_i`` and the head.
+
+        ``‖BA‖² = tr(B (A Aᵀ) Bᵀ)``, so no dense product is formed.
+        """
         policy = self.policy
         if policy.max_update_ratio <= 0:
             return None
