@@ -24,6 +24,7 @@ from fs_gmfl.core.hafl import HAFLClient, HAFLStrategy, client_capacities, profi
 from fs_gmfl.core.protocol import ClientAlgorithm, Strategy
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.core.targets import disable_lora_branches, resolve_targets, target_weights
+from fs_gmfl.core.uplinks import UplinkPolicy
 from fs_gmfl.errors import ConfigError, InputError
 
 
@@ -88,7 +89,23 @@ def build_method(ctx: MethodContext) -> Method:
     name = ctx.cfg.method
     if name not in _BUILDERS:
         raise KeyError(f"no method registered as '{name}' (known: {registered_methods()})")
-    return _BUILDERS[name](ctx)
+    method = _BUILDERS[name](ctx)
+    configure_uplinks(method.strategy, ctx.cfg)
+    return method
+
+
+def configure_uplinks(strategy: Strategy, cfg: RunConfig) -> None:
+    """Set the strategy's uplink bounds from ``federate.*`` (hosts add shard sizes they know).
+
+    A strategy without an :class:`~fs_gmfl.core.uplinks.UplinkPolicy` (a plug-in's own) is left alone.
+    """
+    policy = getattr(strategy, "policy", None)
+    if not isinstance(policy, UplinkPolicy):
+        return
+    fed = cfg.federate
+    policy.max_samples = fed.max_sample_count
+    policy.max_update_ratio = fed.max_update_ratio
+    policy.update_rms_floor = fed.update_rms_floor
 
 
 def build_lora_fedavg(ctx: MethodContext) -> Method:

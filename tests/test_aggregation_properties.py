@@ -92,6 +92,8 @@ def test_gmfl_frozen_tensors_untouched_and_trainable_ones_averaged_in_any_order(
     uploads = [{k: randn(gen, 2, 3) for k in trainable} for _ in samples]
     replies = [Reply(i, uplink(u, n)) for i, (u, n) in enumerate(zip(uploads, samples))]
     order = permutation(seed, len(replies))
+    first.configure_round(1, range(len(replies)))
+    second.configure_round(1, range(len(replies)))
     report = first.aggregate(1, replies)
     second.aggregate(1, [replies[i] for i in order])
     after, shuffled = first.global_adapter(), second.global_adapter()

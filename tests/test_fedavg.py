@@ -63,6 +63,7 @@ def test_base_keys_per_variant():
 def test_fedit_aggregation_is_sample_weighted():
     """Two clients with 1 and 3 samples: global = (1*s1 + 3*s2) / 4 for every key."""
     strat = LoraFedAvg(state(0.0))
+    strat.configure_round(1, [0, 1])
     strat.aggregate(1, [reply(0, state(2.0), 1), reply(1, state(6.0), 3)])
     for key in KEYS:
         assert torch.allclose(strat.global_state[key], torch.full_like(state(0.0)[key], 5.0))
@@ -74,6 +75,7 @@ def test_frozen_tensors_keep_their_value_and_must_not_be_uploaded():
     masking.frozen = {A1}
     strat = LoraFedAvg(state(1.0), masking=masking)
     up = {k: v for k, v in state(3.0).items() if k != A1}
+    strat.configure_round(1, [0])
     report = strat.aggregate(1, [reply(0, up, 4)])
     assert report.accepted == [0]
     assert torch.equal(strat.global_state[A1], state(1.0)[A1])
@@ -93,6 +95,7 @@ def test_malformed_update_is_rejected_and_changes_nothing(mutate, reason):
     strat = LoraFedAvg(state(1.0))
     bad = state(9.0)
     mutate(bad)
+    strat.configure_round(1, [0, 1])
     report = strat.aggregate(1, [reply(0, bad, 5), reply(1, state(3.0), 5)])
     assert reason in report.rejected[0] and report.accepted == [1]
     assert all(torch.equal(strat.global_state[k], state(3.0)[k]) for k in KEYS)

@@ -39,6 +39,12 @@ def upload(strat: FedHFTStrategy, cid: int, factors: dict[str, torch.Tensor], he
     return Reply(cid, uplink_message(layout, a, b_rows, rows, {HEAD: head}, n))
 
 
+def aggregate(strat: FedHFTStrategy, rnd: int, replies: list[Reply]):
+    """Open round ``rnd`` for the known clients among the repliers (as a host's configure_round does), aggregate."""
+    strat.configure_round(rnd, sorted({r.client_id for r in replies if 0 <= r.client_id < strat.num_clients}))
+    return strat.aggregate(rnd, replies)
+
+
 def random_factors(g: torch.Generator, initial) -> dict[str, torch.Tensor]:
     return {k: torch.randn(v.shape, generator=g) for k, v in initial.items() if ".lora_" in k}
 
@@ -62,7 +68,7 @@ def test_streamed_average_matches_hand_computed_reference():
                    upload(strat, 2, {f"{Q}.lora_A.weight": a, f"{Q}.lora_B.weight": torch.tensor([[5.0], [6.0]])},
                           torch.zeros(1, 2), rows={Q: torch.tensor([1])})]
         # Execute
-        report = strat.aggregate(1, replies)
+        report = aggregate(strat, 1, replies)
         # Assert
         assert report.accepted == [0, 1, 2]
         for j in range(2):
@@ -87,7 +93,7 @@ def test_streaming_matches_reference_in_float64(norm, weighting):
             dense[m].append(0.5 * f[f"{m}.lora_B.weight"] @ f[f"{m}.lora_A.weight"])
             masks[m].append(torch.zeros(8, dtype=torch.bool).index_fill(0, rows[m], True))
     weights = [c + 1 for c in range(5)] if weighting == "samples" else None
-    strat.aggregate(1, replies)
+    aggregate(strat, 1, replies)
     for m in (Q, V):
         reference = masked_mixture_average(dense[m], masks[m], strat.memberships, weights=weights, norm=norm)
         for j in range(3):
@@ -104,7 +110,7 @@ def test_one_cluster_full_keep_reduces_to_fedavg_of_products():
         for rnd in (1, 2):
             factors = [random_factors(g, initial) for _ in range(3)]
             counts = [1, 2, 5]
-            strat.aggregate(rnd, [upload(strat, c, f, torch.zeros(3, 4), n=counts[c]) for c, f in enumerate(factors)])
+            aggregate(strat, rnd, [upload(strat, c, f, torch.zeros(3, 4), n=counts[c]) for c, f in enumerate(factors)])
             w = torch.tensor(counts if weighting == "samples" else [1, 1, 1], dtype=torch.float64)
             for m in (Q, V):
                 products = [2.0 * f[f"{m}.lora_B.weight"].double() @ f[f"{m}.lora_A.weight"].double() for f in factors]
@@ -138,7 +144,7 @@ def test_downlink_contents_and_bytes():
     first = strat.configure_round(1, [0])[0]
     assert set(first.tensors) == {HEAD} and set(first.control) == {LEVEL, SEED}
     assert first.payload_bytes == 12 * 4 and first.control_bytes == 1 + 8
-    strat.aggregate(1, [upload(strat, 0, random_factors(torch.Generator().manual_seed(0), initial), torch.ones(3, 4))])
+    aggregate(strat, 1, [upload(strat, 0, random_factors(torch.Generator().manual_seed(0), initial), torch.ones(3, 4))])
     later = strat.configure_round(2, [0, 1])
     assert later[0].payload_bytes == (2 * 2 * (6 + 5) + 12) * 4 and later[0].control_bytes == 9
     assert later[0].control[SEED] != later[1].control[SEED]
@@ -151,7 +157,7 @@ def test_clusters_are_independent_accumulators():
     strat.memberships = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     g = torch.Generator().manual_seed(4)
     f0, f1 = random_factors(g, initial), random_factors(g, initial)
-    strat.aggregate(1, [upload(strat, 0, f0, torch.ones(3, 4)), upload(strat, 1, f1, torch.full((3, 4), 3.0))])
+    aggregate(strat, 1, [upload(strat, 0, f0, torch.ones(3, 4)), upload(strat, 1, f1, torch.full((3, 4), 3.0))])
     assert strat.cumulative[0][Q] is not strat.cumulative[1][Q]
     assert torch.allclose(strat.cumulative[0][Q], f0[f"{Q}.lora_B.weight"] @ f0[f"{Q}.lora_A.weight"], atol=1e-6)
     assert torch.allclose(strat.cumulative[1][Q], f1[f"{Q}.lora_B.weight"] @ f1[f"{Q}.lora_A.weight"], atol=1e-6)
@@ -199,7 +205,7 @@ def test_malformed_uploads_are_rejected_without_side_effects(kind, reason):
         replies = [upload(strat, 0, good, torch.ones(3, 4))]
         if with_bad:
             replies.append(Reply(1, tamper(kind, upload(strat, 1, bad_factors, torch.ones(3, 4)).message)))
-        report = strat.aggregate(1, replies)
+        report = aggregate(strat, 1, replies)
         runs.append(strat)
     assert report.accepted == [0] and reason in report.rejected[1]
     assert all(torch.equal(runs[0].cumulative[0][m], runs[1].cumulative[0][m]) for m in (Q, V))
@@ -207,13 +213,13 @@ def test_malformed_uploads_are_rejected_without_side_effects(kind, reason):
 
 
 def test_full_keep_clients_must_not_send_a_mask_and_unknown_ids_are_rejected():
-    """s = 1: a row mask is an unexpected entry; a client id outside [0, N) is rejected."""
+    """s = 1: a row mask is an unexpected entry; a client id outside [0, N) (never sampled) is rejected."""
     initial = adapter()
     strat = strategy(initial, clients=2)
     reply = upload(strat, 0, random_factors(torch.Generator().manual_seed(6), initial), torch.ones(3, 4))
     reply.message.control[ROW_BITS + Q] = pack_bits([True] * 6)
-    report = strat.aggregate(1, [reply, Reply(7, reply.message)])
-    assert "unexpected control" in report.rejected[0] and "unknown client" in report.rejected[7]
+    report = aggregate(strat, 1, [reply, Reply(7, reply.message)])
+    assert "unexpected control" in report.rejected[0] and "not sampled" in report.rejected[7]
     assert strat.rounds_aggregated == 0 and not strat.cumulative[0][Q].any()
 
 
@@ -223,7 +229,7 @@ def clustered_round(strat: FedHFTStrategy, rnd: int, clients, seed: int = 0):
     initial = adapter()
     replies = [upload(strat, c, random_factors(g, initial), (1 if c % 2 else -1) * 5.0 + torch.randn(3, 4, generator=g))
                for c in clients]
-    return strat.aggregate(rnd, replies)
+    return aggregate(strat, rnd, replies)
 
 
 def test_memberships_follow_the_mixture_after_warmup():

@@ -18,6 +18,7 @@ from fs_gmfl.core.fedkrso.config import FedKRSOConfig
 from fs_gmfl.core.fft.config import FFTConfig
 from fs_gmfl.core.gmfl.config import GMFLConfig
 from fs_gmfl.core.hafl.config import HAFLConfig
+from fs_gmfl.core.uplinks import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_RATIO, DEFAULT_UPDATE_RMS_FLOOR
 from fs_gmfl.sim.faults import FaultsConfig
 
 #: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
@@ -63,6 +64,15 @@ class FederateConfig:
     total_round_num: int = opt(10, "Number of communication rounds.", ge=1)
     save_freq: int = opt(0, "Rounds between checkpoints of the run (<run_dir>/checkpoint, resumed with "
                          "'fs-gmfl run --cfg F --resume'); the last round is always saved; 0 or -1: none.", ge=-1)
+    max_sample_count: int = opt(DEFAULT_MAX_SAMPLES, "Largest sample count the server accepts from a client whose "
+                                "shard size it does not know (the simulator also caps it at the shard size); a "
+                                "larger count rejects the update.", ge=1)
+    max_update_ratio: float = opt(DEFAULT_MAX_UPDATE_RATIO, "Update-norm bound: an uploaded tensor whose change "
+                                  "||u - g|| exceeds this times max(||g||, federate.update_rms_floor * sqrt(numel)) "
+                                  "is rejected (RELIABILITY.md); 0 turns the bound off.", ge=0.0)
+    update_rms_floor: float = opt(DEFAULT_UPDATE_RMS_FLOOR, "Per-entry RMS floor of the update-norm bound, so a "
+                                  "tensor whose global value is 0 (LoRA B at the start) can still be updated.",
+                                  gt=0.0)
 
     def __post_init__(self) -> None:
         if self.sample_client_num == 0:

@@ -82,9 +82,12 @@ class Message:
 
     @property
     def num_samples(self) -> int:
-        """The sample count an uplink carries (0 if absent)."""
+        """The sample count an uplink carries (0 if absent or not one integer, which every server rejects)."""
         t = self.control.get(NUM_SAMPLES)
-        return int(t.item()) if t is not None else 0
+        if not isinstance(t, Tensor) or t.numel() != 1 or t.is_floating_point() or t.is_complex() \
+                or t.dtype == torch.bool:
+            return 0
+        return int(t.item())
 
     def detached_copy(self) -> Message:
         """A deep copy whose tensors share no storage with this message."""

@@ -33,6 +33,7 @@ from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import TrainStats
 from fs_gmfl.core.seeding import generator
+from fs_gmfl.core.uplinks import set_shard_sizes
 from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.plots import MIB, plot_runs
@@ -140,6 +141,7 @@ class Simulation:
         variants = AdapterVariants(self.model, cfg, self.backbone.target_modules)
         self.method: Method = build_method(MethodContext(cfg, adapter_state(self.model), variants,
                                                          model=self.model))
+        set_shard_sizes(self.method.strategy, {c: len(i) for c, i in enumerate(self.data.client_indices)})
         self.transport = InMemoryTransport(self._fit_client)
         state_dir = self.run_dir / "client_state"
         if self.resume:

@@ -23,7 +23,8 @@ from fs_gmfl.core.fedavg.ops import weighted_average
 from fs_gmfl.core.gmfl.strategy import GlobalMasking
 from fs_gmfl.core.message import Message, Reply, pack_bits
 from fs_gmfl.core.protocol import RoundReport, Strategy
-from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_sample_count, check_tensors
+from fs_gmfl.core.uplinks import ReplyGate, UplinkPolicy, like_on_wire, screen_replies
+from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_tensors
 
 VARIANTS = ("fedit", "ffa_lora")
 MASK = "mask"
@@ -51,7 +52,10 @@ class LoraFedAvg(Strategy):
         masking: a :class:`GlobalMasking` to enable GMFL, or ``None``.
         downlink: ``"stateless"`` (full adapter to every sampled client) or
             ``"stateful_sync"`` (only tensors changed since the client's last sync).
-        max_abs: uploads with a larger absolute entry are rejected.
+        max_abs: uploads with a larger absolute entry are rejected (``policy.max_abs``).
+
+    Attributes:
+        policy: the uplink bounds (:class:`~fs_gmfl.core.uplinks.UplinkPolicy`).
     """
 
     def __init__(
@@ -70,7 +74,8 @@ class LoraFedAvg(Strategy):
         self.base_trainable = base_trainable_keys(self.keys, variant)
         self.masking = masking
         self.downlink = downlink
-        self.max_abs = max_abs
+        self.policy = UplinkPolicy(max_abs=max_abs)
+        self.gate = ReplyGate()
         self.changed_at = {k: 0 for k in self.keys}
         self.client_sync: dict[int, tuple[int, int]] = {}
 
@@ -83,6 +88,7 @@ class LoraFedAvg(Strategy):
     # -- downlink ----------------------------------------------------------------------------
     def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
         """Full adapter (stateless) or the stale tensors (stateful), plus the mask when one exists."""
+        self.gate.open(rnd, clients)
         return {cid: self._downlink(rnd, cid) for cid in clients}
 
     def _downlink(self, rnd: int, cid: int) -> Message:
@@ -102,21 +108,14 @@ class LoraFedAvg(Strategy):
     def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
         """FedAvg over trainable keys; frozen keys keep their value; then maybe refresh the mask."""
         trainable = self.trainable_keys()
-        report = RoundReport()
-        accepted = []
-        for reply in replies:
-            reason = check_sample_count(reply.message.num_samples) or check_tensors(
-                reply.message.tensors, self.global_state, expected_keys=trainable, max_abs=self.max_abs)
-            if reason:
-                report.rejected[reply.client_id] = reason
-            else:
-                accepted.append(reply)
-                report.accepted.append(reply.client_id)
+        report, screened = screen_replies(rnd, replies, gate=self.gate, policy=self.policy,
+                                          check=lambda reply: self.check_reply(reply, trainable))
+        accepted = [reply for reply, _ in screened]
         old = self.global_state
         if accepted and trainable:
             avg = weighted_average([r.message.tensors for r in accepted],
                                    [r.message.num_samples for r in accepted], keys=trainable)
-            new = {k: avg.get(k, old[k]) for k in self.keys}
+            new = {k: avg[k].to(old[k].dtype) if k in avg else old[k] for k in self.keys}
             for k in trainable:
                 if not torch.equal(new[k], old[k]):
                     self.changed_at[k] = rnd
@@ -125,6 +124,15 @@ class LoraFedAvg(Strategy):
             updated = bool(accepted)
             self.masking.observe(rnd, old if updated else None, self.global_state if updated else None)
         return report
+
+    def check_reply(self, reply: Reply, trainable: Sequence[str]) -> str | None:
+        """Why an uplink is unacceptable: its tensors (exactly ``trainable``, in the wire dtype) or their change."""
+        tensors = reply.message.tensors
+        policy = self.policy
+        reference = {k: self.global_state[k] for k in trainable}
+        return (check_tensors(tensors, like_on_wire(reference, policy), expected_keys=trainable,
+                              max_abs=policy.max_abs)
+                or policy.check_deltas((k, tensors[k], reference[k]) for k in trainable))
 
     # -- reporting / persistence -------------------------------------------------------------
     def global_adapter(self) -> dict[str, Tensor]:

@@ -156,7 +156,8 @@ class ParsedUplink:
 
 
 def parse_uplink(
-    message: Message, layout: AdapterLayout, kept: Mapping[str, int], *, max_abs: float = DEFAULT_MAX_ABS
+    message: Message, layout: AdapterLayout, kept: Mapping[str, int], *, max_abs: float = DEFAULT_MAX_ABS,
+    wire_dtype: torch.dtype | None = None,
 ) -> ParsedUplink | str:
     """Validate a whole uplink before any of it is used; the parsed upload or the reason to reject it.
 
@@ -165,6 +166,7 @@ def parse_uplink(
         layout: the adapter layout.
         kept: rows the client's level keeps, per module.
         max_abs: largest allowed absolute entry.
+        wire_dtype: the dtype of uploaded floating tensors (default: the layout's).
     """
     count = message.control.get(NUM_SAMPLES)
     if not isinstance(count, Tensor) or count.dtype != torch.int64 or count.numel() != 1:
@@ -179,18 +181,26 @@ def parse_uplink(
         if isinstance(decoded, str):
             return decoded
         rows[pair.module] = decoded
-        b_like = layout.reference[pair.b_key].new_empty(kept[pair.module], r)
-        reason = (check_tensor(pair.a_key, message.tensors[pair.a_key], layout.reference[pair.a_key], max_abs=max_abs)
+        b_like = _on_wire(layout.reference[pair.b_key], (kept[pair.module], r), wire_dtype)
+        a_like = _on_wire(layout.reference[pair.a_key], layout.reference[pair.a_key].shape, wire_dtype)
+        reason = (check_tensor(pair.a_key, message.tensors[pair.a_key], a_like, max_abs=max_abs)
                   or check_tensor(pair.b_key, message.tensors[pair.b_key], b_like, max_abs=max_abs))
         if reason:
             return reason
     for key in layout.head_keys:
-        reason = check_tensor(key, message.tensors[key], layout.reference[key], max_abs=max_abs)
+        like = _on_wire(layout.reference[key], layout.reference[key].shape, wire_dtype)
+        reason = check_tensor(key, message.tensors[key], like, max_abs=max_abs)
         if reason:
             return reason
     t = message.tensors
     return ParsedUplink({p.a_key: t[p.a_key] for p in layout.pairs}, {p.b_key: t[p.b_key] for p in layout.pairs},
                         rows, {k: t[k] for k in layout.head_keys}, message.num_samples)
+
+
+def _on_wire(reference: Tensor, shape: tuple[int, ...] | torch.Size, wire_dtype: torch.dtype | None) -> Tensor:
+    """A meta tensor of ``shape`` in the dtype an upload of ``reference`` must have."""
+    floating = wire_dtype is not None and reference.is_floating_point()
+    return torch.empty(tuple(shape), dtype=wire_dtype if floating else reference.dtype, device="meta")
 
 
 def _check_keys(message: Message, layout: AdapterLayout, kept: Mapping[str, int]) -> str | None:

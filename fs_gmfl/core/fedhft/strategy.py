@@ -33,6 +33,7 @@ from fs_gmfl.core.fedhft.messages import AdapterLayout, ParsedUplink, downlink_m
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import RoundReport, Strategy
 from fs_gmfl.core.seeding import derive_seed
+from fs_gmfl.core.uplinks import ReplyGate, UplinkPolicy, l2, screen_replies
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
 
 
@@ -57,7 +58,12 @@ class FedHFTStrategy(Strategy):
         num_clients: number of clients N.
         scaling: the LoRA scaling ``alpha / r`` of the clients' adapters.
         seed: the run seed (levels, SVD, GMM and client initialisation seeds derive from it).
-        max_abs: uploads with a larger absolute entry are rejected.
+        max_abs: uploads with a larger absolute entry are rejected (``policy.max_abs``).
+
+    Attributes:
+        policy: the uplink bounds (:class:`~fs_gmfl.core.uplinks.UplinkPolicy`). The update a client asks for is
+            ``ΔW_i = s B_i A_i`` on its kept rows, bounded relative to the largest cluster update of the module;
+            its fresh ``A_i`` relative to the initial ``A``; its head's change relative to its personalised head.
     """
 
     name = "fedhft"
@@ -69,7 +75,8 @@ class FedHFTStrategy(Strategy):
         self.num_clients = num_clients
         self.scaling = float(scaling)
         self.seed = seed
-        self.max_abs = max_abs
+        self.policy = UplinkPolicy(max_abs=max_abs)
+        self.gate = ReplyGate()
         k = config.num_clusters
         self.cumulative: list[dict[str, Tensor]] = [
             {p.module: initial[p.a_key].new_zeros(self.layout.shapes[p.module][:2]) for p in self.layout.pairs}
@@ -129,6 +136,7 @@ class FedHFTStrategy(Strategy):
     def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
         """Each client's personalised factors and head, its level and its LoRA initialisation seed."""
         cache: dict[bytes, _Personal] = {}
+        self.gate.open(rnd, clients)
         out = {}
         for cid in clients:
             factors, head = self._personalised(self.memberships[cid], cache)
@@ -139,15 +147,8 @@ class FedHFTStrategy(Strategy):
     # -- aggregation ---------------------------------------------------------------------------
     def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
         """Validate every upload, fold the accepted ones into each cluster, then refit memberships."""
-        report = RoundReport()
-        accepted: list[_Accepted] = []
-        for reply in replies:
-            parsed = self._validate(reply)
-            if isinstance(parsed, str):
-                report.rejected[reply.client_id] = parsed
-            else:
-                accepted.append(_Accepted(reply.client_id, parsed))
-                report.accepted.append(reply.client_id)
+        report, screened = screen_replies(rnd, replies, gate=self.gate, policy=self.policy, check=self._validate)
+        accepted = [_Accepted(reply.client_id, parsed) for reply, parsed in screened if parsed is not None]
         if accepted:
             self._fold(accepted)
             self.rounds_aggregated += 1
@@ -158,7 +159,32 @@ class FedHFTStrategy(Strategy):
     def _validate(self, reply: Reply) -> ParsedUplink | str:
         if not 0 <= reply.client_id < self.num_clients:
             return f"unknown client id {reply.client_id}"
-        return parse_uplink(reply.message, self.layout, self.kept_rows(reply.client_id), max_abs=self.max_abs)
+        parsed = parse_uplink(reply.message, self.layout, self.kept_rows(reply.client_id),
+                              max_abs=self.policy.max_abs, wire_dtype=self.policy.wire_dtype)
+        if isinstance(parsed, str):
+            return parsed
+        return self._check_update(reply.client_id, parsed) or parsed
+
+    @torch.no_grad()
+    def _check_update(self, client_id: int, upload: ParsedUplink) -> str | None:
+        """The update-norm bound on ``ΔW_i`` per module, ``A_i`` and the head.
+
+        ``‖BA‖² = tr(B (A Aᵀ) Bᵀ)``, so no dense product is formed.
+        """
+        policy = self.policy
+        if policy.max_update_ratio <= 0:
+            return None
+        for pair in self.layout.pairs:
+            a = upload.a[pair.a_key].to(torch.float64)
+            b = upload.b_rows[pair.b_key].to(torch.float64)
+            delta = self.scaling * float(((b @ (a @ a.T)) * b).sum().clamp_min(0.0)) ** 0.5
+            cluster_norm = max(l2(g[pair.module]) for g in self.cumulative)
+            reason = (policy.check_update(pair.module, delta, cluster_norm, b.shape[0] * a.shape[1])
+                      or policy.check_update(pair.a_key, l2(a), l2(self.layout.reference[pair.a_key]), a.numel()))
+            if reason:
+                return reason
+        personal = self.mixture_head(self.memberships[client_id].tolist())
+        return policy.check_deltas((k, upload.head[k], personal[k]) for k in self.layout.head_keys)
 
     def _weights(self, accepted: Sequence[_Accepted]) -> list[float]:
         if self.config.client_weighting == "samples":

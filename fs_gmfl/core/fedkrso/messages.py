@@ -198,7 +198,10 @@ def check_slots(message: Message, *, num_seeds: int, all_slots: bool) -> tuple[l
 def check_uplink(message: Message, *, layers: Sequence[TargetLayer], rank: int, num_seeds: int, all_slots: bool,
                  head: Mapping[str, Tensor], dtype: torch.dtype, max_abs: float = DEFAULT_MAX_ABS
                  ) -> tuple[list[int] | None, str | None]:
-    """Validate a whole uplink before any of it is used: ``(slots, None)`` or ``(None, reason)``."""
+    """Validate a whole uplink before any of it is used: ``(slots, None)`` or ``(None, reason)``.
+
+    ``dtype`` is the floating dtype uploads must have (accumulators and head).
+    """
     reason = check_sample_count(message.num_samples)
     if reason:
         return None, reason
@@ -219,7 +222,8 @@ def check_uplink(message: Message, *, layers: Sequence[TargetLayer], rank: int, 
         if reason:
             return None, reason
     for key, ref in head.items():
-        reason = check_tensor(key, message.tensors[key], ref, max_abs=max_abs)
+        like = torch.empty(ref.shape, dtype=dtype if ref.is_floating_point() else ref.dtype, device="meta")
+        reason = check_tensor(key, message.tensors[key], like, max_abs=max_abs)
         if reason:
             return None, reason
     return slots, None

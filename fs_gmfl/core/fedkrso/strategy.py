@@ -29,6 +29,7 @@ from fs_gmfl.core.message import Message, Reply, tensor_bytes
 from fs_gmfl.core.protocol import RoundReport, Strategy
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.core.targets import TargetLayer
+from fs_gmfl.core.uplinks import ReplyGate, UplinkPolicy, l2, screen_replies
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
 
 
@@ -41,7 +42,11 @@ class FedKRSOServer(Strategy):
         weights: initial targeted weights ``W^0`` by weight name (copied).
         head: initial head ``Phi^0`` by adapter key (copied; may be empty).
         seed: master seed of round seeds and interval schedules.
-        max_abs: uploads with a larger absolute entry are rejected.
+        max_abs: uploads with a larger absolute entry are rejected (``policy.max_abs``).
+
+    Attributes:
+        policy: the uplink bounds (:class:`~fs_gmfl.core.uplinks.UplinkPolicy`). An accumulator is itself an
+            update, bounded relative to the norm of the layer's weight; the head's change relative to the head.
     """
 
     name = "fedkrso"
@@ -53,7 +58,8 @@ class FedKRSOServer(Strategy):
         self.weights = {layer.name: weights[layer.name].detach().clone() for layer in self.layers}
         self.head = {k: v.detach().clone() for k, v in head.items()}
         self.seed = seed
-        self.max_abs = max_abs
+        self.policy = UplinkPolicy(max_abs=max_abs)
+        self.gate = ReplyGate()
         self.version = 0
         self.log: list[wire.LogEntry] = []
         self.client_version: dict[int, int] = {}
@@ -76,6 +82,7 @@ class FedKRSOServer(Strategy):
     def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
         """Seeds, schedule seed, head and catch-up for each sampled client."""
         seeds = self.seeds_of(rnd)
+        self.gate.open(rnd, clients)
         out = {}
         for cid in clients:
             replay, full = self._catchup(self.client_version.get(cid, 0))
@@ -105,17 +112,8 @@ class FedKRSOServer(Strategy):
     # -- aggregation -------------------------------------------------------------------------------------------
     def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
         """Validate every uplink, average per seed, update ``W`` layer by layer and the head, log the round."""
-        report = RoundReport()
-        accepted: list[tuple[Reply, list[int]]] = []
-        for reply in replies:
-            slots, reason = wire.check_uplink(reply.message, layers=self.layers, rank=self.config.rank,
-                                              num_seeds=self.config.num_seeds, all_slots=self.config.send_all_slots,
-                                              head=self.head, dtype=self.dtype, max_abs=self.max_abs)
-            if reason or slots is None:
-                report.rejected[reply.client_id] = reason or "invalid slots"
-            else:
-                accepted.append((reply, slots))
-                report.accepted.append(reply.client_id)
+        report, screened = screen_replies(rnd, replies, gate=self.gate, policy=self.policy, check=self.check_reply)
+        accepted = [(reply, slots) for reply, slots in screened if slots is not None]
         entry = self._empty_entry(rnd)
         if accepted:
             entry = self._apply(rnd, accepted)
@@ -125,6 +123,22 @@ class FedKRSOServer(Strategy):
         self.version = rnd
         self._prune_log()
         return report
+
+    def check_reply(self, reply: Reply) -> list[int] | str:
+        """The slots of a valid uplink, or why it is unacceptable (format, then the update-norm bound)."""
+        msg, policy = reply.message, self.policy
+        slots, reason = wire.check_uplink(msg, layers=self.layers, rank=self.config.rank,
+                                          num_seeds=self.config.num_seeds, all_slots=self.config.send_all_slots,
+                                          head=self.head, dtype=policy.wire_dtype, max_abs=policy.max_abs)
+        if reason or slots is None:
+            return reason or "invalid slots"
+        for layer in self.layers:
+            key = wire.acc_key(layer.name)
+            acc = msg.tensors[key]
+            reason = policy.check_update(key, l2(acc), l2(self.weights[layer.name]), acc.numel())
+            if reason:
+                return reason
+        return policy.check_deltas((k, msg.tensors[k], v) for k, v in self.head.items()) or slots
 
     def _weights_of(self, accepted: Sequence[tuple[Reply, list[int]]]) -> list[float]:
         if self.config.weighting == "uniform":
@@ -142,11 +156,12 @@ class FedKRSOServer(Strategy):
         keep = [j for j in range(len(union)) if any(bool(avg[j].any()) for _, avg in averaged.values())]
         entry = wire.LogEntry(rnd, [seeds[union[j]] for j in keep])
         for layer in self.layers:
-            avg = averaged.pop(layer.name)[1][keep]
+            avg = averaged.pop(layer.name)[1][keep].to(self.dtype)  # uploads may travel in a narrower dtype
             apply_update_(self.weights[layer.name], avg, entry.seeds, layer=layer, rank=self.config.rank)
             entry.tensors[layer.name] = avg
         if self.head:
-            self.head = weighted_average([r.message.tensors for r, _ in accepted], weights, keys=list(self.head))
+            averaged_head = weighted_average([r.message.tensors for r, _ in accepted], weights, keys=list(self.head))
+            self.head = {k: v.to(self.head[k].dtype) for k, v in averaged_head.items()}
         return entry
 
     def _empty_entry(self, rnd: int) -> wire.LogEntry:

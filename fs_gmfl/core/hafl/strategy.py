@@ -30,7 +30,8 @@ from fs_gmfl.core.hafl.config import HAFLConfig
 from fs_gmfl.core.hafl.importance import ImportanceTracker
 from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply
 from fs_gmfl.core.protocol import RoundReport, Strategy
-from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_sample_count, check_tensors
+from fs_gmfl.core.uplinks import ReplyGate, UplinkPolicy, expected_float_dtype, screen_replies
+from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_tensors
 
 SCORES = "scores"
 N_TRAIN = "n_train"
@@ -51,7 +52,10 @@ class HAFLStrategy(Strategy):
         config: the ``hafl`` configuration.
         trained: ``n_k`` of every client id (components it trains per module).
         lr: the clients' learning rate (eq. 4).
-        max_abs: uploads with a larger absolute entry are rejected.
+        max_abs: uploads with a larger absolute entry are rejected (``policy.max_abs``).
+
+    Attributes:
+        policy: the uplink bounds (:class:`~fs_gmfl.core.uplinks.UplinkPolicy`).
     """
 
     def __init__(self, initial: Mapping[str, Tensor], config: HAFLConfig, *, trained: Sequence[int], lr: float,
@@ -65,7 +69,8 @@ class HAFLStrategy(Strategy):
         self.rank = int(self.global_state[self.pairs[0].a_key].shape[0])
         self.head_keys = [k for k in self.global_state if kind_of(k) == HEAD] if config.train_head else []
         self.trained = list(trained)
-        self.max_abs = max_abs
+        self.policy = UplinkPolicy(max_abs=max_abs)
+        self.gate = ReplyGate()
         self.tracker = ImportanceTracker(self.pairs, self.rank, lr=lr, beta1=config.beta1, beta2=config.beta2,
                                          reduce=config.score_reduce)
         self.pending: dict[int, Tensor] = {}
@@ -81,6 +86,7 @@ class HAFLStrategy(Strategy):
     def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
         """Scores to every sampled client, with the truncated (truncation) or full (freezing) factors."""
         scores = self.tracker.scores()
+        self.gate.open(rnd, clients)
         self.pending = {}
         out = {}
         for cid in clients:
@@ -110,9 +116,6 @@ class HAFLStrategy(Strategy):
         if selected is None:
             return "client was not sampled this round"
         msg = reply.message
-        reason = check_sample_count(msg.num_samples)
-        if reason:
-            return reason
         extra = set(msg.control) - {NUM_SAMPLES, INDICES}
         if extra:
             return f"unexpected control entries {sorted(extra)}"
@@ -120,7 +123,18 @@ class HAFLStrategy(Strategy):
         if reason:
             return reason
         expected = self._expected_shapes(selected.shape[1])
-        return check_tensors(msg.tensors, expected, expected_keys=set(expected), max_abs=self.max_abs)
+        return (check_tensors(msg.tensors, expected, expected_keys=set(expected), max_abs=self.policy.max_abs)
+                or self.policy.check_deltas(self._deltas(msg)))
+
+    def _deltas(self, msg: Message) -> list[tuple[str, Tensor, Tensor]]:
+        """``(key, uploaded, global counterpart)``: each module's components (by index) and the head."""
+        indices = msg.control[INDICES].to(torch.long)
+        out = []
+        if indices.shape[1]:
+            for row, pair in enumerate(self.pairs):
+                a, b = ops.take_components(self.global_state[pair.a_key], self.global_state[pair.b_key], indices[row])
+                out += [(pair.a_key, msg.tensors[pair.a_key], a), (pair.b_key, msg.tensors[pair.b_key], b)]
+        return out + [(k, msg.tensors[k], self.global_state[k]) for k in self.head_keys]
 
     def _check_indices(self, indices: object, selected: Tensor) -> str | None:
         if not isinstance(indices, Tensor) or indices.dtype not in INDEX_DTYPES:
@@ -143,15 +157,19 @@ class HAFLStrategy(Strategy):
         if n:
             for pair in self.pairs:
                 a, b = self.global_state[pair.a_key], self.global_state[pair.b_key]
-                shapes[pair.a_key] = torch.empty(n, a.shape[1], dtype=a.dtype, device="meta")
-                shapes[pair.b_key] = torch.empty(b.shape[0], n, dtype=b.dtype, device="meta")
-        shapes.update({k: self.global_state[k].to("meta") for k in self.head_keys})
+                shapes[pair.a_key] = torch.empty(n, a.shape[1], dtype=expected_float_dtype(a, self.policy),
+                                                 device="meta")
+                shapes[pair.b_key] = torch.empty(b.shape[0], n, dtype=expected_float_dtype(b, self.policy),
+                                                 device="meta")
+        shapes.update({k: torch.empty(self.global_state[k].shape, device="meta",
+                                      dtype=expected_float_dtype(self.global_state[k], self.policy))
+                       for k in self.head_keys})
         return shapes
 
     # -- aggregation -------------------------------------------------------------------------
     def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
         """Validate every uplink, aggregate each module's components, FedAvg the head, update the scores."""
-        report, accepted = self._validate(replies)
+        report, accepted = self._validate(rnd, replies)
         self.pending = {}
         if not accepted:
             return report
@@ -169,25 +187,18 @@ class HAFLStrategy(Strategy):
                 for u in column:
                     updated[row, u.indices.to(torch.long)] = True
         if self.head_keys:
-            new.update(weighted_average([r.message.tensors for r in accepted],
-                                        [r.message.num_samples for r in accepted], keys=self.head_keys))
+            heads = weighted_average([r.message.tensors for r in accepted], [r.message.num_samples for r in accepted],
+                                     keys=self.head_keys)
+            new.update({k: v.to(old[k].dtype) for k, v in heads.items()})
         self.global_state = new
         if contributors:  # a round that changed no component carries no importance information
             self.tracker.observe(old, new)
         report.metrics["components_updated_fraction"] = float(updated.float().mean())
         return report
 
-    def _validate(self, replies: Sequence[Reply]) -> tuple[RoundReport, list[Reply]]:
-        report = RoundReport()
-        accepted = []
-        for reply in replies:
-            reason = self.check_reply(reply)
-            if reason:
-                report.rejected[reply.client_id] = reason
-            else:
-                accepted.append(reply)
-                report.accepted.append(reply.client_id)
-        return report, accepted
+    def _validate(self, rnd: int, replies: Sequence[Reply]) -> tuple[RoundReport, list[Reply]]:
+        report, screened = screen_replies(rnd, replies, gate=self.gate, policy=self.policy, check=self.check_reply)
+        return report, [reply for reply, _ in screened]
 
     def _component_updates(self, msg: Message) -> list[ops.ComponentUpdate]:
         indices = msg.control[INDICES].to(torch.long)

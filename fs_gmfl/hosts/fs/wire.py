@@ -12,8 +12,9 @@ flat, never-empty ``dict[str, str]``::
 Each ``<tensor>`` is ``"<dtype>|<d0,d1,...>|<base64 of the raw bytes>"``: exact
 for every dtype (bf16, int64 seeds and packed bit masks included), identical in
 standalone and distributed mode, and decoded without ``pickle``, so a peer cannot
-run code on the receiver. :func:`decode` checks dtype, shape and length before
-building anything and raises :class:`WireError` on a malformed payload.
+run code on the receiver. :func:`decode` checks dtype, shape (and the fixed form of
+the sample count) and length before building anything and raises
+:class:`WireError` on a malformed payload.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fs_gmfl.core.message import Message
+from fs_gmfl.core.message import NUM_SAMPLES, Message
 from fs_gmfl.errors import InputError
 
 MARKER = "fs_gmfl"
@@ -47,6 +48,10 @@ DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 #: largest number of dimensions accepted for one tensor.
 MAX_DIMS = 8
+#: largest size of one dimension.
+MAX_DIM_SIZE = 2**31 - 1
+#: control entries whose dtype and shape are fixed, checked from the header before decoding (name -> dtype, shape).
+CONTROL_SPECS: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {NUM_SAMPLES: (torch.int64, ())}
 
 
 class WireError(InputError):
@@ -63,36 +68,51 @@ def encode_tensor(t: Tensor) -> str:
     return f"{_DTYPE_NAMES[t.dtype]}|{shape}|{base64.b64encode(raw).decode('ascii')}"
 
 
-def decode_tensor(text: Any, *, name: str = "tensor") -> Tensor:
-    """Inverse of :func:`encode_tensor`, validating every field.
+def decode_tensor(text: Any, *, name: str = "tensor", dtype: torch.dtype | None = None,
+                  shape: tuple[int, ...] | None = None) -> Tensor:
+    """Inverse of :func:`encode_tensor`, validating every field before any tensor is built.
+
+    The header (dtype, shape) is checked first, against ``dtype`` and
+    ``shape`` when given, then the length of the base64 text, then the
+    decoded byte count; bool payloads must hold only 0 and 1 bytes.
 
     Raises:
-        WireError: not a string of three fields, an unknown dtype, a bad
-            shape, invalid base64 or a byte length that does not match.
+        WireError: not a string of three fields, an unknown or unexpected
+            dtype, a bad or unexpected shape, invalid base64 or a byte length
+            that does not match.
     """
     if not isinstance(text, str) or text.count("|") != 2:
         raise WireError(f"'{name}' is not an encoded tensor")
     dtype_name, shape_text, data = text.split("|")
     if dtype_name not in DTYPES:
-        raise WireError(f"'{name}' has unsupported dtype {dtype_name!r}")
+        raise WireError(f"'{name}' has unsupported dtype {dtype_name[:20]!r}")
     try:
-        shape = [int(d) for d in shape_text.split(",")] if shape_text else []
+        dims = [int(d) for d in shape_text.split(",")] if shape_text else []
     except ValueError:
         raise WireError(f"'{name}' has a malformed shape {shape_text[:40]!r}") from None
-    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
-        raise WireError(f"'{name}' has an invalid shape {shape}")
+    if len(dims) > MAX_DIMS or any(d < 0 or d > MAX_DIM_SIZE for d in dims):
+        raise WireError(f"'{name}' has an invalid shape {dims[:MAX_DIMS + 1]}")
+    kind = DTYPES[dtype_name]
+    if dtype is not None and kind != dtype:
+        raise WireError(f"'{name}' has dtype {dtype_name}, expected {_DTYPE_NAMES.get(dtype, dtype)}")
+    if shape is not None and tuple(dims) != tuple(shape):
+        raise WireError(f"'{name}' has shape {dims}, expected {list(shape)}")
+    expected = math.prod(dims) * torch.empty((), dtype=kind).element_size()
+    if len(data) > 4 * math.ceil(expected / 3):  # refused before decoding: an oversized payload allocates nothing
+        raise WireError(f"'{name}' carries {len(data)} base64 characters, more than shape {dims} of {dtype_name} "
+                        f"({expected} bytes) needs")
     try:
         raw = base64.b64decode(data.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
         raise WireError(f"'{name}' carries invalid base64") from None
-    dtype = DTYPES[dtype_name]
-    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if len(raw) != expected:
-        raise WireError(f"'{name}' carries {len(raw)} bytes, shape {shape} of {dtype_name} needs {expected}")
+        raise WireError(f"'{name}' carries {len(raw)} bytes, shape {dims} of {dtype_name} needs {expected}")
+    if kind == torch.bool and raw.translate(None, b"\x00\x01"):
+        raise WireError(f"'{name}' is a bool tensor with bytes other than 0 and 1")
     if not raw:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(dims, dtype=kind)
     # The bytearray is a private copy, so the tensor owns its memory exclusively.
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(kind).reshape(dims)
 
 
 def encode(message: Message, kind: str) -> dict[str, str]:
@@ -137,6 +157,9 @@ def kind_of(content: Any) -> str | None:
 def decode(content: Any, *, expect: str) -> Message:
     """Decode a wire dict of kind ``expect`` into a :class:`Message`.
 
+    Control entries with a fixed form (:data:`CONTROL_SPECS`: the sample
+    count is one int64 scalar) are checked against it from the header.
+
     Raises:
         WireError: not a wire dict, the wrong kind, an unknown entry or a
             malformed tensor.
@@ -155,7 +178,9 @@ def decode(content: Any, *, expect: str) -> Message:
         if key.startswith(TENSOR_PREFIX):
             message.tensors[key[len(TENSOR_PREFIX):]] = decode_tensor(value, name=key)
         elif key.startswith(CONTROL_PREFIX):
-            message.control[key[len(CONTROL_PREFIX):]] = decode_tensor(value, name=key)
+            name = key[len(CONTROL_PREFIX):]
+            dtype, shape = CONTROL_SPECS.get(name, (None, None))
+            message.control[name] = decode_tensor(value, name=key, dtype=dtype, shape=shape)
         else:
             raise WireError(f"unknown entry {key[:60]!r}")
     return message

@@ -198,7 +198,11 @@ class ProtocolAggregator(ClientsAvgAggregator):
         """Decode and validate every uplink, aggregate, and return the global adapter by state-dict name.
 
         A payload that is not a well-formed uplink is rejected with its
-        reason (like any invalid update) and never reaches the strategy.
+        reason (like any invalid update) and never reaches the strategy; the
+        strategy then applies the same gate as in the simulator (sampled
+        clients only, one reply each, the sample count, the update-norm
+        bound; :mod:`fs_gmfl.core.uplinks`), with ``federate.max_sample_count``
+        as the count's bound since this server does not know the shards.
         """
         server = self.server
         rnd = server.state + 1
@@ -207,7 +211,7 @@ class ProtocolAggregator(ClientsAvgAggregator):
             cid = int(fs_id) - 1
             try:
                 message = wire.decode(content[1], expect=wire.UPLINK)
-            except (wire.WireError, TypeError, IndexError) as err:
+            except (wire.WireError, TypeError, IndexError, KeyError) as err:
                 malformed[cid] = f"malformed payload: {err}"
                 continue
             server.ledger.record(rnd, cid, "uplink", message)
