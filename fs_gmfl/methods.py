@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from fs_gmfl.config.schema import RunConfig
@@ -106,6 +107,13 @@ def configure_uplinks(strategy: Strategy, cfg: RunConfig) -> None:
     policy.max_samples = fed.max_sample_count
     policy.max_update_ratio = fed.max_update_ratio
     policy.update_rms_floor = fed.update_rms_floor
+    policy.wire_dtype = uplink_dtype(cfg)
+
+
+def uplink_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype clients train and upload floating tensors in: ``train.half_dtype`` under is_enable_half, else fp32
+    (autocast keeps fp32 weights, so fp32 uplinks)."""
+    return getattr(torch, cfg.train.half_dtype) if cfg.train.is_enable_half else torch.float32
 
 
 def build_lora_fedavg(ctx: MethodContext) -> Method:
