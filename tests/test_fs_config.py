@@ -62,13 +62,14 @@ def native_llm_cfg(**sections):
 
 
 def test_native_run_keeps_core_keys_and_leaves_fs_only_values_to_fs():
-    """Method lower-cased, rank/alpha kept; RMSprop, 'meta', fan_in_fan_out and task 'node' fall back."""
+    """Method lower-cased, rank/alpha kept; RMSprop and fan_in_fan_out fall back; 'meta' is kept and FS's unset
+    task 'node' resolves to causal_lm for '@llm' instruction data."""
     cfg = to_run_config(native_llm_cfg(gmfl={"use": True, "c": 0.2, "period": 5}))
     assert cfg.federate.method == "fedit" and cfg.federate.client_num == 3
     assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.target_modules) == (8, 16.0, ["q_proj", "v_proj"])
     assert cfg.gmfl.use and (cfg.gmfl.c, cfg.gmfl.period) == (0.2, 5)
     assert cfg.train.optimizer.type == "AdamW" and cfg.train.optimizer.lr == 0.01  # type unknown to fs_gmfl, lr kept
-    assert cfg.data.splitter == "iid" and cfg.model.task == "seq_cls" and cfg.model.num_labels == 0
+    assert cfg.data.splitter == "meta" and cfg.model.task == "causal_lm" and cfg.model.num_labels == 0
 
 
 @pytest.mark.parametrize("section, values, key", [

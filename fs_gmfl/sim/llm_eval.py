@@ -62,6 +62,24 @@ def length_sorted_batches(lengths: Tensor, batch_size: int) -> list[Tensor]:
     return list(torch.split(order, batch_size))
 
 
+def response_logits(model: nn.Module, batch: dict[str, Tensor], keep: Tensor) -> Tensor:
+    """Next-token logits at the positions ``keep`` (``[batch, length - 1]``) only.
+
+    The vocabulary projection is applied to those hidden states alone (the
+    decoder's output, then the output embedding), instead of to every position:
+    for SmolLM2 (49,152 words) that is most of the memory of an evaluation
+    batch. Models without ``get_decoder``/``get_output_embeddings`` get the
+    full forward pass.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is inner:
+        return model(**batch).logits[:, :-1][keep]
+    hidden = decoder(**batch).last_hidden_state[:, :-1]
+    return head(hidden[keep])
+
+
 @torch.inference_mode()
 def response_losses(model: nn.Module, data: CausalEncoded, *, batch_size: int,
                     device: torch.device | str = "cpu") -> dict[str, float]:
@@ -70,12 +88,12 @@ def response_losses(model: nn.Module, data: CausalEncoded, *, batch_size: int,
     for index in length_sorted_batches(data.attention_mask.sum(dim=1), batch_size):
         batch = {k: v.to(device) for k, v in data.batch(index).items()}
         labels = batch.pop("labels")
-        logits = model(**batch).logits
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
         if not bool(keep.any()):
             continue
-        batch_sum = float(F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum"))
+        logits = response_logits(model, batch, keep)
+        batch_sum = float(F.cross_entropy(logits.float(), target[keep], reduction="sum"))
         batch_tokens = int(keep.sum())
         token_sum += batch_sum
         tokens += batch_tokens
