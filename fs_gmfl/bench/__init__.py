@@ -30,7 +30,11 @@ def _load(name: str) -> BenchFn:
         from fs_gmfl.bench.fedkrso import main
 
         return main
-    raise ConfigError("bench", name, "one of: gmfl, hafl, fedkrso, fedhft, fshost")
+    if name == "llm":
+        from fs_gmfl.bench.llm import main
+
+        return main
+    raise ConfigError("bench", name, "one of: gmfl, hafl, fedkrso, fedhft, fshost, llm")
 
 
 def run_benchmark(name: str, args: Sequence[str]) -> int:

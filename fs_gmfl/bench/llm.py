@@ -10,8 +10,9 @@ shared machine spread over every method.
 
 Reported per method (mean ± std over seeds): exact match and response-token
 loss of the base model (round 0, the same for every method of a seed) and at
-the end, uplink and downlink bytes, median local step time, peak RSS, and the
-evaluation time against the round's training time. A precision block times
+the end, uplink and downlink bytes, median local step time, peak RSS (each
+run in a fresh process), and the evaluation time against the round's
+training time. A precision block times
 fp32, bf16 weights (``train.is_enable_half``) and bf16 autocast on the same
 client data, interleaved, with the torch profiler's peak step memory.
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import shutil
 import statistics
 import time
 from collections.abc import Sequence
@@ -90,6 +93,7 @@ def quick_overrides(out: Path) -> list[str]:
     data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(120, seed=0)), encoding="utf-8")
     return ["model.type", "tiny_llama", "model.hidden_size", "32", "model.vocab_size", "300",
             "data.type", "arithmetic.jsonl@llm", "data.root", str(data.parent), "data.splitter", "meta",
+            "data.splitter_args", "[]",
             "federate.client_num", "3", "federate.sample_client_num", "3", "federate.total_round_num", "2",
             "train.local_update_steps", "3", "llm.tok_len", "64", "eval.generation_rows", "12", "eval.freq", "2",
             "train.is_enable_half", "False"]
@@ -103,16 +107,28 @@ def base_overrides(args: argparse.Namespace, out: Path) -> list[str]:
     return [*words, "outdir", str(out / "runs"), *[w for pair in args.set for w in pair]]
 
 
-def run_config(cfg: RunConfig, *, fresh: bool) -> dict[str, Any]:
-    """Run ``cfg``, or reuse the summary an earlier run of it wrote."""
+def _run_in_child(overrides: list[str]) -> None:
+    """Child-process body: one run of the benchmark configuration with ``overrides``."""
+    Simulation(load_config(BASE_CONFIG, overrides), quiet=True).run()
+
+
+def run_config(cfg: RunConfig, overrides: list[str], *, fresh: bool) -> dict[str, Any]:
+    """Run ``cfg`` in a fresh process (so ``peak_rss_bytes`` is this run's own), or reuse an earlier summary."""
     path = Path(cfg.outdir) / cfg.run_name / "summary.json"
     if path.is_file() and not fresh:
         progress(f"  reusing {path}")
         return json.loads(path.read_text(encoding="utf-8"))
-    summary = Simulation(cfg, quiet=True).run()
+    if path.parent.exists():
+        shutil.rmtree(path.parent)
+    child = multiprocessing.get_context("spawn").Process(target=_run_in_child, args=(overrides,))
+    child.start()
+    child.join()
+    if child.exitcode != 0 or not path.is_file():
+        raise RuntimeError(f"benchmark run {cfg.run_name} failed (exit {child.exitcode})")
+    summary = json.loads(path.read_text(encoding="utf-8"))
     final = summary["final"]
     progress(f"  {cfg.run_name}: {summary['wall_seconds']:.0f}s, exact match {final.get('test_exact_match', 0):.3f}, "
-             f"token loss {final.get('test_token_loss', 0):.3f}")
+             f"token loss {final.get('test_token_loss', 0):.3f}, peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
     return summary
 
 
@@ -254,17 +270,17 @@ def main(argv: Sequence[str]) -> int:
     methods = method_overrides(reference.lora.r, args.gmfl_period)
     chosen = [m for m in args.methods.split(",") if m in methods]
     start = time.time()
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in chosen}
-    for seed in seeds:
-        for method in chosen:
-            progress(f"[bench llm] seed {seed}: {method}")
-            name = f"{method.lower().replace('+', '_').replace('-', '')}_s{seed}"
-            cfg = load_config(BASE_CONFIG, [*overrides, *methods[method], "seed", str(seed), "expname", name])
-            results[method].append(run_config(cfg, fresh=args.fresh))
     timing = None
     if not args.no_timing:
         progress("[bench llm] precision timing")
         timing = precision_timing(overrides, steps=args.timing_steps if not args.quick else 2,
                                   repeats=args.timing_repeats if not args.quick else 2)
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in chosen}
+    for seed in seeds:
+        for method in chosen:
+            progress(f"[bench llm] seed {seed}: {method}")
+            name = f"{method.lower().replace('+', '_').replace('-', '')}_s{seed}"
+            words = [*overrides, *methods[method], "seed", str(seed), "expname", name]
+            results[method].append(run_config(load_config(BASE_CONFIG, words), words, fresh=args.fresh))
     print(write_outputs(out, results, seeds, timing, reference, time.time() - start))
     return 0

@@ -44,7 +44,7 @@ from fs_gmfl.sim.llm_eval import EvalSettings, evaluate_causal_lm
 from fs_gmfl.sim.models import (AdapterVariants, build_backbone, load_tokenizer, prepare_for_training,
                                 set_threads_from_env)
 from fs_gmfl.sim.store import ClientStateStore
-from fs_gmfl.sim.training import evaluate, train_local
+from fs_gmfl.sim.training import autocast_context, evaluate, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -283,9 +283,12 @@ class Simulation:
             settings = EvalSettings(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                                     generation_rows=cfg.eval.generation_rows, seed=cfg.seed,
                                     exact_match=bool(wanted & {"acc", "exact_match"}), loss="loss" in wanted)
-            return evaluate_causal_lm(self.model, self.backbone.tokenizer, data, settings, split=split,
-                                      device=self.device)
-        metrics = evaluate(self.model, data, batch_size=cfg.eval.batch_size, task=cfg.model.task, device=self.device)
+            with autocast_context(cfg, self.device):
+                return evaluate_causal_lm(self.model, self.backbone.tokenizer, data, settings, split=split,
+                                          device=self.device)
+        with autocast_context(cfg, self.device):
+            metrics = evaluate(self.model, data, batch_size=cfg.eval.batch_size, task=cfg.model.task,
+                               device=self.device)
         return {k: v for k, v in metrics.items() if k in cfg.eval.metrics or k == "ppl"}
 
     def _evaluate_splits(self, prefix: str) -> dict[str, float]:
