@@ -22,6 +22,8 @@ from fs_gmfl.sim.faults import FaultsConfig
 
 #: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
 METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft", "hafl", "fedkrso", "fft")
+#: longest ``expname`` in UTF-8 bytes (file systems allow 255 per name; outputs add suffixes such as ``.tmp``).
+MAX_EXPNAME_BYTES = 200
 #: methods GMFL can wrap.
 GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 
@@ -262,6 +264,7 @@ class RunConfig:
                                "simulator only).")
 
     def __post_init__(self) -> None:
+        self._check_output_names()
         if self.federate.method == "hafl":
             if self.gmfl.use:
                 fail(self, "gmfl.use", True, "False with federate.method 'hafl': HAFL already decides per rank-1 "
@@ -275,6 +278,18 @@ class RunConfig:
             fail(self, "llm.adapter.use", False, f"True for federate.method '{self.federate.method}'")
         if self.federate.method == "fedhft":
             self._check_fedhft()
+
+    def _check_output_names(self) -> None:
+        """``expname`` names one directory inside ``outdir``: no separators, not absolute, a short file name."""
+        name = self.expname
+        if "\0" in self.outdir or not self.outdir.strip():
+            fail(self, "outdir", self.outdir, "a non-empty directory path without NUL characters")
+        if name and (name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip()):
+            fail(self, "expname", name, "one directory name inside outdir: no '/', '\\', NUL, leading or "
+                 "trailing spaces, not '.' or '..' (put directories into outdir)")
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_EXPNAME_BYTES:
+            fail(self, "expname", f"<{len(name)} characters>", f"at most {MAX_EXPNAME_BYTES} bytes (a file name "
+                 "must fit the file system's 255-byte limit with room for suffixes)")
 
     def _check_fedhft(self) -> None:
         hft = self.fedhft
