@@ -9,8 +9,9 @@
   the process, so a killed run never leaves a stale lock behind.
 * A directory that holds a finished run (``summary.json``) is never
   overwritten silently: a new run there is refused with one line naming
-  ``--overwrite`` (which first removes the old ``summary.json``, plot and
-  communication log) and ``--resume`` (which continues it).
+  ``--overwrite`` (which removes the old ``summary.json``, plot and
+  communication log once the new run has loaded its data and model, so a
+  refused configuration loses nothing) and ``--resume`` (which continues it).
 * :func:`write_text_atomic` / :func:`write_json_atomic` write a temporary file
   and rename it over the target, so a reader never sees half a file; JSON is
   strict (:func:`json_safe` turns NaN and infinities into ``null``, so no
@@ -19,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -89,6 +91,7 @@ class RunDirectory:
         self.resume = resume
         self.overwrite = overwrite
         self._handle: IO[str] | None = None
+        self._created = False
 
     @property
     def finished(self) -> bool:
@@ -119,17 +122,33 @@ class RunDirectory:
             raise
 
     def release(self) -> None:
-        """Drop the lock (the lock file stays; removing it could let two runs lock different files)."""
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+        """Drop the lock; a run directory this run created and left empty (it failed early) is removed again.
+
+        Otherwise the lock file stays: removing it could let two runs lock different files.
+        """
+        if self._handle is None:
+            return
+        if self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
+        self._handle = None
+
+    def clear_finished(self) -> None:
+        """With ``--overwrite``, remove the finished run's outputs; called once the new run has set up."""
+        if self.finished and self.overwrite and not self.resume:
+            for name in FINISHED_OUTPUTS:
+                (self.run_dir / name).unlink(missing_ok=True)
+            logger.warning("replacing the finished run in %s (--overwrite)", self.run_dir)
 
     def _make_directory(self) -> None:
         outdir = self.run_dir.parent
         for path, what in ((outdir, "outdir"), (self.run_dir, "run directory")):
             if path.exists() and not path.is_dir():
                 raise InputError(f"{what} '{path}' exists and is not a directory; choose another outdir/expname")
+        self._created = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -166,6 +185,3 @@ class RunDirectory:
         if not self.overwrite:
             raise InputError(f"run directory '{self.run_dir}' already holds a finished run (summary.json); pass "
                              "--overwrite to replace it, --resume to continue it, or choose another expname")
-        for name in FINISHED_OUTPUTS:
-            (self.run_dir / name).unlink(missing_ok=True)
-        logger.warning("replacing the finished run in %s (--overwrite)", self.run_dir)

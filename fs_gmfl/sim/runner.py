@@ -34,12 +34,14 @@ from fs_gmfl.core.protocol import TrainStats
 from fs_gmfl.core.seeding import generator
 from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.methods import Method, MethodContext, build_method
+from fs_gmfl.preflight import check_run as check_resources
 from fs_gmfl.plots import MIB, plot_runs
 from fs_gmfl.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from fs_gmfl.sim.data import FederatedData, federated_data_for
 from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
 from fs_gmfl.sim.models import AdapterVariants, build_backbone, load_tokenizer, set_threads_from_env
 from fs_gmfl.sim.rundir import RunDirectory, dumps_strict, write_json_atomic, write_text_atomic
+from fs_gmfl.sim.sanity import check_data
 from fs_gmfl.sim.store import ClientStateStore
 from fs_gmfl.sim.training import evaluate, train_local
 
@@ -127,14 +129,17 @@ class Simulation:
         self.offline: set[int] = set()
         self.fault_counts: dict[str, int] = {fate: 0 for fate in FATES if fate != ON_TIME}
         self.empty_rounds: list[int] = []
+        self.warnings: list[str] = []
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
         """Load data, build the model and the method."""
         cfg = self.cfg
         set_threads_from_env()
+        check_resources(cfg)  # before anything is allocated: unusable model directory, rank, length, memory
         tokenizer = load_tokenizer(cfg)
         self.data: FederatedData = federated_data_for(cfg, tokenizer)
+        self.warnings = check_data(cfg, self.data)  # errors for unusable data, warnings for summary.json
         num_labels = cfg.model.num_labels or self.data.num_labels
         self.backbone = build_backbone(cfg, num_labels)
         self.model = self.backbone.model.to(self.device)
@@ -309,6 +314,7 @@ class Simulation:
                               "already run by the checkpoint being resumed (that run is finished)")
         # a checkpoint of the last round without summary.json: the run was killed while writing its outputs;
         # resuming runs no round and writes them.
+        rundir.clear_finished()
         writer = RunWriter(self.run_dir, self.cfg)
         if self.checkpoint is not None:
             per_round: list[dict[str, Any]] = list(self.checkpoint.manifest["per_round"])
@@ -382,6 +388,7 @@ class Simulation:
             "faults": {**self.fault_counts, "rounds_without_replies": list(self.empty_rounds)},
             "method_info": self.method.info,
             "device": str(self.device),
+            "warnings": list(self.warnings),
         }
 
 
