@@ -162,12 +162,13 @@ def estimate_bytes(cfg: RunConfig, shape: Shape, *, lora_elements: int = 0, rows
     batch = cfg.dataloader.batch_size if rows is None else min(cfg.dataloader.batch_size, rows)
     eval_batch = cfg.eval.batch_size if rows is None else min(cfg.eval.batch_size, rows)
     block = 4 * h * h + 2 * h * shape.intermediate
-    weights = (shape.vocab * h + layers * block) * FLOAT_BYTES
     full = cfg.method in FULL_WEIGHT_METHODS
     tiny = cfg.model.type.split("@")[0] in TINY
-    terms = [Term("model.hidden_size" if tiny else "model.type", cfg.model.hidden_size if tiny else cfg.model.type,
-                  weights * (4 if full else 1),
-                  "backbone weights" + (" with gradients and Adam moments" if full else ""))]
+    terms = [Term("model.vocab_size" if tiny else "model.type", cfg.model.vocab_size if tiny else cfg.model.type,
+                  shape.vocab * h * FLOAT_BYTES, "token embeddings"),
+             Term("model.hidden_size" if tiny else "model.type", cfg.model.hidden_size if tiny else cfg.model.type,
+                  layers * block * FLOAT_BYTES * (4 if full else 1),
+                  "transformer blocks" + (" with gradients and Adam moments" if full else ""))]
     if shape.positions:
         terms.append(Term("llm.tok_len", tok, shape.positions * h * FLOAT_BYTES * (4 if full else 1),
                           f"position embeddings for {shape.positions} positions"))
@@ -187,7 +188,8 @@ def estimate_bytes(cfg: RunConfig, shape: Shape, *, lora_elements: int = 0, rows
                       * FLOAT_BYTES * (cfg.model.task == "causal_lm"),
                       f"attention scores of a {eval_batch} x {tok}-token evaluation batch"))
     if rows is not None:
-        terms.append(Term("llm.tok_len", tok, rows * tok * 8 * 3, f"{rows} tokenised examples of {tok} tokens"))
+        terms.append(Term(*(("llm.tok_len", tok) if tok > rows else ("data.synthetic_num_samples", rows)),
+                          rows * tok * 8 * 3, f"{rows} tokenised examples of {tok} tokens"))
     return terms
 
 

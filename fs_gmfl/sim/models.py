@@ -116,7 +116,7 @@ def load_tokenizer(cfg: RunConfig) -> Any:
         return HashTokenizer(cfg.model.vocab_size)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except Exception as err:  # noqa: BLE001 - any loader failure is a bad model directory, reported in one line
         raise InputError(f"model directory '{path}' has no usable tokenizer: {_first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -162,7 +162,7 @@ def _load_base(cfg: RunConfig, num_labels: int, *, meta: bool) -> tuple[nn.Modul
     tokenizer = load_tokenizer(cfg)
     try:
         model = auto.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - any loader failure is a bad model directory, reported in one line
         raise InputError(f"model directory '{path}' cannot be loaded: {_first_line(err)}") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
