@@ -67,7 +67,8 @@ CLI_ROWS = [
     ([*BASE, "--quite"], ["unknown option '--quite'"]),
     ([*BASE, "--cfg"], ["option '--cfg' of 'run' needs a value"]),
     ([*BASE, "--cfg", "--quiet"], ["option '--cfg' of 'run' needs a value"]),
-    (["@run", "outdir", "/nonexistent", *BASE], ["fs-gmfl run: error:", "--cfg"]),  # no --cfg at all: argparse's error on one line
+    # no --cfg at all: argparse's own error, on one line
+    (["@run", "outdir", "/nonexistent", *BASE], ["fs-gmfl run: error:", "--cfg"]),
     (["@comm", *BASE, "--cfg"], ["option '--cfg' of 'comm' needs a value"]),
     (["@comm", "--cfg", "/dev/null", *BASE, "--resume"], ["unknown option '--resume' for 'comm'"]),
     (["@keys", "nosuchsection"], ["no configuration key under 'nosuchsection'", "gmfl"]),
@@ -209,7 +210,7 @@ def test_configurations_that_cannot_fit_are_refused_up_front(overrides, key, fra
 
 
 def test_memory_budget_comes_from_the_environment(tmp_path, capsys, monkeypatch):
-    """``FS_GMFL_MEMORY_BYTES`` bounds the estimate: 1 KiB refuses the tiny run, naming the estimate; junk is refused."""
+    """``FS_GMFL_MEMORY_BYTES`` bounds the estimate: 1 KiB refuses the tiny run naming the estimate; junk is refused."""
     monkeypatch.setenv("FS_GMFL_MEMORY_BYTES", "1024")
     code, lines = run_cli(["run", "--cfg", "/dev/null", "--quiet", *BASE, "outdir", str(tmp_path)], capsys)
     assert_one_line(code, lines, "but 1.0 KiB is available", "the run needs an estimated")
@@ -425,7 +426,12 @@ SUBPROCESS_ROWS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SUBPROCESS_ROWS))
+#: rows run in the default suite; the others are marked slow (each process imports torch and transformers).
+DEFAULT_SUBPROCESS_ROWS = ("readme_resume_command", "alias_bomb")
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT_SUBPROCESS_ROWS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in SUBPROCESS_ROWS])
 def test_bad_input_as_a_real_process_has_no_traceback(name, tmp_path):
     """As a process: exit status 2, one stderr line, no traceback, within 60 s."""
     extra, fragment = SUBPROCESS_ROWS[name]
