@@ -259,8 +259,10 @@ def check_run(cfg: RunConfig) -> None:
         ConfigError: the model directory is unusable, or a check fails; the
             message names the key and, for memory, the estimate.
     """
-    from fs_gmfl.sim.models import model_dir
+    from fs_gmfl.sim.models import SHAPE_PRESETS, model_dir, model_source
 
+    if model_source(cfg.model.type) in SHAPE_PRESETS:
+        return  # no weights: the simulator refuses it when loading (it is for 'fs-gmfl comm' only)
     path = model_dir(cfg)
     config = check_model_dir(path) if path is not None else None
     shape = shape_of(cfg, config)
