@@ -174,3 +174,26 @@ def test_a_refused_run_leaves_no_directory_behind(tmp_path, capsys):
     code, _ = run_cli(run_args(tmp_path, "model.num_labels", "1", "--quiet"), capsys)
     assert code == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_directory_locked_by_another_process_is_refused(tmp_path, capsys):
+    """Another (real) process holding the lock: the run is refused naming that process's pid."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         f"fh = open({str(run_dir / '.lock')!r}, 'a+')\n"
+         "fcntl.flock(fh, fcntl.LOCK_EX)\nfh.truncate(0); fh.write(f'{os.getpid()}\\n'); fh.flush()\n"
+         "print('locked', flush=True)\nsys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, lines = run_cli(run_args(tmp_path, "--quiet"), capsys)
+    finally:
+        holder.communicate("", timeout=30)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"is in use by another run (pid {holder.pid})" in lines[0]
+    assert run_cli(run_args(tmp_path, "--quiet"), capsys)[0] == 0  # free once the holder has exited
