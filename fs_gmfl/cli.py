@@ -2,8 +2,8 @@
 
 Sub-commands:
 
-* ``run --cfg FILE [--quiet] [--resume] [KEY VALUE ...]``: a federated run on the
-  embedded simulator;
+* ``run --cfg FILE [--quiet] [--resume] [--overwrite] [KEY VALUE ...]``: a
+  federated run on the embedded simulator;
 * ``comm --cfg FILE [KEY VALUE ...]``: per-round bytes per client profile as
   JSON, from a model built on the meta device (no weights);
 * ``keys [SECTION]``: every configuration key with default and help;
@@ -13,7 +13,9 @@ Sub-commands:
 * ``fs-eval NAME --cfg FILE [KEY VALUE ...]``: a FederatedScope-LLM
   evaluation script (``gsm8k``, ...) on a run's checkpoint, CPU allowed.
 
-Configuration and input errors print one line and exit with code 2.
+Options of ``run`` and ``comm`` may stand anywhere on the command line, also
+after the ``KEY VALUE`` overrides (``run --cfg F federate.save_freq 5
+--resume``). Configuration and input errors print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import logging
 import os
 import shlex
 import sys
+import typing
 import warnings
 from collections.abc import Sequence
 
 from fs_gmfl import __version__
-from fs_gmfl.errors import FsGmflError
+from fs_gmfl.errors import FsGmflError, InputError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -53,7 +56,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fs_gmfl.sim.runner import Simulation
 
     cfg = load_config(args.cfg, args.opts)
-    sim = Simulation(cfg, quiet=args.quiet, resume=args.resume)
+    sim = Simulation(cfg, quiet=args.quiet, resume=args.resume, overwrite=args.overwrite)
     try:
         sim.run()
     except KeyboardInterrupt:
@@ -81,9 +84,14 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     from fs_gmfl.config.fields import describe_range, iter_keys
     from fs_gmfl.config.schema import RunConfig
 
-    for key, default, type_name, meta, _ in iter_keys(RunConfig):
-        if args.section and not key.startswith(args.section + "."):
-            continue
+    rows = [row for row in iter_keys(RunConfig) if not args.section or row[0].startswith(args.section + ".")
+            or row[0] == args.section]
+    if not rows:
+        sections = sorted({row[0].split(".")[0] for row in iter_keys(RunConfig)})
+        print(f"fs-gmfl: error: no configuration key under '{args.section}'; sections: {', '.join(sections)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    for key, default, type_name, meta, _ in rows:
         allowed = (" one of " + ", ".join(map(repr, meta["choices"]))) if meta.get("choices") else ""
         if any(meta.get(b) is not None for b in ("ge", "gt", "le", "lt")):
             allowed += f" in {describe_range(meta)}"
@@ -118,9 +126,16 @@ def _cmd_fs_eval(argv: Sequence[str]) -> int:
 PASS_THROUGH = {"fs-run": _cmd_fs_run, "fs-eval": _cmd_fs_eval}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``fs-gmfl run: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:  # noqa: D102 - argparse hook
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fs-gmfl``."""
-    parser = argparse.ArgumentParser(prog="fs-gmfl", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="fs-gmfl", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"fs-gmfl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated experiment on the embedded simulator")
@@ -128,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint "
                      "(written every federate.save_freq rounds); the configuration must match")
+    run.add_argument("--overwrite", action="store_true", help="replace the outputs of a finished run in the same "
+                     "<outdir>/<expname> (without it such a run is refused)")
     run.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, e.g. federate.total_round_num 5")
     run.set_defaults(func=_cmd_run)
     comm = sub.add_parser("comm", help="estimate per-round bytes from a meta-device model")
@@ -148,6 +165,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: options that may follow the overrides, per sub-command: name -> takes a value.
+HOISTED_OPTIONS = {"run": {"--cfg": True, "--quiet": False, "--resume": False, "--overwrite": False,
+                           "--help": False, "-h": False},
+                   "comm": {"--cfg": True, "--help": False, "-h": False}}
+
+
+def hoist_options(args_list: list[str]) -> list[str]:
+    """Move the options of ``run``/``comm`` in front of the ``KEY VALUE`` overrides, wherever they stand.
+
+    argparse hands everything after the first override to the overrides, so a
+    trailing ``--resume`` would be read as a configuration key. An unknown
+    option in a key position is left where it is and reported by
+    :func:`check_overrides`.
+    """
+    if not args_list or args_list[0] not in HOISTED_OPTIONS:
+        return args_list
+    known = HOISTED_OPTIONS[args_list[0]]
+    options: list[str] = []
+    rest: list[str] = []
+    words = iter(args_list[1:])
+    for word in words:
+        name = word.split("=", 1)[0]
+        if name in known:
+            options.append(word)
+            if known[name] and "=" not in word:
+                value = next(words, None)
+                if value is None or value in known:
+                    raise InputError(f"option '{name}' of '{args_list[0]}' needs a value, e.g. {name} FILE")
+                options.append(value)
+        else:
+            rest.append(word)
+    return [args_list[0], *options, *rest]
+
+
+def check_overrides(command: str, opts: Sequence[str]) -> None:
+    """Refuse an option-like word where a configuration key is expected (one line, exit 2)."""
+    for key in opts[::2]:
+        if key.startswith("-"):
+            known = ", ".join(k for k in HOISTED_OPTIONS.get(command, {}) if k not in ("-h",))
+            raise InputError(f"unknown option '{key}' for '{command}' (options: {known}); configuration "
+                             "overrides are KEY VALUE pairs such as federate.total_round_num 5")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -158,10 +218,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fs-gmfl: error: {err}", file=sys.stderr)
             return EXIT_USAGE
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        hoisted = hoist_options(args_list)
+    except InputError as err:
+        print(f"fs-gmfl: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(hoisted)
     _quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in HOISTED_OPTIONS:
+            check_overrides(args.command, args.opts)
         return int(args.func(args))
     except FsGmflError as err:
         print(f"fs-gmfl: error: {err}", file=sys.stderr)

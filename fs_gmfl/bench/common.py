@@ -42,7 +42,7 @@ def run_config(overrides: Sequence[str], *, log: Callable[[str], None] = print) 
     """Run one simulator configuration quietly and return its summary."""
     cfg = load_config(None, list(overrides))
     start = time.time()
-    summary = Simulation(cfg, quiet=True).run()
+    summary = Simulation(cfg, quiet=True, overwrite=True).run()  # a benchmark re-run replaces its runs
     final = summary["final"]
     log(f"  {cfg.run_name}: {time.time() - start:.0f}s, test_acc {final.get('test_acc', float('nan')):.4f}, "
         f"uplink {summary['comm']['uplink_bytes'] / MIB:.2f} MiB")

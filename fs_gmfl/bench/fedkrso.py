@@ -113,7 +113,8 @@ def accuracy_run(args: argparse.Namespace, method: str, split: str, seed: int) -
     from fs_gmfl.config import load_config
     from fs_gmfl.sim.runner import Simulation
 
-    summary = Simulation(load_config(None, run_overrides(args, method, split, seed)), quiet=True).run()
+    summary = Simulation(load_config(None, run_overrides(args, method, split, seed)), quiet=True,
+                         overwrite=True).run()  # a benchmark re-run replaces its runs
     rows = [r for r in summary["per_round"] if "test_acc" in r]
     at_best_val = max(rows, key=lambda r: (r["val_acc"], -r["round"]))["test_acc"] if "val_acc" in rows[-1] else None
     rounds = [r for r in summary["per_round"] if r["round"] > 0]

@@ -91,7 +91,7 @@ def run_or_load(cfg: RunConfig, *, fresh: bool) -> dict[str, Any]:
     if path.is_file() and not fresh:
         progress(f"  reusing {path}")
         return json.loads(path.read_text(encoding="utf-8"))
-    summary = Simulation(cfg, quiet=True).run()
+    summary = Simulation(cfg, quiet=True, overwrite=True).run()  # a benchmark re-run replaces its runs
     progress(f"  {cfg.run_name}: {summary['wall_seconds']:.0f}s, test_acc {summary['final'].get('test_acc', 0):.4f}")
     return summary
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ def opt(
     le: float | None = None,
     lt: float | None = None,
     inferred: bool = False,
+    nonfinite: bool = False,
     factory: Any = dataclasses.MISSING,
 ) -> Any:
     """Declare a configuration field.
@@ -53,9 +55,13 @@ def opt(
             element when the field is a list of numbers).
         inferred: the default is a design choice made by fs_gmfl where the
             paper or reference code is silent (flagged in the docs).
+        nonfinite: NaN and infinities are allowed (they must then be
+            documented in ``help``); by default every number in the value,
+            including list elements and numbers inside mappings, must be finite.
         factory: a zero-argument callable producing the default.
     """
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "inferred": inferred}
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "inferred": inferred,
+            "nonfinite": nonfinite}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -110,8 +116,39 @@ def _type_name(tp: Any) -> str:
         tp, getattr(tp, "__name__", str(tp)))
 
 
+def first_nonfinite(value: Any, key: str, depth: int = 0) -> str | None:
+    """The key (``a.b[2]``) of the first NaN or infinite number inside ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else key
+    if depth > 64:
+        return None
+    if isinstance(value, Mapping):
+        items: Any = ((f"{key}.{k}", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{key}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub_key, sub in items:
+        found = first_nonfinite(sub, sub_key, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_finite(value: Any, key: str, meta: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a NaN or infinity anywhere in ``value`` unless the field allows them."""
+    if meta.get("nonfinite"):
+        return
+    where = first_nonfinite(value, key)
+    if where is not None:
+        raise ConfigError(key, value, f"finite numbers only ({where} is NaN or infinite)" if where != key
+                          else "a finite number (NaN and infinities are not allowed)")
+
+
 def _coerce(value: Any, tp: Any, key: str, meta: Mapping[str, Any]) -> Any:
     """Check ``value`` against type ``tp`` and return the typed value."""
+    if not dataclasses.is_dataclass(tp):
+        _check_finite(value, key, meta)
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -153,10 +190,15 @@ def _coerce(value: Any, tp: Any, key: str, meta: Mapping[str, Any]) -> Any:
         return value
     if tp is float:
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            return float(value)  # PyYAML (YAML 1.1) reads 1e-3 as a string
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-3 as a string; 1e999 becomes inf
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, value, "expected a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        _check_finite(number, key, meta)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, value, "expected a string")

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from fs_gmfl.config.fields import build, to_dict
+from fs_gmfl.config.safe_yaml import strict_load
 from fs_gmfl.config.schema import HOST_ONLY_KEYS, HOST_ONLY_SECTIONS, RunConfig
 from fs_gmfl.errors import ConfigError, InputError
 
@@ -25,21 +26,31 @@ _NOTICED: set[str] = set()
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse a YAML mapping from ``path``.
 
+    The file is parsed by :func:`~fs_gmfl.config.safe_yaml.strict_load`: a
+    repeated key, nesting deeper than 64 levels or an alias bomb is an error.
+
     Raises:
-        InputError: the file is missing, unreadable, not YAML, or not a mapping.
+        InputError: the file is missing, unreadable, not UTF-8, not YAML, or not a mapping.
     """
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = strict_load(fh)
     except FileNotFoundError:
         raise InputError(f"config file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"config file '{path}' is a directory, not a YAML file") from None
     except OSError as err:
         raise InputError(f"config file '{path}' cannot be read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"config file '{path}' is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                         f"{err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise InputError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
+    except (ValueError, OverflowError) as err:  # a NUL byte in the path; a scalar such as 2020-13-45
+        raise InputError(f"config file {str(path)!r} cannot be read: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -50,8 +61,8 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def parse_value(text: str) -> Any:
     """Parse an override value as a YAML scalar or flow collection (plain string if that fails)."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return strict_load(text)
+    except (yaml.YAMLError, ValueError, OverflowError):
         return text
 
 

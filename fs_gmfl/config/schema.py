@@ -32,6 +32,8 @@ def is_instruction_data_type(data_type: str) -> bool:
     return data_type in PACKAGED_INSTRUCTION_DATA or data_type.endswith("@llm")
 
 
+#: longest ``expname`` in UTF-8 bytes (file systems allow 255 per name; outputs add suffixes such as ``.tmp``).
+MAX_EXPNAME_BYTES = 200
 #: methods GMFL can wrap.
 GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 
@@ -308,6 +310,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self._resolve_task()
+        self._check_output_names()
         if self.federate.method == "hafl":
             if self.gmfl.use:
                 fail(self, "gmfl.use", True, "False with federate.method 'hafl': HAFL already decides per rank-1 "
@@ -331,6 +334,17 @@ class RunConfig:
         if self.train.is_enable_half and self.train.autocast != "none":
             fail(self, "train.autocast", self.train.autocast, "'none' with train.is_enable_half (the model is "
                  "already in half precision)")
+    def _check_output_names(self) -> None:
+        """``expname`` names one directory inside ``outdir``: no separators, not absolute, a short file name."""
+        name = self.expname
+        if "\0" in self.outdir or not self.outdir.strip():
+            fail(self, "outdir", self.outdir, "a non-empty directory path without NUL characters")
+        if name and (name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip()):
+            fail(self, "expname", name, "one directory name inside outdir: no '/', '\\', NUL, leading or "
+                 "trailing spaces, not '.' or '..' (put directories into outdir)")
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_EXPNAME_BYTES:
+            fail(self, "expname", f"<{len(name)} characters>", f"at most {MAX_EXPNAME_BYTES} bytes (a file name "
+                 "must fit the file system's 255-byte limit with room for suffixes)")
 
     def _check_fedhft(self) -> None:
         hft = self.fedhft

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -176,7 +177,13 @@ def latest_checkpoint_dir(run_dir: Path) -> Path | None:
     pointer = run_dir / CHECKPOINT_DIR / LATEST
     if not pointer.exists():
         return None
-    return run_dir / CHECKPOINT_DIR / pointer.read_text(encoding="utf-8").strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"corrupt checkpoint pointer {pointer}: {err}") from None
+    if not re.fullmatch(r"round_\d{6,}(-\d+)?", name):  # never a path outside the checkpoint directory
+        raise InputError(f"corrupt checkpoint pointer {pointer}: {name[:80]!r} is not a round directory name")
+    return run_dir / CHECKPOINT_DIR / name
 
 
 def load_checkpoint(run_dir: Path, cfg: RunConfig, method: str) -> Checkpoint:

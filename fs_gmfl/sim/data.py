@@ -44,6 +44,7 @@ from torch import Tensor
 from fs_gmfl.config.schema import DataConfig, RunConfig
 from fs_gmfl.core.seeding import derive_seed, generator
 from fs_gmfl.errors import ConfigError, InputError
+from fs_gmfl.sim.sanity import check_partition_size, check_rows
 
 csv.field_size_limit(sys.maxsize)
 
@@ -155,11 +156,12 @@ def _read_user_file(kind: str, path_text: str) -> TextCorpus:
         else:
             with open(path, encoding="utf-8") as fh:
                 rows = [json.loads(line) for line in fh if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
         raise InputError(f"data file '{path}' cannot be read: {err}") from None
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict) or "text" not in r or "label" not in r), None)
     if bad is not None or not rows:
         raise InputError(f"data file '{path}' needs 'text' and 'label' in every row (row {bad or 0} lacks them)")
+    check_rows(path, rows)
     labels, names = _label_ids([str(r["label"]) for r in rows])
     return TextCorpus(path.stem, [str(r["text"]) for r in rows], labels, names)
 
@@ -337,6 +339,7 @@ def lda_partition(labels: Tensor, num_clients: int, *, alpha: float, min_size: i
     rng = np.random.default_rng(derive_seed(seed, "lda"))
     y = labels.numpy()
     n = len(y)
+    check_partition_size(n, num_clients, min_size)
     classes = np.unique(y)
     for _ in range(max_tries):
         shards: list[list[int]] = [[] for _ in range(num_clients)]

@@ -118,10 +118,18 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     path = model_dir(cfg)
     if path is None:
         return HashTokenizer(cfg.model.vocab_size)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - any loader failure is a bad model directory, reported in one line
+        raise InputError(f"model directory '{path}' has no usable tokenizer: {_first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 def _auto_model_cls(task: str) -> Any:
@@ -156,7 +164,10 @@ def _load_base(cfg: RunConfig, num_labels: int, *, meta: bool) -> tuple[nn.Modul
         with torch.device("meta"):
             return auto.from_config(config), None
     tokenizer = load_tokenizer(cfg)
-    model = auto.from_pretrained(path, **kwargs)
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any loader failure is a bad model directory, reported in one line
+        raise InputError(f"model directory '{path}' cannot be loaded: {_first_line(err)}") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -10,7 +10,6 @@ one model exists, so memory does not grow with the number of clients.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import resource
 import shutil
@@ -36,6 +35,7 @@ from fs_gmfl.core.seeding import generator
 from fs_gmfl.core.uplinks import set_shard_sizes
 from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.methods import Method, MethodContext, build_method
+from fs_gmfl.preflight import check_run as check_resources
 from fs_gmfl.plots import MIB, plot_runs
 from fs_gmfl.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from fs_gmfl.sim.data import FederatedData, federated_data_for
@@ -43,6 +43,8 @@ from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, ro
 from fs_gmfl.sim.llm_eval import EvalSettings, evaluate_causal_lm
 from fs_gmfl.sim.models import (AdapterVariants, build_backbone, load_tokenizer, prepare_for_training,
                                 set_threads_from_env)
+from fs_gmfl.sim.rundir import RunDirectory, dumps_strict, write_json_atomic, write_text_atomic
+from fs_gmfl.sim.sanity import check_data
 from fs_gmfl.sim.store import ClientStateStore
 from fs_gmfl.sim.training import autocast_context, evaluate, train_local
 
@@ -105,15 +107,18 @@ class Simulation:
         quiet: no progress bar and no final line.
         resume: continue from the latest checkpoint in the run directory
             (written every ``federate.save_freq`` rounds).
+        overwrite: replace a finished run in the same directory (refused otherwise).
     """
 
-    def __init__(self, cfg: RunConfig, *, quiet: bool = False, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, *, quiet: bool = False, resume: bool = False,
+                 overwrite: bool = False) -> None:
         if cfg.federate.mode != "standalone":
             raise ConfigError("federate.mode", cfg.federate.mode, "'standalone' in the embedded simulator; "
                               "distributed runs go through the FederatedScope host ('fs-gmfl fs-run')")
         self.cfg = cfg
         self.quiet = quiet
         self.resume = resume
+        self.overwrite = overwrite
         self.checkpoint: Checkpoint | None = None
         self.saved_round: int | None = None  # the round of the latest checkpoint this run wrote or resumed
         self.eval_records: list[tuple[int, dict[str, float]]] = []
@@ -127,14 +132,17 @@ class Simulation:
         self.offline: set[int] = set()
         self.fault_counts: dict[str, int] = {fate: 0 for fate in FATES if fate != ON_TIME}
         self.empty_rounds: list[int] = []
+        self.warnings: list[str] = []
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
         """Load data, build the model and the method."""
         cfg = self.cfg
         set_threads_from_env()
+        check_resources(cfg)  # before anything is allocated: unusable model directory, rank, length, memory
         tokenizer = load_tokenizer(cfg)
         self.data: FederatedData = federated_data_for(cfg, tokenizer)
+        self.warnings = check_data(cfg, self.data)  # errors for unusable data, warnings for summary.json
         num_labels = cfg.model.num_labels or self.data.num_labels
         self.backbone = build_backbone(cfg, num_labels)
         self.model = prepare_for_training(self.backbone.model, cfg, self.device)
@@ -301,13 +309,26 @@ class Simulation:
 
     # -- the whole run -----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run every round, write the outputs and return the summary."""
+        """Lock the run directory, run every round, write the outputs and return the summary.
+
+        SIGTERM is turned into ``KeyboardInterrupt`` for the whole run (set-up,
+        rounds and outputs), so the command line ends it with status 130 and
+        its message at any moment.
+        """
+        with stop_on_sigterm(), RunDirectory(self.run_dir, resume=self.resume, overwrite=self.overwrite) as rundir:
+            return self._run(rundir)
+
+    def _run(self, rundir: RunDirectory) -> dict[str, Any]:
         start = time.time()
         self.setup()
         total = self.cfg.federate.total_round_num
-        if self.checkpoint is not None and self.checkpoint.round >= total:
+        if self.checkpoint is not None and (self.checkpoint.round > total
+                                            or (self.checkpoint.round == total and rundir.finished)):
             raise ConfigError("federate.total_round_num", total, f"more than the {self.checkpoint.round} rounds "
-                              "already run by the checkpoint being resumed")
+                              "already run by the checkpoint being resumed (that run is finished)")
+        # a checkpoint of the last round without summary.json: the run was killed while writing its outputs;
+        # resuming runs no round and writes them.
+        rundir.clear_finished()
         writer = RunWriter(self.run_dir, self.cfg)
         if self.checkpoint is not None:
             per_round: list[dict[str, Any]] = list(self.checkpoint.manifest["per_round"])
@@ -321,19 +342,18 @@ class Simulation:
             first = 1
         bar = tqdm(range(first, total + 1), desc=self.cfg.run_name, unit="round", disable=self.quiet,
                    file=sys.stderr, dynamic_ncols=True)
-        with stop_on_sigterm():
-            for rnd in bar:
+        for rnd in bar:
+            started = time.perf_counter()
+            row = self.run_round(rnd)
+            row["train_seconds"] = time.perf_counter() - started
+            if rnd % self.cfg.eval.freq == 0 or rnd == total:
                 started = time.perf_counter()
-                row = self.run_round(rnd)
-                row["train_seconds"] = time.perf_counter() - started
-                if rnd % self.cfg.eval.freq == 0 or rnd == total:
-                    started = time.perf_counter()
-                    row.update(self._evaluate_and_log(writer, rnd))
-                    row["eval_seconds"] = time.perf_counter() - started
-                per_round.append(row)
-                if self._due(rnd):
-                    self.save(rnd, per_round)
-                bar.set_postfix(self._progress(per_round), refresh=False)
+                row.update(self._evaluate_and_log(writer, rnd))
+                row["eval_seconds"] = time.perf_counter() - started
+            per_round.append(row)
+            if self._due(rnd):
+                self.save(rnd, per_round)
+            bar.set_postfix(self._progress(per_round), refresh=False)
         summary = self.summary(per_round, time.time() - start)
         writer.finish(summary, self.ledger)
         if not self.quiet:
@@ -390,6 +410,7 @@ class Simulation:
             "method_info": self.method.info,
             "device": str(self.device),
             "precision": precision_of(self.cfg),
+            "warnings": list(self.warnings),
         }
 
 
@@ -410,7 +431,7 @@ def stop_on_sigterm() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class RunWriter:
@@ -419,20 +440,19 @@ class RunWriter:
     def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+        write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
         self.eval_log = run_dir / "eval_results.log"
-        self.eval_log.write_text("", encoding="utf-8")
+        write_text_atomic(self.eval_log, "")
 
     def eval_line(self, rnd: int, metrics: Mapping[str, float]) -> None:
         """Append a FederatedScope-style evaluation record (one JSON object per line)."""
         with open(self.eval_log, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"Role": "Server #", "Round": rnd, "Results_raw": dict(metrics)}) + "\n")
+            fh.write(dumps_strict({"Role": "Server #", "Round": rnd, "Results_raw": dict(metrics)}) + "\n")
 
     def finish(self, summary: Mapping[str, Any], ledger: CommLedger) -> None:
         """Write the communication log, the summary (atomically) and the plot."""
-        with open(self.run_dir / "comm_log.jsonl", "w", encoding="utf-8") as fh:
-            for t in ledger.transfers:
-                fh.write(json.dumps(t.as_row()) + "\n")
+        write_text_atomic(self.run_dir / "comm_log.jsonl",
+                          "".join(dumps_strict(t.as_row()) + "\n" for t in ledger.transfers))
         write_json_atomic(self.run_dir / "summary.json", summary)
         metric = next((m for m in ("test_acc", "test_exact_match", "test_avg_loss")
                        if any(m in r for r in summary["per_round"])), "test_loss")
@@ -446,9 +466,3 @@ def precision_of(cfg: RunConfig) -> str:
         return f"{cfg.train.half_dtype} weights (is_enable_half)"
     return "fp32" if cfg.train.autocast == "none" else f"fp32 weights, {cfg.train.autocast} autocast"
 
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file and rename it over ``path``."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float), encoding="utf-8")
-    tmp.replace(path)
