@@ -24,6 +24,7 @@ from fs_gmfl.sim.faults import FaultsConfig
 METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft", "hafl", "fedkrso", "fft")
 #: methods GMFL can wrap.
 GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
+CLIENT_WEIGHTS = ("shard_size", "processed_samples")
 
 #: FederatedScope-only settings the embedded simulator accepts and ignores (with a one-time notice), so one YAML
 #: file can drive both hosts (``fs-gmfl run`` and ``fs-gmfl fs-run``). They configure FederatedScope's runtime
@@ -53,6 +54,11 @@ class FederateConfig:
     total_round_num: int = opt(10, "Number of communication rounds.", ge=1)
     save_freq: int = opt(0, "Rounds between checkpoints of the run (<run_dir>/checkpoint, resumed with "
                          "'fs-gmfl run --cfg F --resume'); the last round is always saved; 0 or -1: none.", ge=-1)
+    client_weight: str = opt(
+        "shard_size", "FedAvg weight of a client under fedit/fedavg/ffa_lora (+GMFL): 'shard_size' (its whole "
+        "training shard |D|) or 'processed_samples' (min(dataloader.batch_size x train.local_update_steps, |D|), "
+        "the GMFL reference code's |D_k|; |D| under train.batch_or_epoch 'epoch').",
+        choices=CLIENT_WEIGHTS, inferred=True)
 
     def __post_init__(self) -> None:
         if self.sample_client_num == 0:
@@ -271,6 +277,9 @@ class RunConfig:
         if self.gmfl.use and self.federate.method not in GMFL_BASES:
             fail(self, "gmfl.use", True, f"only with federate.method in {GMFL_BASES} "
                  f"(got '{self.federate.method}')")
+        if self.federate.client_weight != "shard_size" and self.federate.method not in GMFL_BASES:
+            fail(self, "federate.client_weight", self.federate.client_weight,
+                 f"'shard_size' with federate.method '{self.federate.method}' (the rule applies to {GMFL_BASES})")
         if not self.llm.adapter.use:
             fail(self, "llm.adapter.use", False, f"True for federate.method '{self.federate.method}'")
         if self.federate.method == "fedhft":
