@@ -447,7 +447,8 @@ def test_benchmark_summary_and_table_from_run_rows():
 
     runs = [{"method": "fedkrso", "split": "iid", "seed": s, "final_test_acc": a, "best_test_acc": a + 0.01,
              "test_acc_at_best_val": None, "uplink_bytes_per_client": MIB, "downlink_bytes_per_client": 2 * MIB,
-             "uplink_bytes_per_round": 5 * MIB, "downlink_bytes_per_round": 10 * MIB} for s, a in ((0, 0.7), (1, 0.8))]
+             "uplink_bytes_per_round": 5 * MIB, "downlink_bytes_per_round": 10 * MIB,
+             "test_majority_rate": m} for s, a, m in ((0, 0.7, 0.5), (1, 0.8, 0.6))]
     probes = [{"method": "fedkrso", "median_step_seconds": t, "tensor_peak_training_mib": 100.0 + t,
                "rss_before_training_mib": 500.0, "model_mib": 87.0, "trainable_params": 83714,
                "rss_training_overhead_mib": 50.0, "rss_peak_mib": 550.0} for t in (0.2, 0.4, 0.3)]
@@ -457,4 +458,6 @@ def test_benchmark_summary_and_table_from_run_rows():
     table = markdown_table(summary, ["fedkrso"], ["iid"])
     assert "| fedkrso | iid | 0.7500 ± 0.0707 | n/a | 0.7600 ± 0.0707 | 1.000 MiB | 2.000 MiB |" in table
     assert "| fedkrso | 83,714 | 0.300 | 100.3 | 50.0 | 500 |" in table
+    # reference row: majority rates 0.5 and 0.6 -> mean 0.55, sample std 0.0707
+    assert "| majority class of the test split (reference) | iid | 0.5500 ± 0.0707 | - | - | - | - |" in table
 
