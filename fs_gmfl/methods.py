@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.adapter import HEAD, kind_of
 from fs_gmfl.core.fedavg import LoraClient, LoraFedAvg, mask_candidate_keys
+from fs_gmfl.core.fedavg.client import processed_samples_cap
 from fs_gmfl.core.fedhft import FedHFTClient, FedHFTStrategy
 from fs_gmfl.core.fedkrso import FedKRSOClient, FedKRSOServer
 from fs_gmfl.core.fft import FullWeightClient
@@ -127,7 +128,9 @@ def build_lora_fedavg(ctx: MethodContext) -> Method:
     strategy = LoraFedAvg(ctx.initial, variant=variant, masking=masking,
                           downlink="stateful_sync" if stateful else "stateless")
     info = {"mask_candidates": len(candidates)} if cfg.gmfl.use else {}
-    return Method(strategy, LoraClient(variant, candidates, stateful=stateful), info)
+    cap = processed_samples_cap(cfg.federate.client_weight, batch_size=cfg.dataloader.batch_size,
+                                local_steps=cfg.train.local_update_steps, batch_or_epoch=cfg.train.batch_or_epoch)
+    return Method(strategy, LoraClient(variant, candidates, stateful=stateful, samples_cap=cap), info)
 
 
 register_method("fedit", build_lora_fedavg)

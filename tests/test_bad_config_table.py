@@ -75,7 +75,7 @@ TABLE = [
     # fedkrso
     ([*KRSO, "fedkrso.num_seeds", "0"], "fedkrso.num_seeds", "[1, 65536]"),
     ([*KRSO, "fedkrso.num_seeds", "4", "fedkrso.seed_bits", "2"], "fedkrso.seed_bits", "at least 3"),
-    ([*KRSO, "fedkrso.state_policy", "keep"], "fedkrso.state_policy", "'reset', 'transform'"),
+    ([*KRSO, "fedkrso.state_policy", "keep"], "fedkrso.state_policy", "'reset', 'reset_moments', 'transform'"),
     ([*KRSO, "fedkrso.rank", "0"], "fedkrso.rank", "[1, inf)"),
     ([*KRSO, "fedkrso.target_modules", "[nonexistent]"], "fedkrso.target_modules", "'nonexistent' matches none"),
     # fft

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
+import torch
 
-from fs_gmfl.bench.common import fmt_pm, markdown_table, mean_curve
-from fs_gmfl.bench.gmfl import main
+from fs_gmfl.bench.common import MAJORITY_LABEL, fmt_pm, markdown_table, mean_curve
+from fs_gmfl.bench.gmfl import common_overrides, main, parse_args
+from fs_gmfl.config import load_config
+from fs_gmfl.sim.data import HashTokenizer, federated_data_for, majority_class_rate
 
 
 def test_bench_gmfl_tiny_end_to_end(tmp_path, capsys):
     """--quick on tiny_bert + synthetic data: every method runs, files exist, saving == predicted saving."""
     out = tmp_path / "b"
-    code = main(["--quick", "--model", "tiny_bert", "--dataset", "synthetic", "--clients", "6", "--per-round", "2",
-                 "--rank", "4", "--tok-len", "16", "--subsample", "1.0", "--batch-size", "8", "--timing-steps", "3", "--out", str(out),
-                 "--set", "model.hidden_size", "16", "--set", "model.vocab_size", "200",
-                 "--set", "data.synthetic_num_samples", "200"])
+    argv = ["--quick", "--model", "tiny_bert", "--dataset", "synthetic", "--clients", "6", "--per-round", "2",
+            "--rank", "4", "--tok-len", "16", "--subsample", "1.0", "--batch-size", "8", "--timing-steps", "3",
+            "--out", str(out), "--set", "model.hidden_size", "16", "--set", "model.vocab_size", "200",
+            "--set", "data.synthetic_num_samples", "200"]
+    code = main(argv)
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["runs"]) == {"FedIT", "FedIT+GMFL", "FFA-LoRA", "FFA-LoRA+GMFL"}
@@ -26,7 +31,17 @@ def test_bench_gmfl_tiny_end_to_end(tmp_path, capsys):
         assert measured > 0 and lo == hi
         assert measured == pytest.approx(lo, rel=1e-9)  # equal-size tensors, no ties: exact
     assert {"FedIT", "GMFL ratio 0"} <= set(results["timing"])
-    assert (out / "gmfl_bench.png").is_file() and "FFA-LoRA+GMFL" in (out / "table.md").read_text()
+    assert (out / "gmfl_bench.png").is_file()
+    # every row carries that run's final accuracy, and the reference row the test split's majority-class rate,
+    # counted here independently of the benchmark (Counter over the labels of the same split)
+    table = (out / "table.md").read_text()
+    for name, runs in results["runs"].items():
+        assert f"| {name} | {runs[0]['final']['test_acc'] * 100:.1f} ± 0.0 |" in table
+    cfg = load_config(None, [*common_overrides(parse_args(argv), out), "seed", "0"])
+    labels = federated_data_for(cfg, HashTokenizer(1000)).test.labels.tolist()
+    majority = Counter(labels).most_common(1)[0][1] / len(labels)
+    assert results["test_majority_rate"] == [pytest.approx(majority)]
+    assert f"| {MAJORITY_LABEL} | {majority * 100:.1f} ± 0.0 | {majority * 100:.1f} ± 0.0 |" in table
 
 
 def test_table_helpers():
@@ -37,3 +52,10 @@ def test_table_helpers():
             {"per_round": [{"round": 0, "test_acc": 0.7}, {"round": 1, "uplink_bytes": 30, "test_acc": 0.9}]}]
     curve = mean_curve(runs)["per_round"]
     assert curve[1] == {"round": 1, "uplink_bytes": 20, "test_acc": pytest.approx(0.8)}
+
+
+def test_majority_class_rate_hand_computed():
+    """Labels [2, 0, 2, 1, 2, 0]: class 2 holds 3 of 6 -> 0.5; one class -> 1.0; no labels -> 0.0."""
+    assert majority_class_rate(torch.tensor([2, 0, 2, 1, 2, 0])) == 0.5
+    assert majority_class_rate(torch.tensor([4, 4, 4])) == 1.0
+    assert majority_class_rate(torch.tensor([], dtype=torch.long)) == 0.0

@@ -139,3 +139,47 @@ def test_stateful_sync_sends_only_stale_tensors():
     down3 = strat.configure_round(3, [0])[0]
     assert set(down3.tensors) == set(KEYS) - {A1}  # A1 frozen and unchanged since the last sync
     assert "mask" not in down3.control  # the mask did not change since the last sync
+
+
+@pytest.mark.parametrize("rule,mode,expected", [
+    ("shard_size", "batch", None), ("processed_samples", "batch", 24), ("processed_samples", "epoch", None)])
+def test_processed_samples_cap_is_batch_size_times_steps(rule, mode, expected):
+    """batch 8 x 3 steps = 24 processed samples at most; an epoch processes the whole shard; shard_size: no cap."""
+    from fs_gmfl.core.fedavg.client import processed_samples_cap
+    assert processed_samples_cap(rule, batch_size=8, local_steps=3, batch_or_epoch=mode) == expected
+
+
+def test_processed_samples_weighting_gives_min_of_processed_and_shard():
+    """Shards of 40 and 10, cap 24: reported 24 and 10, global = (24 * 1 + 10 * 5) / 34 (shard size: 40, 10)."""
+    from torch import nn
+
+    from fs_gmfl.core.fedavg import LoraClient
+    from fs_gmfl.core.protocol import LocalPlan, TrainStats
+
+    def upload(client, value, n):
+        plan = LocalPlan(model=nn.Identity(), trainable={k: torch.nn.Parameter(v) for k, v in state(value).items()})
+        return client.finish(plan, TrainStats(num_samples=n, steps=3, mean_loss=0.0), {})
+
+    expected = {None: (40 * 1 + 10 * 5) / 50, 24: (24 * 1 + 10 * 5) / 34}
+    for cap, value in expected.items():
+        client = LoraClient("fedit", samples_cap=cap)
+        uploads = [upload(client, 1.0, 40), upload(client, 5.0, 10)]
+        assert [u.num_samples for u in uploads] == ([40, 10] if cap is None else [24, 10])
+        strategy = LoraFedAvg(state(0.0))
+        strategy.aggregate(1, [Reply(0, uploads[0]), Reply(1, uploads[1])])
+        assert strategy.global_adapter()[A1][0, 0].item() == pytest.approx(value)
+
+
+def test_client_weight_key_reaches_the_client_and_is_rejected_for_other_methods(tiny):
+    """federate.client_weight processed_samples: the FedIT client caps at 8 x 3 = 24; HAFL refuses the key."""
+    from fs_gmfl.core.adapter import adapter_state
+    from fs_gmfl.errors import ConfigError
+    from fs_gmfl.methods import MethodContext, build_method
+    from fs_gmfl.sim.models import build_backbone
+
+    cfg = tiny("federate.client_weight", "processed_samples", "gmfl.use", "True")
+    method = build_method(MethodContext(cfg, adapter_state(build_backbone(cfg, 2).model)))
+    assert method.client.samples_cap == 24
+    assert build_method(MethodContext(tiny(), method.strategy.global_adapter())).client.samples_cap is None
+    with pytest.raises(ConfigError, match="federate.client_weight"):
+        tiny("federate.client_weight", "processed_samples", "federate.method", "hafl")

@@ -226,9 +226,9 @@ def test_no_gradient_of_a_targeted_weight_shape_is_ever_computed(tiny, method):
     sim.method.client.finish(plan, stats, {})
 
 
-@pytest.mark.parametrize("policy,expected_step", [("reset", 1), ("transform", 5)])
+@pytest.mark.parametrize("policy,expected_step", [("reset", 1), ("reset_moments", 5), ("transform", 5)])
 def test_optimizer_state_is_reset_or_carried_at_each_interval(policy, expected_step):
-    """T = 5, J = 2: 'reset' restarts Adam for B each interval (1 step in the last), 'transform' keeps counting."""
+    """T = 5, J = 2: 'reset' restarts Adam for B each interval (1 step in the last); the others keep counting."""
     model, cfg, layers, server, client = toy_setup(state_policy=policy)
     plan = client.prepare(model, server.configure_round(1, [0])[0], {})
     opt = torch.optim.AdamW(list(plan.trainable.values()), lr=0.05)
@@ -243,6 +243,56 @@ def test_optimizer_state_is_reset_or_carried_at_each_interval(policy, expected_s
     assert steps == {expected_step}
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)  # the toy has no head: every group is B
     client.finish(plan, TrainStats(8, 5, 0.0), {})
+
+
+@pytest.mark.parametrize("policy", ["reset", "reset_moments"])
+def test_interval_start_clears_or_zeroes_the_optimizer_state_of_b(policy):
+    """J = 2: after the second step the next interval starts; 'reset' empties B's state, 'reset_moments' keeps
+    step = 2 with exp_avg = exp_avg_sq = 0."""
+    model, cfg, layers, server, client = toy_setup(state_policy=policy)
+    plan = client.prepare(model, server.configure_round(1, [0])[0], {})
+    opt = torch.optim.AdamW(list(plan.trainable.values()), lr=0.05)
+    plan.on_optimizer(opt)
+    x, y = toy_data(0, 8)
+    for step in range(2):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        plan.after_step(step)
+    for b in plan.trainable.values():
+        state = opt.state[b]
+        if policy == "reset":
+            assert not state
+        else:
+            assert int(state["step"]) == 2
+            assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    client.finish(plan, TrainStats(8, 2, 0.0), {})
+
+
+@pytest.mark.parametrize("policy,expected_delta", [
+    # step restarts at t = 1: m_hat = g, v_hat = g^2, so the step is lr * g / |g| = 0.1
+    ("reset", 0.1),
+    # t = 3 with zeroed moments: m_hat = 0.1 / (1 - 0.9^3) = 0.369004, v_hat = 0.001 / (1 - 0.999^3) = 0.333667,
+    # step = lr * 0.369004 / sqrt(0.333667) = 0.1 * 0.638815
+    ("reset_moments", 0.0638815),
+])
+def test_adam_step_after_an_interval_reset_matches_hand_computed_bias_correction(policy, expected_delta):
+    """Adam on loss = 2p (g = 2): two steps, the interval reset, a third step; its size is hand-computed."""
+    from fs_gmfl.core.fedkrso.client import zero_moments
+    p = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.Adam([p], lr=0.1, eps=1e-12)
+    for _ in range(2):
+        (2 * p).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    before = float(p.detach())
+    if policy == "reset":
+        opt.state[p].clear()
+    else:
+        zero_moments(opt.state[p])
+    (2 * p).sum().backward()
+    opt.step()
+    assert before - float(p.detach()) == pytest.approx(expected_delta, rel=1e-5)
 
 
 def test_b_is_exempt_from_decoupled_weight_decay_but_the_head_is_not():
@@ -397,7 +447,8 @@ def test_benchmark_summary_and_table_from_run_rows():
 
     runs = [{"method": "fedkrso", "split": "iid", "seed": s, "final_test_acc": a, "best_test_acc": a + 0.01,
              "test_acc_at_best_val": None, "uplink_bytes_per_client": MIB, "downlink_bytes_per_client": 2 * MIB,
-             "uplink_bytes_per_round": 5 * MIB, "downlink_bytes_per_round": 10 * MIB} for s, a in ((0, 0.7), (1, 0.8))]
+             "uplink_bytes_per_round": 5 * MIB, "downlink_bytes_per_round": 10 * MIB,
+             "test_majority_rate": m} for s, a, m in ((0, 0.7, 0.5), (1, 0.8, 0.6))]
     probes = [{"method": "fedkrso", "median_step_seconds": t, "tensor_peak_training_mib": 100.0 + t,
                "rss_before_training_mib": 500.0, "model_mib": 87.0, "trainable_params": 83714,
                "rss_training_overhead_mib": 50.0, "rss_peak_mib": 550.0} for t in (0.2, 0.4, 0.3)]
@@ -407,4 +458,6 @@ def test_benchmark_summary_and_table_from_run_rows():
     table = markdown_table(summary, ["fedkrso"], ["iid"])
     assert "| fedkrso | iid | 0.7500 ± 0.0707 | n/a | 0.7600 ± 0.0707 | 1.000 MiB | 2.000 MiB |" in table
     assert "| fedkrso | 83,714 | 0.300 | 100.3 | 50.0 | 500 |" in table
+    # reference row: majority rates 0.5 and 0.6 -> mean 0.55, sample std 0.0707
+    assert "| majority class of the test split (reference) | iid | 0.5500 ± 0.0707 | - | - | - | - |" in table
 

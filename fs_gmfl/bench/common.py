@@ -16,6 +16,7 @@ import torch
 
 from fs_gmfl.config import load_config
 from fs_gmfl.plots import MIB
+from fs_gmfl.sim.data import majority_rate_of_test_split
 from fs_gmfl.sim.runner import Simulation
 
 
@@ -61,6 +62,20 @@ def mean_curve(summaries: Sequence[Mapping[str, Any]], metric: str = "test_acc")
             row[metric] = statistics.fmean(s["per_round"][i][metric] for s in summaries)
         rows.append(row)
     return {"per_round": rows}
+
+
+#: label of the reference row every accuracy table of a classification benchmark carries.
+MAJORITY_LABEL = "majority class of the test split (reference)"
+
+
+def majority_rates(configs: Sequence[Any]) -> list[float]:
+    """Majority-class rate of the test split of each run configuration (one per seed).
+
+    The same reader, subsample, split and seed as the benchmarked runs, so the
+    figure is the accuracy of always predicting the test split's most frequent
+    class: an accuracy at or below it shows nothing learnt beyond the class prior.
+    """
+    return [majority_rate_of_test_split(cfg) for cfg in configs]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -41,9 +41,11 @@ from typing import Any
 
 import torch
 
+from fs_gmfl.bench.common import MAJORITY_LABEL
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.fedhft import assign_levels
 from fs_gmfl.core.seeding import derive_seed
+from fs_gmfl.sim.data import majority_class_rate
 
 MIB = 2**20
 LEVEL_SHARES = [1 / 3, 1 / 3, 1 / 3]
@@ -162,6 +164,7 @@ def run_once(args: argparse.Namespace, dataset: str, seed: int, method: str) -> 
         **{f"personalised_acc_level{lv}": weighted_accuracy(per_client, [c for c in per_client if levels[c] == lv])
            for lv in range(len(KEEP_RATIOS))},
         "global_test_acc": metrics["test_acc"], "majority_baseline": majority_baseline(sim),
+        "test_majority_rate": majority_class_rate(sim.data.test.labels),
         "uplink_bytes_per_round": statistics.fmean(r["uplink_bytes"] for r in rows),
         "downlink_bytes_per_round": statistics.fmean(r["downlink_bytes"] for r in rows[1:] or rows),
         **bytes_by_level(sim, levels),
@@ -289,10 +292,22 @@ def markdown(summary: dict[str, Any], probes: list[dict[str, Any]], args: argpar
                          f"{fmt(m['personalised_acc_level1'])} | {fmt(m['personalised_acc_level2'])} | "
                          f"{fmt(m['global_test_acc'])} | {m['majority_baseline'][0]:.3f} | "
                          f"{m['uplink_bytes_per_round'][0] / MIB:.3f} | {m['downlink_bytes_per_round'][0] / MIB:.3f} |")
+        lines += majority_row(methods)
         lines += ["", bytes_table(methods, args), ""]
     if probes:
         lines += probe_table(probes)
     return "\n".join(lines) + "\n"
+
+
+def majority_row(methods: dict[str, Any]) -> list[str]:
+    """The reference row: the majority-class rate of the server's test split, beside the global test accuracy.
+
+    Empty for records written before the rate was recorded (``--resume`` of an older benchmark).
+    """
+    rates = next(iter(methods.values())).get("test_majority_rate")
+    if rates is None:
+        return []
+    return [f"| {MAJORITY_LABEL} | - | - | - | - | {fmt(rates)} | - | - | - |"]
 
 
 def bytes_table(methods: dict[str, Any], args: argparse.Namespace) -> str:

@@ -111,14 +111,16 @@ def run_overrides(args: argparse.Namespace, method: str, split: str, seed: int) 
 def accuracy_run(args: argparse.Namespace, method: str, split: str, seed: int) -> dict[str, Any]:
     """One federated run; its accuracy curve, bytes per round and step times."""
     from fs_gmfl.config import load_config
+    from fs_gmfl.sim.data import majority_rate_of_test_split
     from fs_gmfl.sim.runner import Simulation
 
-    summary = Simulation(load_config(None, run_overrides(args, method, split, seed)), quiet=True,
-                         overwrite=True).run()  # a benchmark re-run replaces its runs
+    cfg = load_config(None, run_overrides(args, method, split, seed))
+    summary = Simulation(cfg, quiet=True, overwrite=True).run()  # a benchmark re-run replaces its runs
     rows = [r for r in summary["per_round"] if "test_acc" in r]
     at_best_val = max(rows, key=lambda r: (r["val_acc"], -r["round"]))["test_acc"] if "val_acc" in rows[-1] else None
     rounds = [r for r in summary["per_round"] if r["round"] > 0]
     return {"method": method, "split": split, "seed": seed, "final_test_acc": rows[-1]["test_acc"],
+            "test_majority_rate": majority_rate_of_test_split(cfg),
             "best_test_acc": max(r["test_acc"] for r in rows), "test_acc_at_best_val": at_best_val,
             "curve": [(r["round"], r["test_acc"]) for r in rows],
             "uplink_bytes_per_round": statistics.fmean(r["uplink_bytes"] for r in rounds),
@@ -251,6 +253,8 @@ def summarise(runs: Sequence[dict[str, Any]], probes: Sequence[dict[str, Any]], 
             entry.update({k: statistics.fmean(r[k] for r in rows) for k in
                           ("uplink_bytes_per_client", "downlink_bytes_per_client", "uplink_bytes_per_round",
                            "downlink_bytes_per_round")})
+            if all(r.get("test_majority_rate") is not None for r in rows):
+                entry["test_majority_rate"] = _mean_std([r["test_majority_rate"] for r in rows])
             entry["seeds"] = len(rows)
             acc[f"{method}/{split}"] = entry
     mem: dict[str, Any] = {}
@@ -268,7 +272,9 @@ def summarise(runs: Sequence[dict[str, Any]], probes: Sequence[dict[str, Any]], 
 
 
 def markdown_table(summary: dict[str, Any], methods: Sequence[str], splits: Sequence[str]) -> str:
-    """The results as markdown tables."""
+    """The results as markdown tables (with the majority-class reference row of each split)."""
+    from fs_gmfl.bench.common import MAJORITY_LABEL
+
     lines = ["| method | split | final test acc | test acc at best val | best test acc | uplink / client / round "
              "| downlink / client / round |", "|---|---|---|---|---|---|---|"]
     for method in methods:
@@ -282,6 +288,11 @@ def markdown_table(summary: dict[str, Any], methods: Sequence[str], splits: Sequ
             lines.append(f"| {method} | {split} | {f[0]:.4f} ± {f[1]:.4f} | {at_val} | "
                          f"{b[0]:.4f} ± {b[1]:.4f} | {e['uplink_bytes_per_client'] / MIB:.3f} MiB | "
                          f"{e['downlink_bytes_per_client'] / MIB:.3f} MiB |")
+    for split in splits:  # the reference line: the same for every method of a split (same data, split and seeds)
+        rates = next((e["test_majority_rate"] for key, e in summary["accuracy"].items()
+                      if key.endswith(f"/{split}") and "test_majority_rate" in e), None)
+        if rates is not None:
+            lines.append(f"| {MAJORITY_LABEL} | {split} | {rates[0]:.4f} ± {rates[1]:.4f} | - | - | - | - |")
     if summary["client"]:
         lines += ["", "| method | trainable params | median step (s) | tensor peak during training (MiB) | "
                   "RSS growth during training (MiB) | RSS before training (MiB) |", "|---|---|---|---|---|---|"]

@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-
-from fs_gmfl.bench.common import fmt_pm, machine, markdown_table, mean_curve, peak_step_memory, progress, write_json
+from fs_gmfl.bench.common import (MAJORITY_LABEL, fmt_pm, machine, majority_rates, markdown_table, mean_curve,
+                                  peak_step_memory, progress, write_json)
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.adapter import adapter_state
 from fs_gmfl.core.message import Message
@@ -227,12 +227,14 @@ def main(argv: Sequence[str]) -> int:
     if not args.no_profiles:
         progress("[bench hafl] per-profile step time and memory")
         measured = profile_measurements(args, extra)
+    majority = majority_rates([method_config(methods[0], [*common, "seed", str(seed)]) for seed in seeds])
     text = markdown_table(["method", f"test acc % @ round {args.rounds // 2}", f"test acc % @ round {args.rounds}",
                            "uplink MiB / round", f"uplink vs {REFERENCE}", "downlink MiB / round", "seeds"],
-                          accuracy_rows(results, args.rounds))
+                          [*accuracy_rows(results, args.rounds),
+                           [MAJORITY_LABEL, fmt_pm(majority), fmt_pm(majority), "-", "-", "-", len(seeds)]])
     text += f"\n\nTest acc % at round {args.rounds} per seed:\n\n" + markdown_table(
         ["method", *(f"seed {s}" for s in seeds), f"gap to {REFERENCE}: mean (per seed)"],
-        per_seed_rows(results, args.rounds))
+        [*per_seed_rows(results, args.rounds), [MAJORITY_LABEL, *(f"{r * 100:.1f}" for r in majority), "-"]])
     if "ITALoRA" in results:
         text += "\n\nITALoRA global model truncated to the client ranks (test acc %):\n\n" + markdown_table(
             ["model", f"@ round {args.rounds // 2}", f"@ round {args.rounds}"],
@@ -244,7 +246,7 @@ def main(argv: Sequence[str]) -> int:
     plot = plot_runs([(name, mean_curve(s)) for name, s in results.items()], out / "hafl_bench.png",
                      title=f"MiniLM on news articles, 100 clients, 10/round, mean of {len(seeds)} seeds")
     write_json(out / "results.json", {
-        "args": vars(args), "machine": machine(), "profiles": measured,
+        "args": vars(args), "machine": machine(), "profiles": measured, "test_majority_rate": majority,
         "runs": {n: [{k: s[k] for k in ("final", "comm", "timing", "per_round", "method_info", "wall_seconds")}
                      for s in v] for n, v in results.items()}})
     (out / "table.md").write_text(text + "\n", encoding="utf-8")

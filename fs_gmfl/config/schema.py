@@ -36,6 +36,7 @@ def is_instruction_data_type(data_type: str) -> bool:
 MAX_EXPNAME_BYTES = 200
 #: methods GMFL can wrap.
 GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
+CLIENT_WEIGHTS = ("shard_size", "processed_samples")
 
 #: FederatedScope-only settings the embedded simulator accepts and ignores (with a one-time notice), so one YAML
 #: file can drive both hosts (``fs-gmfl run`` and ``fs-gmfl fs-run``). They configure FederatedScope's runtime
@@ -75,6 +76,11 @@ class FederateConfig:
     update_rms_floor: float = opt(DEFAULT_UPDATE_RMS_FLOOR, "Per-entry RMS floor of the update-norm bound, so a "
                                   "tensor whose global value is 0 (LoRA B at the start) can still be updated.",
                                   gt=0.0)
+    client_weight: str = opt(
+        "shard_size", "FedAvg weight of a client under fedit/fedavg/ffa_lora (+GMFL): 'shard_size' (its whole "
+        "training shard |D|) or 'processed_samples' (min(dataloader.batch_size x train.local_update_steps, |D|), "
+        "the GMFL reference code's |D_k|; |D| under train.batch_or_epoch 'epoch').",
+        choices=CLIENT_WEIGHTS, inferred=True)
 
     def __post_init__(self) -> None:
         if self.sample_client_num == 0:
@@ -320,6 +326,9 @@ class RunConfig:
         if self.gmfl.use and self.federate.method not in GMFL_BASES:
             fail(self, "gmfl.use", True, f"only with federate.method in {GMFL_BASES} "
                  f"(got '{self.federate.method}')")
+        if self.federate.client_weight != "shard_size" and self.federate.method not in GMFL_BASES:
+            fail(self, "federate.client_weight", self.federate.client_weight,
+                 f"'shard_size' with federate.method '{self.federate.method}' (the rule applies to {GMFL_BASES})")
         if not self.llm.adapter.use:
             fail(self, "llm.adapter.use", False, f"True for federate.method '{self.federate.method}'")
         if self.federate.method == "fedhft":

@@ -446,6 +446,28 @@ def split_client_validation(shards: list[Tensor], fraction: float, *, seed: int)
     return train, val
 
 
+def majority_class_rate(labels: Tensor) -> float:
+    """Accuracy of always predicting the most frequent label of ``labels`` (0.0 for an empty tensor).
+
+    The reference line of a classification benchmark: a model below it has
+    learnt less than the class prior.
+    """
+    if labels.numel() == 0:
+        return 0.0
+    return float(torch.bincount(labels.flatten()).max()) / labels.numel()
+
+
+def majority_rate_of_test_split(cfg: RunConfig) -> float:
+    """Majority-class rate of the server's test split of ``cfg``'s data, seed and split.
+
+    Builds the same :class:`FederatedData` a run builds (same reader, subsample,
+    split and seed) with the hashing tokenizer: labels and splits do not depend
+    on the tokenizer, so no model files are needed.
+    """
+    data = federated_data_for(cfg, HashTokenizer(1000))
+    return majority_class_rate(data.test.labels)
+
+
 def federated_data_for(cfg: RunConfig, tokenizer: object) -> FederatedData:
     """The :class:`FederatedData` of a run configuration (clients, token length, seed, vocabulary)."""
     return build_federated_data(cfg.data, num_clients=cfg.federate.client_num, tokenizer=tokenizer,

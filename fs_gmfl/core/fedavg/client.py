@@ -17,6 +17,22 @@ ADAPTER_CACHE = "adapter"
 MASK_CACHE = "mask"
 
 
+def processed_samples_cap(rule: str, *, batch_size: int, local_steps: int, batch_or_epoch: str) -> int | None:
+    """The cap on a client's reported sample count under ``federate.client_weight``.
+
+    ``processed_samples`` follows the GMFL reference code, whose FedAvg weight
+    is ``|D_k| = min(bs * max_steps, |D|)`` (spec GMFL.md section 4): a
+    client that trains ``local_steps`` batches of ``batch_size`` counts at most
+    ``batch_size * local_steps`` samples. Under ``batch_or_epoch: epoch`` every
+    sample is processed, so there is no cap; ``shard_size`` has none either.
+    """
+    if rule == "shard_size" or batch_or_epoch == "epoch":
+        return None
+    if rule != "processed_samples":
+        raise ValueError(f"unknown client weight rule {rule!r}")
+    return batch_size * local_steps
+
+
 class LoraClient(ClientAlgorithm):
     """Trains the base-trainable adapter tensors the server's mask leaves trainable.
 
@@ -29,12 +45,17 @@ class LoraClient(ClientAlgorithm):
         candidate_keys: the mask's key order (empty when GMFL is off).
         stateful: the client caches the adapter between rounds
             (``gmfl.downlink: stateful_sync``).
+        samples_cap: the reported sample count (the FedAvg weight) is
+            ``min(num_samples, samples_cap)``; ``None`` reports the shard size
+            (see :func:`processed_samples_cap`).
     """
 
-    def __init__(self, variant: str, candidate_keys: Sequence[str] = (), *, stateful: bool = False) -> None:
+    def __init__(self, variant: str, candidate_keys: Sequence[str] = (), *, stateful: bool = False,
+                 samples_cap: int | None = None) -> None:
         self.variant = variant
         self.candidate_keys = list(candidate_keys)
         self.stateful = stateful
+        self.samples_cap = samples_cap
 
     def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
         """Load the (cached + received) adapter, read the mask, list the trainable parameters."""
@@ -64,7 +85,8 @@ class LoraClient(ClientAlgorithm):
         return {k for k, trainable in zip(self.candidate_keys, flags) if not trainable}
 
     def finish(self, plan: LocalPlan, stats: TrainStats, client_state: MutableMapping[str, Any]) -> Message:
-        """Upload the trained tensors and the sample count."""
+        """Upload the trained tensors and the sample count (capped by ``samples_cap``)."""
         tensors = {k: p.detach().clone() for k, p in plan.trainable.items()}
         # The cache keeps the last *received* global values: local results are not global until aggregated.
-        return Message(tensors, {NUM_SAMPLES: samples_tensor(stats.num_samples)})
+        count = stats.num_samples if self.samples_cap is None else min(stats.num_samples, self.samples_cap)
+        return Message(tensors, {NUM_SAMPLES: samples_tensor(count)})

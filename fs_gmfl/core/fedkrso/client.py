@@ -84,6 +84,23 @@ def exclude_from_weight_decay(optimizer: torch.optim.Optimizer, params: Sequence
                                    "weight_decay": 0.0})
 
 
+#: optimizer-state entries holding moments (Adam/AdamW, AMSGrad, SGD momentum); ``step`` is not one of them.
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+@torch.no_grad()
+def zero_moments(state: dict[str, Any]) -> None:
+    """Zero the moment tensors of one parameter's optimizer state in place, keeping its step counter.
+
+    The authors' interval reset: the next Adam step then sees ``m = v = 0`` but
+    bias-corrects with ``1 - beta^t`` at the continued step count ``t``, not at
+    ``t = 1`` as after :meth:`dict.clear`.
+    """
+    for key in MOMENT_KEYS:
+        if isinstance(state.get(key), Tensor):
+            state[key].zero_()
+
+
 class SubspaceSession:
     """One client's local training in one round: intervals, merges and accumulators.
 
@@ -150,6 +167,8 @@ class SubspaceSession:
             if state:
                 if self.config.state_policy == "reset":
                     state.clear()
+                elif self.config.state_policy == "reset_moments":
+                    zero_moments(state)
                 else:
                     for key in ("exp_avg", "momentum_buffer"):
                         if isinstance(state.get(key), Tensor):

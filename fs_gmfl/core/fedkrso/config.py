@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from fs_gmfl.config.fields import fail, opt
 
-STATE_POLICIES = ("reset", "transform")
+STATE_POLICIES = ("reset", "reset_moments", "transform")
 WEIGHT_DECAY_POLICIES = ("none", "projected")
 CATCHUP_POLICIES = ("auto", "replay", "full")
 WEIGHTINGS = ("samples", "uniform")
@@ -30,9 +30,11 @@ class FedKRSOConfig:
     target_modules: list[str] = opt(factory=list, help="Linear modules trained in full through subspaces "
                                     "(name suffixes); empty: every linear layer of the transformer blocks "
                                     "(BERT/RoBERTa: query, key, value, intermediate.dense, output.dense).")
-    state_policy: str = opt("reset", "Optimizer state of B when an interval starts: 'reset' (authors' default) or "
-                            "'transform' (first moment mapped to the new subspace, m <- (r/d_in) m P_old P_new^T; "
-                            "second moment kept).", choices=STATE_POLICIES)
+    state_policy: str = opt("reset", "Optimizer state of B when an interval starts: 'reset' clears it, step "
+                            "counter included (Adam's bias correction restarts at step 1); 'reset_moments' zeroes "
+                            "the moments and keeps the step counter (the authors' code, so bias correction "
+                            "continues from the round's step count); 'transform' maps the first moment to the new "
+                            "subspace, m <- (r/d_in) m P_old P_new^T, second moment kept.", choices=STATE_POLICIES)
     subspace_weight_decay: str = opt("none", "Weight decay of the targeted weights: 'none', or 'projected' (the "
                                      "gradient of (wd/2)||W + B P||^2 projected into the subspace, "
                                      "wd = train.optimizer.weight_decay). Decoupled decay of the whole W cannot "
