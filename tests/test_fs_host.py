@@ -81,13 +81,14 @@ def test_another_plugin_claiming_an_fs_gmfl_method_is_a_conflict():
 @pytest.mark.parametrize("opts, key", [
     (("gmfl.c", 2.0), "gmfl.c"),
     (("gmfl.tie_policy", "coin_flip"), "gmfl.tie_policy"),
-    (("trainer.type", "llmtrainer"), "trainer.type"),
-    (("federate.method", "fedavg", "trainer.type", "llmtrainer"), "gmfl.use"),
+    (("trainer.type", "general"), "trainer.type"),
+    (("federate.method", "fedopt", "trainer.type", "llmtrainer"), "gmfl.use"),
     (("quantization.method", "uniform"), "quantization.method"),
     (("model.type", "/m/llama@huggingface_llm"), "model.type"),
     (("federate.method", "fedkrso", "gmfl.use", False), "federate.method"),
     (("federate.method", "fft", "gmfl.use", False), "federate.method"),
-    (("federate.method", "fedhft", "gmfl.use", False, "data.client_val_fraction", 0.2), "fedhft.eval"),
+    (("federate.method", "fedhft", "gmfl.use", False, "data.client_val_fraction", 0.2, "fedhft.eval", "personalised"),
+     "fedhft.eval"),
     (("faults.dropout_before", 0.2), "faults.dropout_before"),
     (("faults.straggler_fraction", 0.5, "faults.straggler_delay", 1.0), "faults.straggler_fraction"),
 ])

@@ -34,6 +34,7 @@ from typing import Any
 from federatedscope.core.aggregators import ClientsAvgAggregator
 from federatedscope.core.message import Message as FsMessage
 from federatedscope.core.workers import Client, Server
+import torch
 from torch import Tensor, nn
 
 from fs_gmfl.core.adapter import adapter_parameters, adapter_state
@@ -41,8 +42,8 @@ from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Reply, total_bytes
 from fs_gmfl.core.protocol import ClientAlgorithm, RoundReport
 from fs_gmfl.hosts.fs import wire
-from fs_gmfl.hosts.fs.builders import model_provider_for
-from fs_gmfl.hosts.fs.config import to_run_config
+from fs_gmfl.hosts.fs.builders import model_provider_for, trains_in_half
+from fs_gmfl.hosts.fs.config import SWITCHES, to_run_config
 from fs_gmfl.hosts.fs.trainer import Assignment, inner_model
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.sim.runner import sample_clients, write_json_atomic
@@ -94,8 +95,14 @@ class FsGmflServer(Server):
         self.ledger = CommLedger()
         self.rounds: dict[int, dict[str, Any]] = {}
         self.rejections: dict[str, int] = {}
+        self.accepted_total = 0
+        self.mostly_rejected_rounds: list[int] = []
+        self.wire_dtype = wire_dtype_of(config, self.models[0])
+        SERVERS.append(self)
         self.aggregator = ProtocolAggregator(self)
         self.aggregators = [self.aggregator]
+        for change in SWITCHES:
+            logger.info(f"fs_gmfl: {change}")
 
     @property
     def distributed(self) -> bool:
@@ -162,14 +169,31 @@ class FsGmflServer(Server):
 
     # -- per-round record ----------------------------------------------------------------------
     def record_round(self, rnd: int, report: RoundReport) -> None:
-        """Log rejections and write ``comm_log.jsonl`` / ``summary.json`` after each aggregation."""
+        """Log rejections and write ``comm_log.jsonl`` / ``summary.json`` after each aggregation.
+
+        A round in which at least half of the updates are rejected logs a
+        warning with the counts and is listed in ``summary.json``
+        (``rejected_updates.mostly_rejected_rounds``).
+        """
         for cid, reason in report.rejected.items():
             logger.warning(f"round {rnd}: update of client {cid} rejected: {reason}")
             kind = reason.split(":")[0]
             self.rejections[kind] = self.rejections.get(kind, 0) + 1
+        self.accepted_total += len(report.accepted)
+        received = len(report.accepted) + len(report.rejected)
+        if report.rejected and 2 * len(report.rejected) >= received:
+            self.mostly_rejected_rounds.append(rnd)
+            logger.warning(f"round {rnd}: {len(report.rejected)} of {received} updates rejected; "
+                           f"{self.accepted_total} accepted since the start of the run")
         row = self.rounds.setdefault(rnd, {"round": rnd})
-        row.update({**self.ledger.round_totals(rnd), "rejected": len(report.rejected), **report.metrics})
+        row.update({**self.ledger.round_totals(rnd), "accepted": len(report.accepted),
+                    "rejected": len(report.rejected), **report.metrics})
         self.write_outputs()
+
+    @property
+    def never_accepted(self) -> bool:
+        """True when rounds were aggregated but no update was ever accepted (the global model never moved)."""
+        return bool(self.rounds) and any("rejected" in r for r in self.rounds.values()) and not self.accepted_total
 
     def write_outputs(self) -> None:
         """The fs_gmfl view of the run in FederatedScope's run directory (bytes from the messages sent)."""
@@ -181,9 +205,46 @@ class FsGmflServer(Server):
         summary = {"host": "federatedscope", "method": self.method.strategy.name,
                    "rounds": self.total_round_num, "comm": self.ledger.totals(),
                    "per_round": [self.rounds[r] for r in sorted(self.rounds)],
-                   "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections)},
+                   "accepted_updates": self.accepted_total,
+                   "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections),
+                                        "mostly_rejected_rounds": list(self.mostly_rejected_rounds)},
+                   "uplink_dtype": str(self.wire_dtype).removeprefix("torch."),
                    "method_info": self.method.info}
         write_json_atomic(outdir / "summary.json", summary)
+
+
+#: every fs_gmfl server of this process (the launcher reads their outcome to set the exit status).
+SERVERS: list[FsGmflServer] = []
+
+
+def wire_dtype_of(fs_cfg: Any, model: nn.Module) -> torch.dtype:
+    """The dtype the clients train, and so upload, their floating-point tensors in.
+
+    float16 with ``train.is_enable_half`` (FederatedScope's LLM trainer casts
+    the model at every fit), otherwise the dtype of the model's adapter.
+    """
+    if trains_in_half(fs_cfg):
+        return torch.float16
+    params = adapter_parameters(inner_model(model))
+    return next(iter(params.values())).dtype if params else torch.float32
+
+
+def to_global_dtype(message: Any, reference: dict[str, Tensor], wire_dtype: torch.dtype) -> str | None:
+    """Check that the uplink's adapter tensors come in the clients' training dtype, then cast them, exactly,
+    to the dtype of the strategy's global tensors (which validates and aggregates them as usual).
+
+    Returns:
+        ``None``, or the rejection reason for a floating tensor in another dtype.
+    """
+    for key, value in list(message.tensors.items()):
+        like = reference.get(key)
+        if like is None or not isinstance(value, Tensor) or not value.is_floating_point():
+            continue
+        if value.dtype != wire_dtype:
+            return f"wrong dtype: '{key}' has dtype {value.dtype}, expected {wire_dtype} (the clients' training dtype)"
+        if like.dtype != wire_dtype:
+            message.tensors[key] = value.to(like.dtype)
+    return None
 
 
 class ProtocolAggregator(ClientsAvgAggregator):
@@ -213,6 +274,10 @@ class ProtocolAggregator(ClientsAvgAggregator):
             server.ledger.record(rnd, cid, "uplink", message)
             if server.distributed:
                 server._monitor.track_download_bytes(message.nbytes)
+            reason = to_global_dtype(message, server.method.strategy.global_adapter(), server.wire_dtype)
+            if reason:
+                malformed[cid] = reason
+                continue
             replies.append(Reply(cid, message))
         report = server.method.strategy.aggregate(rnd, replies)
         report.rejected.update(malformed)
