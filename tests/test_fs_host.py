@@ -29,6 +29,7 @@ from fs_gmfl.errors import ConfigError  # noqa: E402
 from fs_gmfl.hosts.fs import register_all, wire  # noqa: E402
 from fs_gmfl.hosts.fs.assets import write_tiny_llm_assets  # noqa: E402
 from fs_gmfl.hosts.fs.builders import build_fs_data, build_fs_model  # noqa: E402
+from fs_gmfl.hosts.fs.config import set_command_line  # noqa: E402
 from fs_gmfl.hosts.fs.registration import KEY, RegistrationConflict, call_trainer  # noqa: E402
 from fs_gmfl.hosts.fs.trainer import Assignment, FsGmflTrainer, inner_model  # noqa: E402
 from fs_gmfl.hosts.fs.workers import FsGmflClient, FsGmflServer  # noqa: E402
@@ -105,9 +106,14 @@ FS_YAMLS = sorted(FS_CONFIGS.rglob("*.yaml"))
 @pytest.mark.parametrize("path", FS_YAMLS, ids=[str(p.relative_to(FS_CONFIGS)) for p in FS_YAMLS])
 def test_shipped_federatescope_configs_pass_federatescope_checks(path):
     """Every yaml_configs/fs file merges into FederatedScope's config and passes fs_gmfl's check function."""
-    cfg = global_cfg.clone()
-    cfg.merge_from_file(str(path))
+    set_command_line(str(path), [])
+    try:
+        cfg = global_cfg.clone()
+        cfg.merge_from_file(str(path))
+    finally:
+        set_command_line(None, None)
     assert cfg.trainer.type == "fs_gmfl_llmtrainer" and cfg.federate.method in ("fedit", "ffa_lora")
+    assert "{" not in cfg.federate.save_to + cfg.data.root + cfg.model.type
 
 
 def test_use_false_keeps_only_use_after_freeze_and_still_converts():

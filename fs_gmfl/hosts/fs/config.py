@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
+import sys
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fs_gmfl.config.fields import build, iter_keys
@@ -220,6 +223,7 @@ def check_cfg(cfg: Any) -> None:
     """
     view, pending = _effective_view(cfg)
     try:
+        resolve_paths(view)
         resolve_switches(view, announce=not pending)
         _check_effective(view)
     except ConfigError as err:
@@ -291,6 +295,46 @@ def _enabled(cfg: Any, section: str) -> bool:
     return plain(lookup(cfg, f"{section}.use")) is True
 
 
+# -- paths that do not depend on the working directory ---------------------------------------------
+#: keys whose values may hold the placeholders of :func:`resolve_paths`.
+PATH_KEYS = ("outdir", "data.root", "data.type", "model.type", "federate.save_to", "federate.restore_from")
+CFG_DIR, OUTDIR = "{cfg_dir}", "{outdir}"
+
+
+def resolve_paths(cfg: Any) -> None:
+    """Expand ``{cfg_dir}`` (the directory of the ``--cfg`` YAML file) and ``{outdir}`` (the run's ``outdir``)
+    in path-valued keys (:data:`PATH_KEYS`), in place, so a config runs from any working directory.
+
+    ``{cfg_dir}`` needs the ``--cfg`` file of the command line (the launcher,
+    or FederatedScope's main with the plug-in entry point); ``{outdir}``
+    follows an ``outdir`` override. Other relative paths keep FederatedScope's
+    meaning (relative to the working directory).
+
+    Raises:
+        ConfigError: ``{cfg_dir}`` is used but no ``--cfg`` file is known.
+    """
+    if getattr(cfg, "is_frozen", lambda: False)():
+        return
+    line = _command_line()
+    for key in PATH_KEYS:
+        value = plain(lookup(cfg, key))
+        if not isinstance(value, str) or "{" not in value:
+            continue
+        if CFG_DIR in value:
+            if line is None or not line.cfg_file:
+                raise ConfigError(key, value, f"a path without '{CFG_DIR}' when no --cfg file is known (run it "
+                                  "with fs-gmfl fs-run --cfg FILE)")
+            head, at, hub = value.replace(CFG_DIR, str(Path(line.cfg_file).resolve().parent)).rpartition("@")
+            value = os.path.normpath(head) + at + hub if at else os.path.normpath(hub)
+        if OUTDIR in value and key != "outdir":
+            value = value.replace(OUTDIR, str(plain(lookup(cfg, "outdir"))))
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        setattr(node, leaf, value)
+
+
 # -- command-line overrides ------------------------------------------------------------------------
 @dataclasses.dataclass
 class CommandLine:
@@ -315,13 +359,23 @@ def set_command_line(cfg_file: str | None, opts: list[str] | None) -> None:
     _COMMAND_LINE = None if cfg_file is None and opts is None else CommandLine(cfg_file, list(opts or []))
 
 
+def _command_line() -> CommandLine | None:
+    """The launcher's command line or, under FederatedScope's own main (plug-in entry point), ``sys.argv``'s."""
+    global _COMMAND_LINE
+    if _COMMAND_LINE is None and "--cfg" in sys.argv[1:] and Path(sys.argv[0]).name == "main.py":
+        from fs_gmfl.hosts.fs.run import command_line
+
+        _COMMAND_LINE = CommandLine(*command_line(sys.argv[1:]))
+    return _COMMAND_LINE
+
+
 def _effective_view(cfg: Any) -> tuple[Any, bool]:
     """``(config to check, overrides still pending)``: ``cfg`` itself once the overrides are merged.
 
     Overrides count as merged as soon as ``cfg`` holds every overridden
     value; until then a copy with them merged (no checks) is checked.
     """
-    line = _COMMAND_LINE
+    line = _command_line()
     if line is None or line.applied or not line.opts or not hasattr(cfg, "clone"):
         return cfg, False
     try:
@@ -337,7 +391,7 @@ def _effective_view(cfg: Any) -> tuple[Any, bool]:
 
 def _with_source(err: ConfigError) -> ConfigError:
     """``err`` with where its value came from: the command line, the ``--cfg`` file or a default."""
-    line = _COMMAND_LINE
+    line = _command_line()
     if line is None or err.unknown:
         return err
     source = _source_of(err.key, line)

@@ -98,6 +98,8 @@ class FsGmflServer(Server):
         self.accepted_total = 0
         self.mostly_rejected_rounds: list[int] = []
         self.wire_dtype = wire_dtype_of(config, self.models[0])
+        self.evaluation = {"broadcasts": 0, "bytes": 0}
+        _create_parent(config.federate.save_to)
         SERVERS.append(self)
         self.aggregator = ProtocolAggregator(self)
         self.aggregators = [self.aggregator]
@@ -158,10 +160,15 @@ class FsGmflServer(Server):
                                      nbytes=message.nbytes))
 
     def _send_global_adapter(self, msg_type: str, receivers: list[int]) -> None:
+        """Broadcast the global adapter for evaluation (counted apart from training traffic in summary.json)."""
         adapter = self.method.strategy.global_adapter()
-        self._send(FsGmflMessage(msg_type=msg_type, sender=self.ID, receiver=receivers,
-                                 state=min(self.state - 1, self.total_round_num), timestamp=self.cur_timestamp,
-                                 content=wire.encode_tensors(adapter), nbytes=total_bytes(adapter)))
+        message = FsGmflMessage(msg_type=msg_type, sender=self.ID, receiver=receivers,
+                                state=min(self.state - 1, self.total_round_num), timestamp=self.cur_timestamp,
+                                content=wire.encode_tensors(adapter), nbytes=total_bytes(adapter))
+        self._send(message)
+        self.evaluation["broadcasts"] += 1
+        self.evaluation["bytes"] += message.count_bytes()[1]
+        self.write_outputs()
 
     def _send(self, message: FsGmflMessage) -> None:
         self.comm_manager.send(message)
@@ -209,8 +216,21 @@ class FsGmflServer(Server):
                    "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections),
                                         "mostly_rejected_rounds": list(self.mostly_rejected_rounds)},
                    "uplink_dtype": str(self.wire_dtype).removeprefix("torch."),
+                   "evaluation_broadcasts": {**self.evaluation, "note": EVALUATION_NOTE},
                    "method_info": self.method.info}
         write_json_atomic(outdir / "summary.json", summary)
+
+
+#: how summary.json's byte counts relate to FederatedScope's monitor (system_metrics.log).
+EVALUATION_NOTE = ("comm and per_round count training messages only (downlinks and uplinks, as in the simulator); "
+                   "FederatedScope's monitor also counts these evaluation broadcasts of the global adapter, so the "
+                   "server's total_upload_bytes = comm.downlink_bytes + evaluation_broadcasts.bytes")
+
+
+def _create_parent(save_to: str) -> None:
+    """Create the directory of ``federate.save_to`` (FederatedScope's torch.save does not)."""
+    if save_to:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
 
 
 #: every fs_gmfl server of this process (the launcher reads their outcome to set the exit status).
