@@ -452,6 +452,10 @@ def _check_supported(cfg: Any) -> None:
         raise ConfigError("federate.method", method, f"one of {hostable} under FederatedScope: '{method}' trains "
                           "backbone weights, which this host does not yet exchange or checkpoint; run it with the "
                           "embedded simulator (fs-gmfl run)")
+    restore = plain(lookup(cfg, "federate.restore_from"))
+    if restore and _enabled(cfg, "gmfl") and plain(lookup(cfg, "gmfl.downlink")) == "stateful_sync":
+        raise ConfigError("gmfl.downlink", "stateful_sync", "'stateless' with federate.restore_from: the clients' "
+                          "caches of a stateful downlink are not in FederatedScope's checkpoints")
     fedhft_eval = plain(lookup(cfg, "fedhft.eval"))
     if method == "fedhft" and fedhft_eval not in ("global", _MISSING):
         raise ConfigError("fedhft.eval", fedhft_eval, "'global' under FederatedScope: personalised evaluation on "

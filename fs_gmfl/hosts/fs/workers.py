@@ -44,6 +44,7 @@ from fs_gmfl.core.protocol import ClientAlgorithm, RoundReport
 from fs_gmfl.hosts.fs import wire
 from fs_gmfl.hosts.fs.builders import model_provider_for, trains_in_half
 from fs_gmfl.hosts.fs.config import SWITCHES, to_run_config
+from fs_gmfl.hosts.fs.method_state import load_method_state, save_method_state, state_path
 from fs_gmfl.hosts.fs.trainer import Assignment, inner_model
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.sim.runner import sample_clients, write_json_atomic
@@ -100,11 +101,33 @@ class FsGmflServer(Server):
         self.wire_dtype = wire_dtype_of(config, self.models[0])
         self.evaluation = {"broadcasts": 0, "bytes": 0}
         _create_parent(config.federate.save_to)
+        self._restore_method_state(config.federate.restore_from)
         SERVERS.append(self)
         self.aggregator = ProtocolAggregator(self)
         self.aggregators = [self.aggregator]
         for change in SWITCHES:
             logger.info(f"fs_gmfl: {change}")
+
+    def _restore_method_state(self, checkpoint: str) -> None:
+        """With ``federate.restore_from``: load the strategy state saved beside it and continue after its round.
+
+        FederatedScope itself loads only the model and restarts at round 0;
+        with the method state the run continues at the saved round + 1, so
+        every per-round seed (sampling, dropout, batch schedule) and the
+        method's schedule (e.g. GMFL's refresh period) carry on.
+        """
+        if not checkpoint or not Path(checkpoint).exists():
+            return
+        saved = load_method_state(checkpoint, method=self.method.strategy.name)
+        if saved is None:
+            logger.warning(f"fs_gmfl: no method state beside {checkpoint} ({state_path(checkpoint).name}): "
+                           f"only the model is restored, the method starts afresh at round 1")
+            return
+        rnd, state = saved
+        self.method.strategy.load_state_dict(state)
+        self.state = rnd
+        logger.info(f"fs_gmfl: restored the {self.method.strategy.name} state of round {rnd} from "
+                    f"{state_path(checkpoint)}; continuing with round {rnd + 1}")
 
     @property
     def distributed(self) -> bool:
@@ -274,6 +297,12 @@ class ProtocolAggregator(ClientsAvgAggregator):
         super().__init__(model=server.models[0], device=server.device, config=server._cfg)
         self.server = server
         self.names = state_dict_names(server.models[0])
+
+    def save_model(self, path: str, cur_round: int = -1) -> None:
+        """FederatedScope's checkpoint, plus the strategy's state beside it (:mod:`.method_state`)."""
+        super().save_model(path, cur_round)
+        strategy = self.server.method.strategy
+        save_method_state(path, method=strategy.name, rnd=cur_round, state=strategy.state_dict())
 
     def aggregate(self, agg_info: dict[str, Any]) -> dict[str, Tensor]:
         """Decode and validate every uplink, aggregate, and return the global adapter by state-dict name.
