@@ -241,3 +241,14 @@ def test_the_launcher_reports_the_command_line_value_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "fs-gmfl: error: config key 'gmfl.c' = 3.0 is not allowed: a number in [0.0, 1.0] "
         "[value from the command line]")
+
+
+@pytest.mark.parametrize("opts, method, trainer", [
+    (["gmfl.use", "True"], "fedit", "fs_gmfl_llmtrainer"),
+    (["federate.method", "hafl"], "hafl", "fs_gmfl_llmtrainer"),
+    (["federate.method", "fedhft"], "fedhft", "fs_gmfl_llmtrainer"),
+    ([], "fedavg", "llmtrainer"),  # no switch: FederatedScope's own FedAvg and trainer, untouched
+], ids=["gmfl", "hafl", "fedhft", "no-switch"])
+def test_one_switch_resolves_method_and_trainer_of_an_unmodified_baseline(opts, method, trainer):
+    cfg = merged_like_main(ALPACA, opts)
+    assert (cfg.federate.method.lower(), cfg.trainer.type) == (method, trainer)  # FederatedScope: "FedAvg"

@@ -394,9 +394,7 @@ def _with_source(err: ConfigError) -> ConfigError:
     line = _command_line()
     if line is None or err.unknown:
         return err
-    source = _source_of(err.key, line)
-    sourced = ConfigError(err.key, err.value, f"{err.allowed} [value from {source}]")
-    return sourced
+    return ConfigError(err.key, err.value, f"{err.allowed} [value from {_source_of(err.key, line)}]")
 
 
 def _source_of(key: str, line: CommandLine) -> str:

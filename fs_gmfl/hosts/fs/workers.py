@@ -31,10 +31,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import torch
 from federatedscope.core.aggregators import ClientsAvgAggregator
 from federatedscope.core.message import Message as FsMessage
 from federatedscope.core.workers import Client, Server
-import torch
 from torch import Tensor, nn
 
 from fs_gmfl.core.adapter import adapter_parameters, adapter_state
