@@ -29,6 +29,7 @@ from fs_gmfl.errors import ConfigError  # noqa: E402
 from fs_gmfl.hosts.fs import register_all, wire  # noqa: E402
 from fs_gmfl.hosts.fs.assets import write_tiny_llm_assets  # noqa: E402
 from fs_gmfl.hosts.fs.builders import build_fs_data, build_fs_model  # noqa: E402
+from fs_gmfl.hosts.fs.config import set_command_line  # noqa: E402
 from fs_gmfl.hosts.fs.registration import KEY, RegistrationConflict, call_trainer  # noqa: E402
 from fs_gmfl.hosts.fs.trainer import Assignment, FsGmflTrainer, inner_model  # noqa: E402
 from fs_gmfl.hosts.fs.workers import FsGmflClient, FsGmflServer  # noqa: E402
@@ -81,13 +82,14 @@ def test_another_plugin_claiming_an_fs_gmfl_method_is_a_conflict():
 @pytest.mark.parametrize("opts, key", [
     (("gmfl.c", 2.0), "gmfl.c"),
     (("gmfl.tie_policy", "coin_flip"), "gmfl.tie_policy"),
-    (("trainer.type", "llmtrainer"), "trainer.type"),
-    (("federate.method", "fedavg", "trainer.type", "llmtrainer"), "gmfl.use"),
+    (("trainer.type", "general"), "trainer.type"),
+    (("federate.method", "fedopt", "trainer.type", "llmtrainer"), "gmfl.use"),
     (("quantization.method", "uniform"), "quantization.method"),
     (("model.type", "/m/llama@huggingface_llm"), "model.type"),
     (("federate.method", "fedkrso", "gmfl.use", False), "federate.method"),
     (("federate.method", "fft", "gmfl.use", False), "federate.method"),
-    (("federate.method", "fedhft", "gmfl.use", False, "data.client_val_fraction", 0.2), "fedhft.eval"),
+    (("federate.method", "fedhft", "gmfl.use", False, "data.client_val_fraction", 0.2, "fedhft.eval", "personalised"),
+     "fedhft.eval"),
     (("faults.dropout_before", 0.2), "faults.dropout_before"),
     (("faults.straggler_fraction", 0.5, "faults.straggler_delay", 1.0), "faults.straggler_fraction"),
 ])
@@ -104,9 +106,14 @@ FS_YAMLS = sorted(FS_CONFIGS.rglob("*.yaml"))
 @pytest.mark.parametrize("path", FS_YAMLS, ids=[str(p.relative_to(FS_CONFIGS)) for p in FS_YAMLS])
 def test_shipped_federatescope_configs_pass_federatescope_checks(path):
     """Every yaml_configs/fs file merges into FederatedScope's config and passes fs_gmfl's check function."""
-    cfg = global_cfg.clone()
-    cfg.merge_from_file(str(path))
+    set_command_line(str(path), [])
+    try:
+        cfg = global_cfg.clone()
+        cfg.merge_from_file(str(path))
+    finally:
+        set_command_line(None, None)
     assert cfg.trainer.type == "fs_gmfl_llmtrainer" and cfg.federate.method in ("fedit", "ffa_lora")
+    assert "{" not in cfg.federate.save_to + cfg.data.root + cfg.model.type
 
 
 def test_use_false_keeps_only_use_after_freeze_and_still_converts():

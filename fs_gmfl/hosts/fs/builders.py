@@ -177,14 +177,23 @@ def model_provider_for(fs_cfg: Any, run_cfg: RunConfig) -> Callable[..., nn.Modu
 
 
 def _build_with_adapter(fs_cfg: Any, run_cfg: RunConfig, overrides: dict[str, Any]) -> nn.Module:
+    """A model with adapter overrides, in the dtype the clients train in (half with ``train.is_enable_half``)."""
     if is_sim_model(str(fs_cfg.model.type)):
         spec = json.loads(fs_cfg.model.get(BACKBONE_KEY, "") or "{}")
         data = to_dict(run_cfg)
         data["llm"]["adapter"]["args"][0].update(overrides)
-        return build_backbone(build(RunConfig, data), int(spec.get("num_labels", 2))).model
-    from federatedscope.llm.model.model_builder import get_llm
+        model = build_backbone(build(RunConfig, data), int(spec.get("num_labels", 2))).model
+    else:
+        from federatedscope.llm.model.model_builder import get_llm
 
-    cfg = fs_cfg.clone()
-    cfg.defrost()
-    cfg.llm.adapter.args[0].update(overrides)
-    return get_llm(cfg).model
+        cfg = fs_cfg.clone()
+        cfg.defrost()
+        cfg.llm.adapter.args[0].update(overrides)
+        model = get_llm(cfg).model
+    return model.half() if trains_in_half(fs_cfg) else model
+
+
+def trains_in_half(fs_cfg: Any) -> bool:
+    """Whether FederatedScope's LLM trainer casts the clients' models to float16 (``train.is_enable_half``;
+    DeepSpeed, which fs_gmfl runs refuse, would manage precision itself)."""
+    return bool(fs_cfg.train.get("is_enable_half", False)) and not bool(fs_cfg.llm.deepspeed.get("use", False))

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
+import sys
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fs_gmfl.config.fields import build, iter_keys
@@ -46,6 +49,9 @@ FS_UNSET_DEFAULTS = {"model.task": "node", "model.num_labels": 1, "data.splitter
 ALWAYS_STRICT = ("seed", "federate.", "llm.adapter.use", "llm.adapter.args[0].r", "llm.adapter.args[0].lora_alpha")
 #: additionally strict when fs_gmfl's own data and backbone run inside FederatedScope.
 SIM_STRICT = ("data.", "model.", "dataloader.", "llm.", "train.local_update_steps", "train.batch_or_epoch")
+
+#: fs_gmfl keys whose default differs under FederatedScope (the simulator-only choice is not available there).
+HOST_DEFAULTS = {"fedhft.eval": "global"}
 
 #: bookkeeping entries FederatedScope's config nodes keep among their items.
 FS_INTERNAL_KEYS = frozenset({"__cfg_check_funcs__", "__help_info__", "is_ready_for_run"})
@@ -194,7 +200,7 @@ def extend_cfg(cfg: Any) -> None:
                 setattr(node, part, CN())
             node = node[part]
         if leaf not in node:
-            setattr(node, leaf, copy.deepcopy(default))
+            setattr(node, leaf, copy.deepcopy(HOST_DEFAULTS.get(key, default)))
             cfg.__help_info__.setdefault(key, meta.get("help", ""))
     setattr(cfg.model, BACKBONE_KEY, "")
     cfg.register_cfg_check_fun(check_cfg)
@@ -203,11 +209,28 @@ def extend_cfg(cfg: Any) -> None:
 def check_cfg(cfg: Any) -> None:
     """FederatedScope check function: validate fs_gmfl's subtrees and what an fs_gmfl run needs.
 
+    Checks the *effective* configuration: while the launcher's command-line
+    ``KEY VALUE`` pairs are not merged yet (FederatedScope's main runs the
+    checks inside ``merge_from_file``, before the overrides), they are applied
+    to a copy first. Once they are in, the one switch of each method is
+    resolved in ``cfg`` itself (:func:`resolve_switches`).
+
     Raises:
         ConfigError: an invalid value, an fs_gmfl subtree enabled for a method
             fs_gmfl does not run, or a FederatedScope feature the adapter does
-            not support.
+            not support; the message names the effective value and where it
+            came from (command line, file or default).
     """
+    view, pending = _effective_view(cfg)
+    try:
+        resolve_paths(view)
+        resolve_switches(view, announce=not pending)
+        _check_effective(view)
+    except ConfigError as err:
+        raise _with_source(err) from None
+
+
+def _check_effective(cfg: Any) -> None:
     method = str(plain(lookup(cfg, "federate.method"))).lower()
     ours = method in owned_methods()
     for name, section_cls in method_sections().items():
@@ -216,11 +239,186 @@ def check_cfg(cfg: Any) -> None:
             continue
         build(section_cls, node, prefix=name + ".")
         if "use" in node and not ours:
-            raise ConfigError(f"{name}.use", True, f"federate.method one of {owned_methods()} (fs_gmfl's workers); "
-                              f"'{method}' is run by FederatedScope itself, which would ignore '{name}'")
+            raise ConfigError(f"{name}.use", True, f"federate.method one of {owned_methods()} (fs_gmfl's workers), "
+                              f"or '{FS_FEDAVG}' which it turns into '{FEDAVG_EQUIVALENT}'; '{method}' is run by "
+                              f"FederatedScope itself, which would ignore '{name}'")
     if ours:
         _check_supported(cfg)
         to_run_config(cfg)
+
+
+# -- one switch per method -------------------------------------------------------------------------
+#: FederatedScope's default ``federate.method`` (LoRA FedAvg with an adapter), which is fs_gmfl's ``fedit``.
+FS_FEDAVG = "fedavg"
+FEDAVG_EQUIVALENT = "fedit"
+#: FederatedScope's own LLM trainer, replaced by fs_gmfl's subclass for fs_gmfl methods.
+FS_LLM_TRAINER = "llmtrainer"
+
+
+def resolve_switches(cfg: Any, *, announce: bool = True) -> None:
+    """Turn an unmodified FederatedScope-LLM config plus one method switch into an fs_gmfl run (in place).
+
+    * ``federate.method: fedavg`` (FederatedScope's default) with an enabled
+      method subtree that rides on FedIT (``gmfl.use: True``) becomes
+      ``fedit``: LoRA FedAvg is FedIT;
+    * for an fs_gmfl method, ``trainer.type: llmtrainer`` (FederatedScope's,
+      set by every baseline config) becomes ``fs_gmfl_llmtrainer``.
+
+    Each change is recorded once (``announce``) for the server to log (FederatedScope's logger is not set up
+    yet while the configuration is merged); a frozen config is left alone.
+    """
+    if getattr(cfg, "is_frozen", lambda: False)():
+        return
+    changes = []
+    method = str(plain(lookup(cfg, "federate.method"))).lower()
+    riders = [name for name in method_sections() if _enabled(cfg, name) and name in FEDIT_RIDERS]
+    if method == FS_FEDAVG and riders:
+        cfg.federate.method = FEDAVG_EQUIVALENT
+        method = FEDAVG_EQUIVALENT
+        changes.append(f"federate.method '{FS_FEDAVG}' -> '{FEDAVG_EQUIVALENT}' ({', '.join(riders)}.use is True; "
+                       "LoRA FedAvg is FedIT)")
+    if method in owned_methods() and str(plain(lookup(cfg, "trainer.type"))).lower() == FS_LLM_TRAINER:
+        cfg.trainer.type = TRAINER_TYPE
+        changes.append(f"trainer.type '{FS_LLM_TRAINER}' -> '{TRAINER_TYPE}' (fs_gmfl's subclass of it, "
+                       f"for federate.method '{method}')")
+    if announce:
+        SWITCHES.extend(c for c in changes if c not in SWITCHES)
+
+
+#: method subtrees that extend FedIT (enabled on top of federate.method fedit / FederatedScope's fedavg).
+FEDIT_RIDERS = ("gmfl",)
+#: what :func:`resolve_switches` changed in this process, in words (logged by the server).
+SWITCHES: list[str] = []
+
+
+def _enabled(cfg: Any, section: str) -> bool:
+    return plain(lookup(cfg, f"{section}.use")) is True
+
+
+# -- paths that do not depend on the working directory ---------------------------------------------
+#: keys whose values may hold the placeholders of :func:`resolve_paths`.
+PATH_KEYS = ("outdir", "data.root", "data.type", "model.type", "federate.save_to", "federate.restore_from")
+CFG_DIR, OUTDIR = "{cfg_dir}", "{outdir}"
+
+
+def resolve_paths(cfg: Any) -> None:
+    """Expand ``{cfg_dir}`` (the directory of the ``--cfg`` YAML file) and ``{outdir}`` (the run's ``outdir``)
+    in path-valued keys (:data:`PATH_KEYS`), in place, so a config runs from any working directory.
+
+    ``{cfg_dir}`` needs the ``--cfg`` file of the command line (the launcher,
+    or FederatedScope's main with the plug-in entry point); ``{outdir}``
+    follows an ``outdir`` override. Other relative paths keep FederatedScope's
+    meaning (relative to the working directory).
+
+    Raises:
+        ConfigError: ``{cfg_dir}`` is used but no ``--cfg`` file is known.
+    """
+    if getattr(cfg, "is_frozen", lambda: False)():
+        return
+    line = _command_line()
+    for key in PATH_KEYS:
+        value = plain(lookup(cfg, key))
+        if not isinstance(value, str) or "{" not in value:
+            continue
+        if CFG_DIR in value:
+            if line is None or not line.cfg_file:
+                raise ConfigError(key, value, f"a path without '{CFG_DIR}' when no --cfg file is known (run it "
+                                  "with fs-gmfl fs-run --cfg FILE)")
+            head, at, hub = value.replace(CFG_DIR, str(Path(line.cfg_file).resolve().parent)).rpartition("@")
+            value = os.path.normpath(head) + at + hub if at else os.path.normpath(hub)
+        if OUTDIR in value and key != "outdir":
+            value = value.replace(OUTDIR, str(plain(lookup(cfg, "outdir"))))
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        setattr(node, leaf, value)
+
+
+# -- command-line overrides ------------------------------------------------------------------------
+@dataclasses.dataclass
+class CommandLine:
+    """The ``--cfg`` file and ``KEY VALUE`` overrides of the running FederatedScope entry point."""
+
+    cfg_file: str | None
+    opts: list[str]
+    applied: bool = False
+
+    @property
+    def keys(self) -> list[str]:
+        """The overridden keys, in order."""
+        return [str(k) for k in self.opts[0::2]]
+
+
+_COMMAND_LINE: CommandLine | None = None
+
+
+def set_command_line(cfg_file: str | None, opts: list[str] | None) -> None:
+    """Tell :func:`check_cfg` the launcher's ``--cfg`` file and overrides (``None`` clears them)."""
+    global _COMMAND_LINE
+    _COMMAND_LINE = None if cfg_file is None and opts is None else CommandLine(cfg_file, list(opts or []))
+
+
+def _command_line() -> CommandLine | None:
+    """The launcher's command line or, under FederatedScope's own main (plug-in entry point), ``sys.argv``'s."""
+    global _COMMAND_LINE
+    if _COMMAND_LINE is None and "--cfg" in sys.argv[1:] and Path(sys.argv[0]).name == "main.py":
+        from fs_gmfl.hosts.fs.run import command_line
+
+        _COMMAND_LINE = CommandLine(*command_line(sys.argv[1:]))
+    return _COMMAND_LINE
+
+
+def _effective_view(cfg: Any) -> tuple[Any, bool]:
+    """``(config to check, overrides still pending)``: ``cfg`` itself once the overrides are merged.
+
+    Overrides count as merged as soon as ``cfg`` holds every overridden
+    value; until then a copy with them merged (no checks) is checked.
+    """
+    line = _command_line()
+    if line is None or line.applied or not line.opts or not hasattr(cfg, "clone"):
+        return cfg, False
+    try:
+        view = cfg.clone()
+        view.merge_from_list(list(line.opts), check_cfg=False)
+    except Exception:  # noqa: BLE001 - a bad override is reported by FederatedScope's own merge
+        return cfg, False
+    if all(plain(lookup(view, key)) == plain(lookup(cfg, key)) for key in line.keys):
+        line.applied = True
+        return cfg, False
+    return view, True
+
+
+def _with_source(err: ConfigError) -> ConfigError:
+    """``err`` with where its value came from: the command line, the ``--cfg`` file or a default."""
+    line = _command_line()
+    if line is None or err.unknown:
+        return err
+    return ConfigError(err.key, err.value, f"{err.allowed} [value from {_source_of(err.key, line)}]")
+
+
+def _source_of(key: str, line: CommandLine) -> str:
+    base = key.split("[")[0]
+    if any(k == base or base.startswith(k + ".") for k in line.keys):
+        return "the command line"
+    if line.cfg_file and _file_sets(line.cfg_file, base):
+        return f"the file {line.cfg_file}"
+    return "a default (neither the file nor the command line sets it)"
+
+
+def _file_sets(path: str, key: str) -> bool:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            node: Any = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 #: FederatedScope features an fs_gmfl run cannot use: (key, allowed values, why).
@@ -252,14 +450,18 @@ def _check_supported(cfg: Any) -> None:
         raise ConfigError("federate.method", method, f"one of {hostable} under FederatedScope: '{method}' trains "
                           "backbone weights, which this host does not yet exchange or checkpoint; run it with the "
                           "embedded simulator (fs-gmfl run)")
+    restore = plain(lookup(cfg, "federate.restore_from"))
+    if restore and _enabled(cfg, "gmfl") and plain(lookup(cfg, "gmfl.downlink")) == "stateful_sync":
+        raise ConfigError("gmfl.downlink", "stateful_sync", "'stateless' with federate.restore_from: the clients' "
+                          "caches of a stateful downlink are not in FederatedScope's checkpoints")
     fedhft_eval = plain(lookup(cfg, "fedhft.eval"))
     if method == "fedhft" and fedhft_eval not in ("global", _MISSING):
         raise ConfigError("fedhft.eval", fedhft_eval, "'global' under FederatedScope: personalised evaluation on "
                           "the clients' local shards runs in the embedded simulator only")
     trainer = plain(lookup(cfg, "trainer.type"))
     if trainer != TRAINER_TYPE:
-        raise ConfigError("trainer.type", trainer, f"'{TRAINER_TYPE}' for federate.method "
-                          f"'{str(plain(lookup(cfg, 'federate.method')))}'")
+        raise ConfigError("trainer.type", trainer, f"'{TRAINER_TYPE}' (or FederatedScope's '{FS_LLM_TRAINER}', "
+                          f"which fs_gmfl replaces by it) for federate.method '{method}'")
     for key, allowed, why in UNSUPPORTED:
         value = plain(lookup(cfg, key))
         if value is not _MISSING and value not in allowed:

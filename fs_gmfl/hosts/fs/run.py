@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from fs_gmfl.errors import FsGmflError
 
 EXIT_USAGE = 2
+#: exit status of a run that aggregated rounds but never accepted a client update.
+EXIT_NOTHING_ACCEPTED = 1
 MISSING_FS = ("FederatedScope is not installed; install its 'llm' branch: git clone -b llm "
               "https://github.com/alibaba/FederatedScope && pip install --no-deps -e FederatedScope "
               "(see README, 'FederatedScope host')")
@@ -31,10 +33,15 @@ def run_module(module: str, argv: Sequence[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fs_gmfl.hosts.fs import register_all
 
+    from fs_gmfl.hosts.fs.config import set_command_line
+    from fs_gmfl.hosts.fs.workers import SERVERS
+
     saved = sys.argv
     sys.argv = [module, *argv]
+    SERVERS.clear()
     try:
         register_all()
+        set_command_line(*command_line(argv))
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except FsGmflError as err:
         print(f"fs-gmfl: error: {err}", file=sys.stderr)
@@ -43,7 +50,40 @@ def run_module(module: str, argv: Sequence[str]) -> int:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:
         sys.argv = saved
+        set_command_line(None, None)
+    return _outcome(SERVERS)
+
+
+def _outcome(servers: Sequence[object]) -> int:
+    """0, or :data:`EXIT_NOTHING_ACCEPTED` (with one line on stderr) if a server never accepted an update."""
+    for server in servers:
+        if getattr(server, "never_accepted", False):
+            print(f"fs-gmfl: error: no client update was accepted in {len(server.rounds)} aggregated round(s) "
+                  f"({sum(server.rejections.values())} rejected); the global model never moved (see the warnings "
+                  "and summary.json)", file=sys.stderr)
+            return EXIT_NOTHING_ACCEPTED
     return 0
+
+
+def command_line(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``(--cfg file, global KEY VALUE overrides)`` of a FederatedScope command line, parsed as its main does
+    (``client_<i>.KEY`` overrides, which go to ``--client_cfg``, are left out)."""
+    import argparse
+
+    from federatedscope.core.cmd_args import parse_client_cfg
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--cfg", dest="cfg_file", default=None)
+    parser.add_argument("--client_cfg", default=None)
+    parser.add_argument("--local_rank", default=None)
+    parser.add_argument("--help", nargs="?", default="")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit:  # FederatedScope's own parser reports it
+        return None, []
+    opts, _ = parse_client_cfg(list(args.opts or []))
+    return args.cfg_file, list(opts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

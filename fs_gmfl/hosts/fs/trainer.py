@@ -154,7 +154,7 @@ class FsGmflTrainer(LLMTrainer):
             p.requires_grad_(key in plan.trainable)
         for p in plan.trainable.values():
             p.requires_grad_(True)
-        fit.tensor_hooks = [plan.trainable[k].register_hook(lambda g, m=m: g * m.to(g.device))
+        fit.tensor_hooks = [plan.trainable[k].register_hook(lambda g, m=m: g * m.to(g.device, g.dtype))
                             for k, m in plan.grad_masks.items()]
         if plan.trainable:
             ctx.optimizer, ctx.scheduler = self._optimizer_for(ctx, plan)

@@ -31,6 +31,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import torch
 from federatedscope.core.aggregators import ClientsAvgAggregator
 from federatedscope.core.message import Message as FsMessage
 from federatedscope.core.workers import Client, Server
@@ -41,8 +42,9 @@ from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Reply, total_bytes
 from fs_gmfl.core.protocol import ClientAlgorithm, RoundReport
 from fs_gmfl.hosts.fs import wire
-from fs_gmfl.hosts.fs.builders import model_provider_for
-from fs_gmfl.hosts.fs.config import to_run_config
+from fs_gmfl.hosts.fs.builders import model_provider_for, trains_in_half
+from fs_gmfl.hosts.fs.config import SWITCHES, to_run_config
+from fs_gmfl.hosts.fs.method_state import load_method_state, save_method_state, state_path
 from fs_gmfl.hosts.fs.trainer import Assignment, inner_model
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.sim.runner import sample_clients, write_json_atomic
@@ -94,8 +96,38 @@ class FsGmflServer(Server):
         self.ledger = CommLedger()
         self.rounds: dict[int, dict[str, Any]] = {}
         self.rejections: dict[str, int] = {}
+        self.accepted_total = 0
+        self.mostly_rejected_rounds: list[int] = []
+        self.wire_dtype = wire_dtype_of(config, self.models[0])
+        self.evaluation = {"broadcasts": 0, "bytes": 0}
+        _create_parent(config.federate.save_to)
+        self._restore_method_state(config.federate.restore_from)
+        SERVERS.append(self)
         self.aggregator = ProtocolAggregator(self)
         self.aggregators = [self.aggregator]
+        for change in SWITCHES:
+            logger.info(f"fs_gmfl: {change}")
+
+    def _restore_method_state(self, checkpoint: str) -> None:
+        """With ``federate.restore_from``: load the strategy state saved beside it and continue after its round.
+
+        FederatedScope itself loads only the model and restarts at round 0;
+        with the method state the run continues at the saved round + 1, so
+        every per-round seed (sampling, dropout, batch schedule) and the
+        method's schedule (e.g. GMFL's refresh period) carry on.
+        """
+        if not checkpoint or not Path(checkpoint).exists():
+            return
+        saved = load_method_state(checkpoint, method=self.method.strategy.name)
+        if saved is None:
+            logger.warning(f"fs_gmfl: no method state beside {checkpoint} ({state_path(checkpoint).name}): "
+                           f"only the model is restored, the method starts afresh at round 1")
+            return
+        rnd, state = saved
+        self.method.strategy.load_state_dict(state)
+        self.state = rnd
+        logger.info(f"fs_gmfl: restored the {self.method.strategy.name} state of round {rnd} from "
+                    f"{state_path(checkpoint)}; continuing with round {rnd + 1}")
 
     @property
     def distributed(self) -> bool:
@@ -151,10 +183,15 @@ class FsGmflServer(Server):
                                      nbytes=message.nbytes))
 
     def _send_global_adapter(self, msg_type: str, receivers: list[int]) -> None:
+        """Broadcast the global adapter for evaluation (counted apart from training traffic in summary.json)."""
         adapter = self.method.strategy.global_adapter()
-        self._send(FsGmflMessage(msg_type=msg_type, sender=self.ID, receiver=receivers,
-                                 state=min(self.state - 1, self.total_round_num), timestamp=self.cur_timestamp,
-                                 content=wire.encode_tensors(adapter), nbytes=total_bytes(adapter)))
+        message = FsGmflMessage(msg_type=msg_type, sender=self.ID, receiver=receivers,
+                                state=min(self.state - 1, self.total_round_num), timestamp=self.cur_timestamp,
+                                content=wire.encode_tensors(adapter), nbytes=total_bytes(adapter))
+        self._send(message)
+        self.evaluation["broadcasts"] += 1
+        self.evaluation["bytes"] += message.count_bytes()[1]
+        self.write_outputs()
 
     def _send(self, message: FsGmflMessage) -> None:
         self.comm_manager.send(message)
@@ -162,14 +199,31 @@ class FsGmflServer(Server):
 
     # -- per-round record ----------------------------------------------------------------------
     def record_round(self, rnd: int, report: RoundReport) -> None:
-        """Log rejections and write ``comm_log.jsonl`` / ``summary.json`` after each aggregation."""
+        """Log rejections and write ``comm_log.jsonl`` / ``summary.json`` after each aggregation.
+
+        A round in which at least half of the updates are rejected logs a
+        warning with the counts and is listed in ``summary.json``
+        (``rejected_updates.mostly_rejected_rounds``).
+        """
         for cid, reason in report.rejected.items():
             logger.warning(f"round {rnd}: update of client {cid} rejected: {reason}")
             kind = reason.split(":")[0]
             self.rejections[kind] = self.rejections.get(kind, 0) + 1
+        self.accepted_total += len(report.accepted)
+        received = len(report.accepted) + len(report.rejected)
+        if report.rejected and 2 * len(report.rejected) >= received:
+            self.mostly_rejected_rounds.append(rnd)
+            logger.warning(f"round {rnd}: {len(report.rejected)} of {received} updates rejected; "
+                           f"{self.accepted_total} accepted since the start of the run")
         row = self.rounds.setdefault(rnd, {"round": rnd})
-        row.update({**self.ledger.round_totals(rnd), "rejected": len(report.rejected), **report.metrics})
+        row.update({**self.ledger.round_totals(rnd), "accepted": len(report.accepted),
+                    "rejected": len(report.rejected), **report.metrics})
         self.write_outputs()
+
+    @property
+    def never_accepted(self) -> bool:
+        """True when rounds were aggregated but no update was ever accepted (the global model never moved)."""
+        return bool(self.rounds) and any("rejected" in r for r in self.rounds.values()) and not self.accepted_total
 
     def write_outputs(self) -> None:
         """The fs_gmfl view of the run in FederatedScope's run directory (bytes from the messages sent)."""
@@ -181,9 +235,59 @@ class FsGmflServer(Server):
         summary = {"host": "federatedscope", "method": self.method.strategy.name,
                    "rounds": self.total_round_num, "comm": self.ledger.totals(),
                    "per_round": [self.rounds[r] for r in sorted(self.rounds)],
-                   "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections)},
+                   "accepted_updates": self.accepted_total,
+                   "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections),
+                                        "mostly_rejected_rounds": list(self.mostly_rejected_rounds)},
+                   "uplink_dtype": str(self.wire_dtype).removeprefix("torch."),
+                   "evaluation_broadcasts": {**self.evaluation, "note": EVALUATION_NOTE},
                    "method_info": self.method.info}
         write_json_atomic(outdir / "summary.json", summary)
+
+
+#: how summary.json's byte counts relate to FederatedScope's monitor (system_metrics.log).
+EVALUATION_NOTE = ("comm and per_round count training messages only (downlinks and uplinks, as in the simulator); "
+                   "FederatedScope's monitor also counts these evaluation broadcasts of the global adapter, so the "
+                   "server's total_upload_bytes = comm.downlink_bytes + evaluation_broadcasts.bytes")
+
+
+def _create_parent(save_to: str) -> None:
+    """Create the directory of ``federate.save_to`` (FederatedScope's torch.save does not)."""
+    if save_to:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+
+
+#: every fs_gmfl server of this process (the launcher reads their outcome to set the exit status).
+SERVERS: list[FsGmflServer] = []
+
+
+def wire_dtype_of(fs_cfg: Any, model: nn.Module) -> torch.dtype:
+    """The dtype the clients train, and so upload, their floating-point tensors in.
+
+    float16 with ``train.is_enable_half`` (FederatedScope's LLM trainer casts
+    the model at every fit), otherwise the dtype of the model's adapter.
+    """
+    if trains_in_half(fs_cfg):
+        return torch.float16
+    params = adapter_parameters(inner_model(model))
+    return next(iter(params.values())).dtype if params else torch.float32
+
+
+def to_global_dtype(message: Any, reference: dict[str, Tensor], wire_dtype: torch.dtype) -> str | None:
+    """Check that the uplink's adapter tensors come in the clients' training dtype, then cast them, exactly,
+    to the dtype of the strategy's global tensors (which validates and aggregates them as usual).
+
+    Returns:
+        ``None``, or the rejection reason for a floating tensor in another dtype.
+    """
+    for key, value in list(message.tensors.items()):
+        like = reference.get(key)
+        if like is None or not isinstance(value, Tensor) or not value.is_floating_point():
+            continue
+        if value.dtype != wire_dtype:
+            return f"wrong dtype: '{key}' has dtype {value.dtype}, expected {wire_dtype} (the clients' training dtype)"
+        if like.dtype != wire_dtype:
+            message.tensors[key] = value.to(like.dtype)
+    return None
 
 
 class ProtocolAggregator(ClientsAvgAggregator):
@@ -193,6 +297,12 @@ class ProtocolAggregator(ClientsAvgAggregator):
         super().__init__(model=server.models[0], device=server.device, config=server._cfg)
         self.server = server
         self.names = state_dict_names(server.models[0])
+
+    def save_model(self, path: str, cur_round: int = -1) -> None:
+        """FederatedScope's checkpoint, plus the strategy's state beside it (:mod:`.method_state`)."""
+        super().save_model(path, cur_round)
+        strategy = self.server.method.strategy
+        save_method_state(path, method=strategy.name, rnd=cur_round, state=strategy.state_dict())
 
     def aggregate(self, agg_info: dict[str, Any]) -> dict[str, Tensor]:
         """Decode and validate every uplink, aggregate, and return the global adapter by state-dict name.
@@ -217,6 +327,10 @@ class ProtocolAggregator(ClientsAvgAggregator):
             server.ledger.record(rnd, cid, "uplink", message)
             if server.distributed:
                 server._monitor.track_download_bytes(message.nbytes)
+            reason = to_global_dtype(message, server.method.strategy.global_adapter(), server.wire_dtype)
+            if reason:
+                malformed[cid] = reason
+                continue
             replies.append(Reply(cid, message))
         report = server.method.strategy.aggregate(rnd, replies)
         report.rejected.update(malformed)
