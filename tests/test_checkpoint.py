@@ -29,7 +29,7 @@ METHODS = {
     "fedhft": ["federate.method", "fedhft", "data.client_val_fraction", "0.25"],
 }
 #: per-round keys that measure time, not results.
-TIMING_KEYS = {"median_step_seconds"}
+TIMING_KEYS = {"median_step_seconds", "train_seconds", "eval_seconds"}
 
 
 def comparable(summary: dict) -> list[dict]:

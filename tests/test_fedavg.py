@@ -166,6 +166,7 @@ def test_processed_samples_weighting_gives_min_of_processed_and_shard():
         uploads = [upload(client, 1.0, 40), upload(client, 5.0, 10)]
         assert [u.num_samples for u in uploads] == ([40, 10] if cap is None else [24, 10])
         strategy = LoraFedAvg(state(0.0))
+        strategy.configure_round(1, [0, 1])
         strategy.aggregate(1, [Reply(0, uploads[0]), Reply(1, uploads[1])])
         assert strategy.global_adapter()[A1][0, 0].item() == pytest.approx(value)
 

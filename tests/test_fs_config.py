@@ -91,7 +91,7 @@ def test_fs_gmfl_data_and_backbone_make_their_sections_strict():
     cfg = fs_cfg(federate={"method": "fedit"}, data={"type": "synthetic", "splitter": "iid"},
                  model={"type": "tiny_bert@fs_gmfl_llm"}, llm={"adapter": {"use": True, "args": [{"r": 4}]}})
     assert to_run_config(cfg).model.task == "seq_cls"  # FederatedScope's unset default 'node' -> fs_gmfl's
-    cfg["data"]["splitter"] = "meta"
+    cfg["data"]["splitter"] = "louvain"
     with pytest.raises(ConfigError, match="data.splitter"):
         to_run_config(cfg)
 
