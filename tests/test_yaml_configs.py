@@ -36,3 +36,27 @@ def test_llama7b_comm_config(capsys):
     assert out["gmfl"]["candidates"] == 448
     # equal frozen counts, but tensors have two sizes (131,072 / 352,256 params): the saving is a range
     assert out["gmfl"]["mean_uplink_saving_min"] < out["gmfl"]["mean_uplink_saving_max"]
+
+
+LLM_CONFIGS = sorted((ROOT / "yaml_configs" / "llm").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", LLM_CONFIGS, ids=[p.name for p in LLM_CONFIGS])
+def test_llm_config_runs_its_method_on_a_tiny_causal_lm(tmp_path, path):
+    """Each SmolLM2 config, with the model and data swapped for tiny local ones, trains and evaluates."""
+    from tests.test_causal_lm import write_math_jsonl
+
+    write_math_jsonl(tmp_path / "math.jsonl", n=90)
+    shipped = load_config(path)
+    assert shipped.model.type == "smollm2" and shipped.model.task == "causal_lm"
+    cfg = load_config(path, ["model.type", "tiny_llama", "model.hidden_size", "16", "model.num_heads", "2",
+                             "model.vocab_size", "200", "data.type", "math.jsonl@llm", "data.root", str(tmp_path),
+                             "federate.total_round_num", "2", "train.local_update_steps", "2", "llm.tok_len", "48",
+                             "eval.generation_rows", "4", "eval.freq", "1", "outdir", str(tmp_path / "exp")])
+    assert cfg.federate.method == shipped.federate.method
+    summary = Simulation(cfg, quiet=True).run()
+    assert summary["rejected_updates"]["total"] == 0
+    assert summary["precision"] == "fp32 weights, bfloat16 autocast"
+    first, last = summary["per_round"][0], summary["per_round"][-1]
+    assert {"test_exact_match", "test_token_loss"} <= set(last)
+    assert last["test_token_loss"] != first["test_token_loss"]

@@ -38,7 +38,7 @@ from fs_gmfl.bench.common import (fmt_pm, machine, markdown_table, mean_curve, p
                                   write_json)
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.plots import MIB, plot_runs
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.sim.runner import Simulation, precision_of
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "yaml_configs" / "llm"
 BASE_CONFIG = CONFIG_DIR / "smollm2_fedit.yaml"
@@ -191,7 +191,8 @@ def precision_timing(overrides: Sequence[str], *, steps: int, repeats: int) -> d
     from fs_gmfl.sim.models import build_backbone, prepare_for_training
     from fs_gmfl.sim.training import train_local
 
-    variants = {"fp32": [], "bf16 weights (is_enable_half)": ["train.is_enable_half", "True"],
+    variants = {"fp32": ["train.autocast", "none", "train.is_enable_half", "False"],
+                "bf16 weights (is_enable_half)": ["train.autocast", "none", "train.is_enable_half", "True"],
                 "bf16 autocast": ["train.autocast", "bfloat16", "train.is_enable_half", "False"]}
     setups = {}
     for name, extra in variants.items():
@@ -232,7 +233,7 @@ def write_outputs(out: Path, results: dict[str, list[dict[str, Any]]], seeds: Se
             f"clients, {cfg.federate.clients_per_round()} per round), {cfg.federate.total_round_num} rounds x "
             f"{cfg.train.local_update_steps} local steps of batch {cfg.dataloader.batch_size}, LoRA r "
             f"{cfg.lora.r} on {', '.join(cfg.lora.target_modules) or 'default modules'}, precision "
-            f"{'bf16 weights' if cfg.train.is_enable_half else 'fp32'}; seeds {', '.join(map(str, seeds))}; "
+            f"{precision_of(cfg)}; seeds {', '.join(map(str, seeds))}; "
             f"exact match on {cfg.eval.generation_rows or 'all'} test rows (greedy, "
             f"{cfg.eval.max_new_tokens} new tokens); {wall / 60:.0f} min in all.\n\n")
     text += markdown_table(["method", "EM base %", "EM final %", "token loss base", "token loss final",

@@ -17,6 +17,7 @@ A FederatedScope suffix (``<dir>@huggingface_llm``) is accepted and ignored.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from fs_gmfl.core.adapter import HEAD, adapter_parameters, kind_of
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.sim.data import HashTokenizer
+
+logger = logging.getLogger(__name__)
 
 hf_logging.set_verbosity_error()
 
@@ -279,6 +282,24 @@ class AdapterVariants:
                 if kind_of(key) == HEAD:
                     p.copy_(default[key])
         self.names[shape] = name
+
+
+def choose_device(cfg: RunConfig) -> torch.device:
+    """``use_gpu``/``device``: CUDA device ``device`` (-1: the current one) when CUDA is present, else the CPU.
+
+    Asking for the GPU on a machine without CUDA runs on the CPU with a
+    warning (FederatedScope does the same); a device index the machine does
+    not have is a configuration error.
+    """
+    if not cfg.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        logger.warning("use_gpu is True but CUDA is not available: running on the CPU")
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if cfg.device >= count:
+        raise ConfigError("device", cfg.device, f"-1 or a CUDA device index below {count} (this machine's count)")
+    return torch.device("cuda", cfg.device if cfg.device >= 0 else torch.cuda.current_device())
 
 
 def prepare_for_training(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:

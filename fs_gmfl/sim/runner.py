@@ -41,8 +41,8 @@ from fs_gmfl.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, sav
 from fs_gmfl.sim.data import FederatedData, federated_data_for
 from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
 from fs_gmfl.sim.llm_eval import EvalSettings, evaluate_causal_lm
-from fs_gmfl.sim.models import (AdapterVariants, build_backbone, load_tokenizer, prepare_for_training,
-                                set_threads_from_env)
+from fs_gmfl.sim.models import (AdapterVariants, build_backbone, choose_device, load_tokenizer,
+                                prepare_for_training, set_threads_from_env)
 from fs_gmfl.sim.rundir import RunDirectory, dumps_strict, write_json_atomic, write_text_atomic
 from fs_gmfl.sim.sanity import check_data
 from fs_gmfl.sim.store import ClientStateStore
@@ -123,9 +123,7 @@ class Simulation:
         self.saved_round: int | None = None  # the round of the latest checkpoint this run wrote or resumed
         self.eval_records: list[tuple[int, dict[str, float]]] = []
         self.run_dir = Path(cfg.outdir) / cfg.run_name
-        self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda" and cfg.device >= 0:
-            self.device = torch.device("cuda", cfg.device)
+        self.device = choose_device(cfg)
         self.ledger = CommLedger()
         self.step_seconds: list[float] = []
         self.rejections: dict[str, int] = {}

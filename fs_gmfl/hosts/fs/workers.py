@@ -41,6 +41,7 @@ from fs_gmfl.core.adapter import adapter_parameters, adapter_state
 from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Reply, total_bytes
 from fs_gmfl.core.protocol import ClientAlgorithm, RoundReport
+from fs_gmfl.core.uplinks import UplinkPolicy
 from fs_gmfl.hosts.fs import wire
 from fs_gmfl.hosts.fs.builders import model_provider_for, trains_in_half
 from fs_gmfl.hosts.fs.config import SWITCHES, to_run_config
@@ -99,6 +100,7 @@ class FsGmflServer(Server):
         self.accepted_total = 0
         self.mostly_rejected_rounds: list[int] = []
         self.wire_dtype = wire_dtype_of(config, self.models[0])
+        expect_global_dtype(self.method.strategy)
         self.evaluation = {"broadcasts": 0, "bytes": 0}
         _create_parent(config.federate.save_to)
         self._restore_method_state(config.federate.restore_from)
@@ -270,6 +272,15 @@ def wire_dtype_of(fs_cfg: Any, model: nn.Module) -> torch.dtype:
         return torch.float16
     params = adapter_parameters(inner_model(model))
     return next(iter(params.values())).dtype if params else torch.float32
+
+
+def expect_global_dtype(strategy: Any) -> None:
+    """Make the strategy's uplink gate expect the global tensors' dtype: this server checks each uplink against
+    the clients' training dtype and casts it to that dtype (:func:`to_global_dtype`) before the strategy sees it."""
+    policy = getattr(strategy, "policy", None)
+    floating = [t.dtype for t in strategy.global_adapter().values() if t.is_floating_point()]
+    if isinstance(policy, UplinkPolicy) and floating:
+        policy.wire_dtype = floating[0]
 
 
 def to_global_dtype(message: Any, reference: dict[str, Tensor], wire_dtype: torch.dtype) -> str | None:
