@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,8 +232,10 @@ def build_backbone(cfg: RunConfig, num_labels: int = 2, *, meta: bool = False) -
     base, tokenizer = _load_base(cfg, num_labels, meta=meta)
     targets = resolve_target_modules(base, cfg.lora.target_modules)
     torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
-    model = get_peft_model(base, lora_config(cfg.lora, cfg.model.task, targets,
-                                             fan_in_fan_out=targets_are_conv1d(base, targets)))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(base, lora_config(cfg.lora, cfg.model.task, targets,
+                                                 fan_in_fan_out=targets_are_conv1d(base, targets)))
     vocab = int(getattr(base.config, "vocab_size", cfg.model.vocab_size))
     return Backbone(model, tokenizer, getattr(base.config, "model_type", "?"), targets, vocab)
 
