@@ -13,7 +13,8 @@ from fs_gmfl.sim.causal_data import (IGNORE_INDEX, alpaca_prompt, encode_instruc
                                      meta_partition, rows_from_corpus)
 from fs_gmfl.sim.data import HashTokenizer, TextCorpus
 from fs_gmfl.sim.instructions import InstructionRow
-from fs_gmfl.sim.llm_eval import (EvalSettings, exact_match, greedy_answers, normalize_answer, response_losses)
+from fs_gmfl.sim.llm_eval import (EvalSettings, exact_match, greedy_answers, losses_and_answers, normalize_answer,
+                                  response_losses)
 from fs_gmfl.sim.models import build_backbone
 from fs_gmfl.sim.runner import Simulation
 
@@ -164,6 +165,27 @@ def test_response_losses_match_the_models_own_loss(tmp_path):
     assert tokens == 10  # one digit and EOS per row
     assert response_losses(model, enc, batch_size=4)["token_loss"] == pytest.approx(sum(per_row) * 2 / tokens,
                                                                                      rel=1e-5)
+
+
+def test_one_pass_losses_and_answers_equal_separate_passes(tmp_path):
+    """The loss pass's KV cache, cut back to the prompts, decodes exactly what a fresh greedy pass decodes."""
+    model, tok = tiny_causal_model(tmp_path)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    rows = [InstructionRow("Compute " + "x " * k, "", " ".join(["7"] * (1 + k % 4)), "add") for k in range(11)]
+    enc, _ = encode_instruction_rows(rows, tok, max_length=48, min_response_fraction=0.25, categories=["add"])
+    chosen = {0, 3, 4, 7, 10}  # a subset, so some batches decode only some of their rows
+    losses, answers = losses_and_answers(model, tok, enc, chosen, batch_size=4, max_new_tokens=6)
+    reference = response_losses(model, enc, batch_size=4)
+    assert set(losses) == set(reference)
+    assert all(losses[k] == pytest.approx(reference[k], rel=1e-5) for k in reference)
+    order = sorted(chosen)
+    fresh = greedy_answers(model, tok, [enc.prompt(i) for i in order], batch_size=4, max_new_tokens=6)
+    assert answers == dict(zip(order, fresh))
+    assert any(len(a) > 0 for a in fresh)
 
 
 class EchoModel(torch.nn.Module):

@@ -154,22 +154,119 @@ def exact_match(model: nn.Module, tokenizer: object, data: CausalEncoded, settin
     so both sides see the same tokenisation artefacts.
     """
     rows = generation_subset(len(data), settings.generation_rows, seed=settings.seed, split=split).tolist()
-    if not rows:
-        return float("nan")
     answers = greedy_answers(model, tokenizer, [data.prompt(i) for i in rows], batch_size=settings.batch_size,
                              max_new_tokens=settings.max_new_tokens, device=device)
+    return share_matching(tokenizer, data, dict(zip(rows, answers)))
+
+
+def prompt_aligned(prompts: Sequence[Tensor], responses: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor, int]:
+    """``(input_ids, attention_mask, width)``: prompts left-padded to a common ``width``, responses after them,
+    right-padded; every prompt ends at column ``width - 1``."""
+    width = max(len(p) for p in prompts)
+    total = width + max(len(r) for r in responses)
+    ids = torch.full((len(prompts), total), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), total, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, width - len(p): width + len(r)] = torch.cat([p, r])
+        mask[i, width - len(p): width + len(r)] = 1
+    return ids, mask, width
+
+
+def forward_with_cache(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor | None, Tensor | None, object]:
+    """``(hidden, logits, cache)`` of one forward pass over a padded batch (positions counted from each row's
+    first real token); ``hidden`` (the decoder's output, with the output embedding applied later at the few
+    positions needed) where the model exposes them, else the full ``logits``."""
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is inner:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        return None, out.logits, out.past_key_values
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    return out.last_hidden_state, None, out.past_key_values
+
+
+@torch.inference_mode()
+def losses_and_answers(model: nn.Module, tokenizer: object, data: CausalEncoded, generate: set[int], *,
+                       batch_size: int, max_new_tokens: int, device: torch.device | str = "cpu",
+                       ) -> tuple[dict[str, float], dict[int, list[int]]]:
+    """:func:`response_losses` and the greedy answers of rows ``generate`` from one forward pass per batch.
+
+    Each batch is laid out by :func:`prompt_aligned`; the teacher-forced pass
+    over prompt + response gives the response-token losses, and its KV cache,
+    cut back to the prompts, is the prefill from which the rows in
+    ``generate`` decode greedily, so a prompt is encoded once, not twice.
+    """
+    pad, eos = special_ids(tokenizer)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                              eos_token_id=eos, use_cache=True)
+    head = _output_embedding(model)
+    fs_loss, token_sum, tokens = 0.0, 0.0, 0
+    answers: dict[int, list[int]] = {}
+    lengths = data.attention_mask.sum(dim=1)
+    for index in length_sorted_batches(lengths, batch_size):
+        rows = index.tolist()
+        prompts = [data.prompt(i) for i in rows]
+        responses = [data.input_ids[i, int(data.prompt_lengths[i]): int(lengths[i])] for i in rows]
+        ids, mask, width = prompt_aligned(prompts, responses, pad)
+        ids, mask = ids.to(device), mask.to(device)
+        hidden, logits, cache = forward_with_cache(model, ids, mask)
+        target = ids[:, 1:]
+        keep = mask[:, 1:].bool() & (torch.arange(1, ids.shape[1], device=ids.device) >= width)
+        picked = head(hidden[:, :-1][keep]) if hidden is not None else logits[:, :-1][keep]
+        batch_sum = float(F.cross_entropy(picked.float(), target[keep], reduction="sum"))
+        token_sum += batch_sum
+        tokens += int(keep.sum())
+        fs_loss += batch_sum / int(keep.sum()) * len(rows)
+        chosen = [k for k, i in enumerate(rows) if i in generate]
+        if not chosen:
+            continue
+        cache.crop(-(cache.get_seq_length() - (width - 1)))
+        if len(chosen) < len(rows):
+            cache.batch_select_indices(torch.tensor(chosen, device=ids.device))
+        out = model.generate(input_ids=ids[chosen, :width], attention_mask=mask[chosen, :width],
+                             past_key_values=cache, generation_config=config)
+        for row, k in enumerate(chosen):
+            new = out[row, width:].tolist()
+            answers[rows[k]] = new[: new.index(eos)] if eos in new else new
+    if tokens == 0:
+        return {}, answers
+    token_loss = token_sum / tokens
+    return ({"loss": fs_loss, "total": float(len(data)), "avg_loss": fs_loss / len(data), "token_loss": token_loss,
+             "ppl": math.exp(min(token_loss, 50.0))}, answers)
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+
+
+def share_matching(tokenizer: object, data: CausalEncoded, answers: dict[int, list[int]]) -> float:
+    """Share of ``answers`` (row -> generated ids) whose normalised text equals the row's normalised reference."""
+    if not answers:
+        return float("nan")
     hits = 0
-    for i, answer in zip(rows, answers):
+    for i, answer in answers.items():
         reference_ids = data.labels[i][data.labels[i] != IGNORE_INDEX].tolist()
         hits += normalize_answer(decode(tokenizer, answer)) == normalize_answer(decode(tokenizer, reference_ids))
-    return hits / len(rows)
+    return hits / len(answers)
 
 
 def evaluate_causal_lm(model: nn.Module, tokenizer: object, data: CausalEncoded, settings: EvalSettings, *,
                        split: str, device: torch.device | str = "cpu") -> dict[str, float]:
-    """The metrics of ``settings`` on ``data`` (names without the split prefix)."""
+    """The metrics of ``settings`` on ``data`` (names without the split prefix).
+
+    With both loss and exact match the generation reuses the loss pass's
+    prefill (:func:`losses_and_answers`); alone, each has its own pass.
+    """
     model.eval()
     metrics: dict[str, float] = {}
+    if settings.loss and settings.exact_match and len(data):
+        rows = generation_subset(len(data), settings.generation_rows, seed=settings.seed, split=split).tolist()
+        losses, answers = losses_and_answers(model, tokenizer, data, set(rows), batch_size=settings.batch_size,
+                                             max_new_tokens=settings.max_new_tokens, device=device)
+        return {**losses, "exact_match": share_matching(tokenizer, data, answers)}
     if settings.loss:
         metrics.update(response_losses(model, data, batch_size=settings.batch_size, device=device))
     if settings.exact_match and len(data):
