@@ -149,13 +149,11 @@ class FsGmflTrainer(LLMTrainer):
             raise InputError("fs_gmfl trainer started without a downlink; use an fs_gmfl client worker")
         job, self._assignment = self._assignment, None
         default = ctx.model
-        flags = {k: p.requires_grad for k, p in inner_model(default).named_parameters()}  # before prepare changes them
         plan = job.algorithm.prepare(inner_model(default), job.downlink, job.client_state)
         if plan.model is not inner_model(default):
             ctx.model = AdapterModel(plan.model.to(ctx.device))
-            flags = {k: p.requires_grad for k, p in plan.model.named_parameters()}
         params = dict(plan.model.named_parameters())
-        fit = FitState(job, plan, flags, default, grad_clip=ctx.grad_clip)
+        fit = FitState(job, plan, {k: p.requires_grad for k, p in params.items()}, default, grad_clip=ctx.grad_clip)
         planned = {id(p) for p in plan.trainable.values()}
         for p in params.values():
             p.requires_grad_(id(p) in planned)

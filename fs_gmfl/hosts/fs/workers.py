@@ -132,9 +132,7 @@ class FsGmflServer(Server):
         self.evaluation = {"broadcasts": 0, "bytes": 0}
         _create_parent(config.federate.save_to)
         self._restore_method_state(config.federate.restore_from)
-        if self.method.trains_backbone:
-            train_only(self.models[0], self.method.strategy.global_adapter())
-            self.method.load_global(inner_model(self.models[0]))
+        self.hold_global()
         SERVERS.append(self)
         self.aggregator = ProtocolAggregator(self)
         self.aggregators = [self.aggregator]
@@ -168,6 +166,15 @@ class FsGmflServer(Server):
     def distributed(self) -> bool:
         """True in FederatedScope's distributed (gRPC) mode."""
         return self._cfg.federate.mode == "distributed"
+
+    def hold_global(self) -> None:
+        """Methods that train backbone weights: put their global tensors into this server's model and make them its
+        only ``requires_grad`` tensors, so FederatedScope's trainable-only state dict (checkpoints, evaluation)
+        holds exactly them. Repeated after every aggregation: standalone clients sharing the model change the
+        flags of what they train (the trainer restores them as the client's ``prepare`` left them)."""
+        if self.method.trains_backbone:
+            train_only(self.models[0], self.method.strategy.global_adapter())
+            self.method.load_global(inner_model(self.models[0]))
 
     @property
     def shares_model(self) -> bool:
@@ -384,8 +391,7 @@ class ProtocolAggregator(ClientsAvgAggregator):
         report = server.method.strategy.aggregate(rnd, replies)
         report.rejected.update(malformed)
         server.record_round(rnd, report)
-        if server.method.trains_backbone:  # the server's model (shared by standalone clients) now holds the global
-            server.method.load_global(inner_model(server.models[0]))
+        server.hold_global()
         return {self.names.get(k, k): v for k, v in server.method.strategy.global_adapter().items()}
 
 
