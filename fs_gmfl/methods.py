@@ -240,7 +240,8 @@ def build_fedkrso(ctx: MethodContext) -> Method:
         client.load_host_state_dict(target, {"version": strategy.version, "weights": strategy.weights})
         load_model_tensors(target, strategy.head)
 
-    return Method(strategy, client, info, load_global=load_global, clients_reset=lambda: strategy.client_version.clear())
+    return Method(strategy, client, info, load_global=load_global,
+                  clients_reset=lambda: strategy.client_version.clear())
 
 
 def build_fft(ctx: MethodContext) -> Method:
