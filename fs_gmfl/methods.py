@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fs_gmfl.config.schema import RunConfig
-from fs_gmfl.core.adapter import HEAD, kind_of
+from fs_gmfl.core.adapter import HEAD, kind_of, load_model_tensors
 from fs_gmfl.core.fedavg import LoraClient, LoraFedAvg, mask_candidate_keys
 from fs_gmfl.core.fedavg.client import processed_samples_cap
 from fs_gmfl.core.fedhft import FedHFTClient, FedHFTStrategy
@@ -58,11 +58,30 @@ class MethodContext:
 
 @dataclass
 class Method:
-    """A built method: server strategy, client algorithm and facts to report."""
+    """A built method: server strategy, client algorithm and facts to report.
+
+    Attributes:
+        load_global: set by methods that train backbone weights: puts the
+            global trained tensors (targeted weights and head) into a host
+            model, e.g. the server's model that the host evaluates and
+            checkpoints, and tells the client algorithm that the model holds
+            them. ``None`` for adapter methods (hosts load the adapter).
+        clients_reset: set by methods whose server tracks what each client's
+            model holds: called by a host whose clients restart from the
+            initial model while the server resumes, so the next downlinks
+            bring them from there.
+    """
 
     strategy: Strategy
     client: ClientAlgorithm
     info: dict[str, Any] = field(default_factory=dict)
+    load_global: Callable[[nn.Module], None] | None = None
+    clients_reset: Callable[[], None] | None = None
+
+    @property
+    def trains_backbone(self) -> bool:
+        """True for methods that train backbone weights (FedKRSO, FFT)."""
+        return self.load_global is not None
 
 
 Builder = Callable[[MethodContext], Method]
@@ -216,7 +235,13 @@ def build_fedkrso(ctx: MethodContext) -> Method:
     client = FedKRSOClient(cfg, layers, list(head), weight_decay=ctx.cfg.train.optimizer.weight_decay)
     info = {"target_layers": len(layers), "targeted_params": sum(w.numel() for w in weights.values()),
             "rows_R": sum(layer.d_out for layer in layers), "head_params": sum(v.numel() for v in head.values())}
-    return Method(strategy, client, info)
+
+    def load_global(target: nn.Module) -> None:
+        client.load_host_state_dict(target, {"version": strategy.version, "weights": strategy.weights})
+        load_model_tensors(target, strategy.head)
+
+    return Method(strategy, client, info, load_global=load_global,
+                  clients_reset=lambda: strategy.client_version.clear())
 
 
 def build_fft(ctx: MethodContext) -> Method:
@@ -229,7 +254,8 @@ def build_fft(ctx: MethodContext) -> Method:
     strategy = LoraFedAvg(initial, variant="fedit")
     strategy.name = "fft"
     info = {"target_layers": len(layers), "trained_params": sum(v.numel() for v in initial.values())}
-    return Method(strategy, FullWeightClient(list(initial)), info)
+    return Method(strategy, FullWeightClient(list(initial)), info,
+                  load_global=lambda target: load_model_tensors(target, strategy.global_adapter()))
 
 
 register_method("fedkrso", build_fedkrso)

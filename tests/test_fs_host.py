@@ -22,7 +22,8 @@ from federatedscope.register import register_worker, trainer_dict, worker_dict  
 
 from fs_host_helpers import FS_CONFIGS, checkpoint_adapter, run_fs, summary, system_metrics  # noqa: E402
 from fs_gmfl.config import load_config  # noqa: E402
-from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_adapter_tensors  # noqa: E402
+from fs_gmfl.core.adapter import (HEAD, adapter_parameters, adapter_state, kind_of, load_adapter_tensors,  # noqa: E402
+                                  model_tensor_map)
 from fs_gmfl.core.message import NUM_SAMPLES, Message, pack_bits, samples_tensor  # noqa: E402
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan  # noqa: E402
 from fs_gmfl.errors import ConfigError  # noqa: E402
@@ -86,8 +87,8 @@ def test_another_plugin_claiming_an_fs_gmfl_method_is_a_conflict():
     (("federate.method", "fedopt", "trainer.type", "llmtrainer"), "gmfl.use"),
     (("quantization.method", "uniform"), "quantization.method"),
     (("model.type", "/m/llama@huggingface_llm"), "model.type"),
-    (("federate.method", "fedkrso", "gmfl.use", False), "federate.method"),
-    (("federate.method", "fft", "gmfl.use", False), "federate.method"),
+    (("federate.method", "fedkrso", "gmfl.use", False, "train.is_enable_half", True), "train.is_enable_half"),
+    (("federate.method", "fft", "gmfl.use", False, "train.is_enable_half", True), "train.is_enable_half"),
     (("federate.method", "fedhft", "gmfl.use", False, "data.client_val_fraction", 0.2, "fedhft.eval", "personalised"),
      "fedhft.eval"),
     (("faults.dropout_before", 0.2), "faults.dropout_before"),
@@ -241,6 +242,61 @@ def test_same_yaml_gives_the_same_global_adapter_and_bytes_in_both_hosts(tmp_pat
     assert [{k: r[k] for k in keys} for r in fs_rows] == [{k: r[k] for k in keys} for r in sim_rows]
     if frozen is not None:
         assert [r["frozen_fraction"] for r in fs_rows] == frozen
+
+
+BACKBONE_PARITY = [pytest.param("fedkrso", ["fedkrso.interval", "2", "fedkrso.num_seeds", "3"], id="fedkrso"),
+                   pytest.param("fft", [], id="fft")]
+
+
+@pytest.mark.parametrize("method, extra", BACKBONE_PARITY)
+def test_backbone_methods_give_the_same_global_weights_and_bytes_in_both_hosts(tmp_path, method, extra,
+                                                                              monkeypatch):
+    """FedKRSO (2 seeds' intervals per round) and FFT train targeted backbone weights: two rounds of one YAML give
+    the same global targeted weights and head in the simulator and in FederatedScope's checkpoint, which holds
+    exactly those tensors, and the same bytes round by round (FFT's: every trained tensor each way)."""
+    # Prepare
+    monkeypatch.setenv("FS_GMFL_THREADS", "1")
+    opts = ["federate.method", method, "gmfl.use", "False", *extra]
+    fs_opts = [*opts, "outdir", str(tmp_path / "fs"), "expname", "run", "federate.save_to",
+               str(tmp_path / "fs" / "run.ckpt")]
+    # Execute
+    run_fs("fs-run", "--cfg", str(BOTH_HOSTS), *fs_opts, cwd=tmp_path)
+    sim = Simulation(load_config(BOTH_HOSTS, [*opts, "outdir", str(tmp_path / "sim"), "expname", "run"]),
+                     quiet=True)
+    sim_summary = sim.run()
+    # Assert
+    fs_state = checkpoint_adapter(tmp_path / "fs" / "final_run.ckpt")
+    sim_global = sim.method.strategy.global_adapter()
+    assert set(fs_state) == set(sim_global)  # the checkpoint holds exactly the targeted weights and the head
+    assert all(torch.equal(fs_state[k], sim_global[k]) for k in sim_global)
+    initial = build_backbone(sim.cfg, 2).model
+    initial_values = {k: p.detach() for k, p in model_tensor_map(initial, sim_global).items()}
+    weights = [k for k in sim_global if kind_of(k) != HEAD]
+    assert len(weights) == sim.method.info["target_layers"] == 12  # q, k, v, 2 x dense, intermediate; 2 layers
+    assert all(not torch.equal(sim_global[k], initial_values[k]) for k in weights)
+    fs_rows, sim_rows = summary(tmp_path / "fs" / "run")["per_round"], sim_summary["per_round"][1:]
+    keys = ["clients", *(k for k in BYTE_KEYS if k in sim_rows[0])]
+    assert [{k: r[k] for k in keys} for r in fs_rows] == [{k: r[k] for k in keys} for r in sim_rows]
+    if method == "fft":
+        trained = 4 * sim.method.info["trained_params"]
+        assert [(r["downlink_bytes"], r["uplink_bytes"]) for r in fs_rows] == [(3 * trained, 3 * (trained + 8))] * 2
+    else:
+        assert fedkrso_bytes(fs_rows) == [(r["downlink_bytes"], r["uplink_bytes"]) for r in fs_rows]
+
+
+def fedkrso_bytes(rows: list[dict]) -> list[tuple[int, int]]:
+    """README's FedKRSO byte formulas for the tiny BERT (b = 4, r = 4, K = 3, 3 clients, R = 224 output rows of
+    the 12 targeted layers, |Phi| = 34 head parameters), from the seeds each round used (strategy metrics).
+
+    Downlink per client: 8K (seeds) + 16 (schedule seed, version) + b|Phi|, plus in round 2 the replay of round 1,
+    (8 + b r R) per seed used; uplink per client: b r R |U_n| + b |Phi| + |U_n| (uint8 indices) + 8 (samples).
+    """
+    out, replay = [], 0
+    for row in rows:
+        used = round(3 * row["mean_client_seeds"])  # sum of |U_n| over the 3 clients
+        out.append((3 * (8 * 3 + 16 + 4 * 34 + replay), 4 * 4 * 224 * used + 3 * (4 * 34 + 8) + used))
+        replay = (8 + 4 * 4 * 224) * int(row["seeds_used"])
+    return out
 
 
 # -- FederatedScope's own data and model types, and its evaluation script -------------------------------

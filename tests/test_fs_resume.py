@@ -21,7 +21,7 @@ from fs_gmfl.hosts.fs.method_state import load_method_state, state_path  # noqa:
 pytestmark = pytest.mark.fs_host
 
 BOTH_HOSTS = FS_CONFIGS / "gmfl_fedit_tiny_bert_both_hosts.yaml"
-ROW_KEYS = ("round", "clients", "uplink_bytes", "downlink_bytes", "frozen_fraction")
+ROW_KEYS = ("round", "clients", "uplink_bytes", "downlink_bytes", "frozen_fraction", "log_entries", "log_bytes")
 
 
 def run(tmp_path: Path, name: str, rounds: int, method_opts: list[str], *extra: str) -> Path:
@@ -78,3 +78,16 @@ def test_gmfl_resumes_with_its_masks(tmp_path):
 def test_other_methods_resume_with_their_state(tmp_path, method_opts, method):
     """HAFL (importance EMAs) and FedHFT (cluster heads, memberships) resume bit for bit too."""
     check_resume(tmp_path, method_opts, method)
+
+
+def test_fedkrso_resumes_with_its_weights_and_catchup_log(tmp_path):
+    """FedKRSO: the checkpoint holds the global targeted weights and head, the method state their fp32 master,
+    the version, each client's sync version and the catch-up log; round 3's downlinks replay round 2 (not a full
+    sync) and the resumed run ends with the same weights, state and bytes as 4 rounds straight."""
+    opts = ["federate.method", "fedkrso", "gmfl.use", "False", "fedkrso.interval", "2", "fedkrso.num_seeds", "3"]
+    check_resume(tmp_path, opts, "fedkrso")
+    rnd, state = load_method_state(tmp_path / "first" / "final_run.ckpt", method="fedkrso")
+    assert rnd == state["version"] == 2 and state["client_version"] == {0: 1, 1: 1, 2: 1}
+    saved = checkpoint_adapter(tmp_path / "first" / "final_run.ckpt")
+    assert set(saved) == set(state["weights"]) | set(state["head"]) and len(state["weights"]) == 12
+    assert all(torch.equal(saved[k], v) for k, v in {**state["weights"], **state["head"]}.items())

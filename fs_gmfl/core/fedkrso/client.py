@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import weakref
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +48,8 @@ from fs_gmfl.core.targets import TargetLayer, target_modules, target_weights
 from fs_gmfl.errors import InputError
 
 B_PREFIX = "krso.B/"
+#: attribute of a model holding the global version of its targeted weights.
+VERSION_ATTR = "_fs_gmfl_fedkrso_version"
 
 
 @dataclass
@@ -202,11 +203,20 @@ class FedKRSOClient(ClientAlgorithm):
         self.head_keys = list(head_keys)
         self.weight_decay = weight_decay
         self.spill_dir = spill_dir
-        self._versions: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
-    def model_version(self, model: nn.Module) -> int:
-        """The global version ``model``'s targeted weights hold (0: the initial backbone)."""
-        return self._versions.get(model, 0)
+    @staticmethod
+    def model_version(model: nn.Module) -> int:
+        """The global version ``model``'s targeted weights hold (0: the initial backbone).
+
+        Kept on the model object itself, so every client algorithm (and a host
+        that loads global weights into a shared model) sees the same version.
+        """
+        return int(getattr(model, VERSION_ATTR, 0))
+
+    @staticmethod
+    def set_model_version(model: nn.Module, version: int) -> None:
+        """Record that ``model``'s targeted weights now hold global version ``version``."""
+        setattr(model, VERSION_ATTR, int(version))
 
     def host_state_dict(self, model: nn.Module) -> dict[str, Any]:
         """The version the shared model's targeted weights hold and, past the initial one, those weights."""
@@ -224,7 +234,7 @@ class FedKRSOClient(ClientAlgorithm):
         with torch.no_grad():
             for name, value in state["weights"].items():
                 weights[name].copy_(value)
-        self._versions[model] = int(state["version"])
+        self.set_model_version(model, int(state["version"]))
 
     # -- prepare -----------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
@@ -267,7 +277,7 @@ class FedKRSOClient(ClientAlgorithm):
                         for layer in self.layers:
                             apply_update_(weights[layer.name], entry.tensors[layer.name], entry.seeds, layer=layer,
                                           rank=self.config.rank)
-        self._versions[model] = down.version
+        self.set_model_version(model, down.version)
 
     def _branches(self, model: nn.Module, weights: dict[str, nn.Parameter]) -> list[_Branch]:
         modules = target_modules(model, self.layers)

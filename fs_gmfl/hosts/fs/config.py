@@ -439,17 +439,17 @@ UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
 )
 
 
-#: methods that train backbone weights: the FederatedScope adapter's trainer and checkpoints carry adapters only.
-SIMULATOR_ONLY_METHODS = ("fedkrso", "fft")
+#: methods that train backbone weights (refused with train.is_enable_half under this host).
+BACKBONE_METHODS = ("fedkrso", "fft")
 
 
 def _check_supported(cfg: Any) -> None:
     method = str(plain(lookup(cfg, "federate.method"))).lower()
-    if method in SIMULATOR_ONLY_METHODS:
-        hostable = sorted(set(owned_methods()) - set(SIMULATOR_ONLY_METHODS))
-        raise ConfigError("federate.method", method, f"one of {hostable} under FederatedScope: '{method}' trains "
-                          "backbone weights, which this host does not yet exchange or checkpoint; run it with the "
-                          "embedded simulator (fs-gmfl run)")
+    half = plain(lookup(cfg, "train.is_enable_half"))
+    if method in BACKBONE_METHODS and half not in (False, _MISSING):
+        raise ConfigError("train.is_enable_half", half, f"False for federate.method '{method}' under FederatedScope: "
+                          "it trains backbone weights, and FederatedScope's half precision would cast the whole "
+                          "model, the server's master weights included, to float16")
     restore = plain(lookup(cfg, "federate.restore_from"))
     if restore and _enabled(cfg, "gmfl") and plain(lookup(cfg, "gmfl.downlink")) == "stateful_sync":
         raise ConfigError("gmfl.downlink", "stateful_sync", "'stateless' with federate.restore_from: the clients' "

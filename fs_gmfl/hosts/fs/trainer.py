@@ -7,9 +7,12 @@ forward, backward, clipping and optimizer step stay its own):
 trigger            hook                                            what it does
 =================  ==============================================  =================================================
 on_fit_start       ``_hook_on_fit_start_plan`` (after init)        ``client.prepare`` the downlink; ``requires_grad``
-                                                                   on exactly ``plan.trainable``; optimizer and
-                                                                   scheduler rebuilt over them; gradient-mask tensor
-                                                                   hooks; dropout seed; the round's batch schedule
+                                                                   on exactly ``plan.trainable`` (every other
+                                                                   parameter off); optimizer rebuilt over them
+                                                                   (``plan.on_optimizer``), scheduler; gradient-mask
+                                                                   tensor hooks; FedKRSO-style clipping of tensors
+                                                                   outside the model; dropout seed; the round's
+                                                                   batch schedule
 on_batch_start     ``_hook_on_batch_start_timer`` (first)          step timer
 on_batch_forward   ``_hook_on_batch_forward_plan`` (after forward) masked L2 when the plan asks for it; a
                                                                    non-finite loss or nothing to train skips the batch
@@ -40,7 +43,7 @@ from federatedscope.llm.model.adapter_builder import AdapterModel
 from federatedscope.llm.trainer.trainer import LLMTrainer
 from torch import nn
 
-from fs_gmfl.core.adapter import adapter_parameters, load_model_tensors
+from fs_gmfl.core.adapter import load_model_tensors
 from fs_gmfl.core.message import Message
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats
 from fs_gmfl.core.seeding import derive_seed
@@ -76,6 +79,7 @@ class FitState:
     plan: LocalPlan
     saved_flags: dict[str, bool]
     default_model: nn.Module
+    grad_clip: Any = None
     tensor_hooks: list[Any] = field(default_factory=list)
     batch: int = 0
     started: float = 0.0
@@ -148,27 +152,48 @@ class FsGmflTrainer(LLMTrainer):
         plan = job.algorithm.prepare(inner_model(default), job.downlink, job.client_state)
         if plan.model is not inner_model(default):
             ctx.model = AdapterModel(plan.model.to(ctx.device))
-        params = adapter_parameters(plan.model)
-        fit = FitState(job, plan, {k: p.requires_grad for k, p in params.items()}, default)
-        for key, p in params.items():
-            p.requires_grad_(key in plan.trainable)
+        params = dict(plan.model.named_parameters())
+        fit = FitState(job, plan, {k: p.requires_grad for k, p in params.items()}, default, grad_clip=ctx.grad_clip)
+        planned = {id(p) for p in plan.trainable.values()}
+        for p in params.values():
+            p.requires_grad_(id(p) in planned)
         for p in plan.trainable.values():
             p.requires_grad_(True)
         fit.tensor_hooks = [plan.trainable[k].register_hook(lambda g, m=m: g * m.to(g.device, g.dtype))
                             for k, m in plan.grad_masks.items()]
         if plan.trainable:
             ctx.optimizer, ctx.scheduler = self._optimizer_for(ctx, plan)
+            self._clip_planned_tensors(ctx, plan, planned - {id(p) for p in params.values()})
         torch.manual_seed(derive_seed(job.seed, "dropout", job.rnd, job.client_id))
         _start_round_schedule(ctx, job.rnd)
         ctx.fs_gmfl_fit = CtxVar(fit, LIFECYCLE.ROUTINE)
 
     @staticmethod
     def _optimizer_for(ctx: Any, plan: LocalPlan) -> tuple[Any, Any]:
+        """The optimizer over ``plan.trainable`` (handed to ``plan.on_optimizer``), then its scheduler."""
         kwargs = dict(ctx.cfg.train.optimizer)
         if plan.weight_decay_mask_via_loss:
             kwargs["weight_decay"] = 0.0
         optimizer = get_optimizer(list(plan.trainable.values()), **kwargs)
+        if plan.on_optimizer is not None:
+            plan.on_optimizer(optimizer)  # may regroup parameters: before the scheduler reads the groups
         return optimizer, get_scheduler(optimizer, **ctx.cfg.train.scheduler)
+
+    @staticmethod
+    def _clip_planned_tensors(ctx: Any, plan: LocalPlan, outside: set[int]) -> None:
+        """With ``grad.grad_clip`` and planned tensors outside the model (FedKRSO's ``B``): clip the plan's tensors.
+
+        FederatedScope clips ``ctx.model.parameters()``, which would miss
+        them; its clipping is switched off for the routine (restored at fit
+        end) and an optimizer step pre-hook clips ``plan.trainable``, as the
+        simulator does.
+        """
+        clip = ctx.grad_clip
+        if not outside or clip is None or clip <= 0:
+            return
+        ctx.grad_clip = -1.0
+        tensors = list(plan.trainable.values())
+        ctx.optimizer.register_step_pre_hook(lambda *_: torch.nn.utils.clip_grad_norm_(tensors, clip))
 
     def _hook_on_batch_start_timer(self, ctx: Any) -> None:
         """Start the step timer (``ctx.fs_gmfl_fit.started``)."""
@@ -218,13 +243,15 @@ class FsGmflTrainer(LLMTrainer):
         ``ctx.model``               back to the default model
         parameters' requires_grad   restored (so FederatedScope's state dict
                                     still carries every adapter tensor)
+        ``ctx.grad_clip``           restored
         ==========================  ==========================================
         """
         fit: FitState = ctx.fs_gmfl_fit
         for handle in fit.tensor_hooks:
             handle.remove()
-        for key, p in adapter_parameters(fit.plan.model).items():
+        for key, p in fit.plan.model.named_parameters():
             p.requires_grad_(fit.saved_flags[key])
+        ctx.grad_clip = fit.grad_clip
         ctx.model = fit.default_model
         losses = fit.losses
         stats = TrainStats(num_samples=int(ctx.num_train_data), steps=len(losses),

@@ -23,11 +23,13 @@ mode FederatedScope's runner counts downloads itself through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from federatedscope.core.message import Message as FsMessage
 from federatedscope.core.workers import Client, Server
 from torch import Tensor, nn
 
-from fs_gmfl.core.adapter import adapter_parameters, adapter_state
+from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_model_tensors, model_tensor_map
 from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Reply, total_bytes
 from fs_gmfl.core.protocol import ClientAlgorithm, RoundReport
@@ -72,16 +74,42 @@ class FsGmflMessage(FsMessage):
 
 
 def build_fs_method(fs_cfg: Any, model: nn.Module) -> Method:
-    """The fs_gmfl method of a FederatedScope config, its initial adapter taken from ``model``."""
+    """The fs_gmfl method of a FederatedScope config, its initial adapter (and targeted weights) from ``model``."""
     run_cfg = to_run_config(fs_cfg)
-    return build_method(MethodContext(run_cfg, adapter_state(inner_model(model)), model_provider_for(fs_cfg, run_cfg)))
+    inner = inner_model(model)
+    return build_method(MethodContext(run_cfg, adapter_state(inner), model_provider_for(fs_cfg, run_cfg),
+                                      model=inner))
 
 
-def state_dict_names(model: nn.Module) -> dict[str, str]:
-    """Adapter key -> parameter name in ``model``'s state dict (what FederatedScope loads)."""
+def state_dict_names(model: nn.Module, keys: Any = None) -> dict[str, str]:
+    """Adapter key (or, for backbone weights, parameter name) -> parameter name in ``model``'s state dict.
+
+    ``keys`` defaults to every adapter tensor of ``model``.
+    """
     inner = inner_model(model)
     names = {id(p): name for name, p in inner.named_parameters()}
-    return {key: names[id(p)] for key, p in adapter_parameters(inner).items()}
+    params = adapter_parameters(inner) if keys is None else model_tensor_map(inner, keys)
+    return {key: names[id(p)] for key, p in params.items()}
+
+
+def train_only(model: nn.Module, keys: Any) -> None:
+    """``requires_grad`` on exactly the tensors ``keys`` name, so FederatedScope's trainable-only state dict
+    (what it checkpoints, merges and evaluates) holds exactly a backbone method's global tensors."""
+    inner = inner_model(model)
+    ids = {id(p) for p in model_tensor_map(inner, keys).values()}
+    for p in inner.parameters():
+        p.requires_grad_(id(p) in ids)
+
+
+@contextlib.contextmanager
+def values_kept(model: nn.Module, keys: Any) -> Iterator[None]:
+    """Put the tensors ``keys`` name in ``model`` back to their current values on exit."""
+    params = model_tensor_map(inner_model(model), keys)
+    saved = {k: p.detach().clone() for k, p in params.items()}
+    try:
+        yield
+    finally:
+        load_model_tensors(inner_model(model), saved)
 
 
 class FsGmflServer(Server):
@@ -104,6 +132,7 @@ class FsGmflServer(Server):
         self.evaluation = {"broadcasts": 0, "bytes": 0}
         _create_parent(config.federate.save_to)
         self._restore_method_state(config.federate.restore_from)
+        self.hold_global()
         SERVERS.append(self)
         self.aggregator = ProtocolAggregator(self)
         self.aggregators = [self.aggregator]
@@ -127,6 +156,8 @@ class FsGmflServer(Server):
             return
         rnd, state = saved
         self.method.strategy.load_state_dict(state)
+        if self.method.clients_reset is not None and not self.shares_model:
+            self.method.clients_reset()  # the clients' own models restart from the initial backbone
         self.state = rnd
         logger.info(f"fs_gmfl: restored the {self.method.strategy.name} state of round {rnd} from "
                     f"{state_path(checkpoint)}; continuing with round {rnd + 1}")
@@ -135,6 +166,20 @@ class FsGmflServer(Server):
     def distributed(self) -> bool:
         """True in FederatedScope's distributed (gRPC) mode."""
         return self._cfg.federate.mode == "distributed"
+
+    def hold_global(self) -> None:
+        """Methods that train backbone weights: put their global tensors into this server's model and make them its
+        only ``requires_grad`` tensors, so FederatedScope's trainable-only state dict (checkpoints, evaluation)
+        holds exactly them. Repeated after every aggregation: standalone clients sharing the model change the
+        flags of what they train (the trainer restores them as the client's ``prepare`` left them)."""
+        if self.method.trains_backbone:
+            train_only(self.models[0], self.method.strategy.global_adapter())
+            self.method.load_global(inner_model(self.models[0]))
+
+    @property
+    def shares_model(self) -> bool:
+        """True when the clients train this server's model object (standalone ``share_local_model``)."""
+        return not self.distributed and bool(self._cfg.federate.share_local_model)
 
     def broadcast_model_para(self, msg_type: str = "model_para", sample_client_num: int = -1,
                              filter_unseen_clients: bool = True) -> None:
@@ -307,7 +352,7 @@ class ProtocolAggregator(ClientsAvgAggregator):
     def __init__(self, server: FsGmflServer) -> None:
         super().__init__(model=server.models[0], device=server.device, config=server._cfg)
         self.server = server
-        self.names = state_dict_names(server.models[0])
+        self.names = state_dict_names(server.models[0], server.method.strategy.global_adapter())
 
     def save_model(self, path: str, cur_round: int = -1) -> None:
         """FederatedScope's checkpoint, plus the strategy's state beside it (:mod:`.method_state`)."""
@@ -346,6 +391,7 @@ class ProtocolAggregator(ClientsAvgAggregator):
         report = server.method.strategy.aggregate(rnd, replies)
         report.rejected.update(malformed)
         server.record_round(rnd, report)
+        server.hold_global()
         return {self.names.get(k, k): v for k, v in server.method.strategy.global_adapter().items()}
 
 
@@ -361,18 +407,23 @@ class FsGmflClient(Client):
                  *args: Any, **kwargs: Any) -> None:
         super().__init__(ID, server_id, state, config, data, model, device, strategy, is_unseen_client, *args,
                          **kwargs)
-        self._algorithm: ClientAlgorithm | None = None
+        self._method: Method | None = None
         state_dir = tempfile.mkdtemp(prefix="fs_gmfl_client_state_")
         weakref.finalize(self, shutil.rmtree, state_dir, True)
         self.store = ClientStateStore(state_dir)
         self.seed = to_run_config(config).seed
 
     @property
+    def method(self) -> Method:
+        """The method (built on first use from this client's model)."""
+        if self._method is None:
+            self._method = build_fs_method(self._cfg, self.trainer.ctx.model)
+        return self._method
+
+    @property
     def algorithm(self) -> ClientAlgorithm:
-        """The method's client side (built on first use from this client's model)."""
-        if self._algorithm is None:
-            self._algorithm = build_fs_method(self._cfg, self.trainer.ctx.model).client
-        return self._algorithm
+        """The method's client side."""
+        return self.method.client
 
     def callback_funcs_for_model_para(self, message: FsMessage) -> None:
         """Train on the downlink and send the uplink."""
@@ -395,8 +446,19 @@ class FsGmflClient(Client):
         self._monitor.track_upload_bytes(reply.nbytes)
 
     def callback_funcs_for_evaluate(self, message: FsMessage) -> None:
-        """Count the adapter's bytes (distributed mode), then evaluate as FederatedScope does."""
-        if self._cfg.federate.mode == "distributed" and wire.kind_of(message.content) == wire.ADAPTER:
+        """Count the adapter's bytes (distributed mode), then evaluate as FederatedScope does.
+
+        For methods that train backbone weights the global tensors are loaded
+        for the evaluation only: the client's model keeps the weights its
+        method synced it to (FedKRSO's catch-up builds on them).
+        """
+        is_adapter = wire.kind_of(message.content) == wire.ADAPTER
+        if self._cfg.federate.mode == "distributed" and is_adapter:
             self._monitor.track_download_bytes(wire.payload_bytes(message.content))
-        super().callback_funcs_for_evaluate(message)
+        if not (is_adapter and self.method.trains_backbone):
+            super().callback_funcs_for_evaluate(message)
+            return
+        keys = [k[len(wire.TENSOR_PREFIX):] for k in message.content if k.startswith(wire.TENSOR_PREFIX)]
+        with values_kept(self.trainer.ctx.model, keys):
+            super().callback_funcs_for_evaluate(message)
 
