@@ -14,6 +14,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("federatedscope", reason="FederatedScope (branch llm) is not installed: FederatedScope host "
                     "tests skipped")
@@ -75,7 +76,8 @@ def wait_all(procs: dict[str, subprocess.Popen], deadline_s: float) -> dict[str,
     return codes
 
 
-def run_distributed(tmp_path: Path, assets: Path, method_opts: list[str], *, model_dir: Path | None = None) -> Path:
+def run_distributed(tmp_path: Path, assets: Path, method_opts: list[str], *, model_dir: Path | None = None,
+                    deadline_s: float = DEADLINE_S) -> Path:
     """Start server then clients, wait for all (bounded), always kill leftovers; return the output directory.
 
     ``assets`` holds the data file (and the model, unless ``model_dir`` names another one).
@@ -91,7 +93,7 @@ def run_distributed(tmp_path: Path, assets: Path, method_opts: list[str], *, mod
                                            stderr=subprocess.STDOUT)
             if role == "server":
                 wait_for_port(ports[0], procs[role], timeout=180)
-        codes = wait_all(procs, DEADLINE_S)
+        codes = wait_all(procs, deadline_s)
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -138,6 +140,12 @@ def test_distributed_hafl_run_completes(tiny_llm, tmp_path):
 SMOL_RUN = ["federate.total_round_num", "2", "llm.tok_len", "64", "train.local_update_steps", "2"]
 #: LoRA of the distributed YAMLs (q_proj, v_proj) and the HAFL run's r_max with its two truncated client ranks.
 LORA_R, HAFL_R_MAX, HAFL_RANKS = 4, 8, (2, 8)
+#: plain SGD, FederatedScope's default and its half-precision baselines' optimizer: torch's Adam/AdamW on float16
+#: parameters turn a zero gradient (every lora_A at the first step, while lora_B is zero) into NaN, since eps=1e-8
+#: underflows to 0 in float16 (0 / (sqrt(0) + 0)); fs_gmfl then rejects every update and the run exits 1.
+HALF_SGD = ["train.optimizer.type", "SGD", "train.optimizer.lr", "0.01"]
+#: deadline of a SmolLM2 run (float16 matmuls are slow on CPUs; the machine may be shared).
+SMOL_DEADLINE_S = 900
 SMOL_SKIP = "SmolLM2 not installed: bash scripts/install.sh --llm"
 
 
@@ -194,7 +202,8 @@ def test_distributed_smollm2_gmfl_refresh_with_exact_bytes(smollm2_assets, tmp_p
     ones, as summary.json and FederatedScope's monitors report."""
     data_root, model_dir = smollm2_assets
     out = run_distributed(tmp_path, data_root, [*SMOL_RUN, "gmfl.period", "1", "gmfl.c", "0.25", "gmfl.beta", "0.25",
-                                                "gmfl.tie_policy", "exact_k"], model_dir=model_dir)
+                                                "gmfl.tie_policy", "exact_k"], model_dir=model_dir,
+                          deadline_s=SMOL_DEADLINE_S)
     result = summary(out / "server")
     rows = result["per_round"]
     assert [(r["accepted"], r["rejected"]) for r in rows] == [(2, 0), (2, 0)]
@@ -224,8 +233,9 @@ def test_distributed_smollm2_hafl_truncation_in_half_precision(smollm2_assets, t
     profiles = str([{"clients": [i], "rank": r} for i, r in enumerate(HAFL_RANKS)])
     out = run_distributed(tmp_path, data_root, [*SMOL_RUN, "federate.method", "hafl", "gmfl.use", "False",
                                                 "train.is_enable_half", "True", "llm.adapter.args", lora,
-                                                "hafl.scheme", "truncation", "hafl.profiles", profiles],
-                          model_dir=model_dir)
+                                                "hafl.scheme", "truncation", "hafl.profiles", profiles,
+                                                *HALF_SGD, "train.local_update_steps", "1", "dataloader.batch_size",
+                                                "1"], model_dir=model_dir, deadline_s=SMOL_DEADLINE_S)
     result = summary(out / "server")
     rows = result["per_round"]
     assert result["uplink_dtype"] == "float16" and result["rejected_updates"]["total"] == 0
@@ -235,3 +245,7 @@ def test_distributed_smollm2_hafl_truncation_in_half_precision(smollm2_assets, t
     assert payload == 1152000 and control == 1216
     assert [(r["uplink_payload_bytes"], r["uplink_control_bytes"]) for r in rows] == [(payload, control)] * 2
     assert system_metrics(out / "server")[0]["total_download_bytes"] == 2 * (payload + control)
+    final = torch.load(out / "final.ckpt", map_location="cpu", weights_only=True)["model"]
+    lora_b = [t for k, t in final.items() if "lora_B" in k]
+    assert len(lora_b) == 60 and all(bool(torch.isfinite(t).all()) for t in final.values())
+    assert any(bool(t.abs().sum()) for t in lora_b)         # lora_B starts at zero: the accepted updates moved it
