@@ -1,6 +1,7 @@
 """Distributed FederatedScope: one server and two clients on 127.0.0.1 over gRPC, each its own process.
 
-Marked ``slow`` (about a minute per run on two cores) and ``fs_host`` (skipped without FederatedScope).
+Marked ``slow`` (about a minute per tiny-Llama run and 3-4 minutes per SmolLM2 run on two cores) and ``fs_host``
+(skipped without FederatedScope; the SmolLM2 runs also skip, with the install command, without SmolLM2).
 Ports are picked free at test time; every process is bounded by a deadline and killed in ``finally``.
 """
 
