@@ -145,6 +145,30 @@ def test_payload_survives_federatescope_grpc_encoding(msg_type):
     assert torch.equal(back.control["mask"], msg.control["mask"]) and int(back.control["seed"]) == 2**40 + 3
 
 
+def test_finish_message_carries_the_global_adapter_as_a_wire_payload():
+    """The server's finish message holds the global adapter as one string per tensor (FederatedScope's state dict
+    would become one protobuf value per float); through gRPC encoding it decodes to the exact tensors."""
+    from types import SimpleNamespace
+
+    adapter = {"m.lora_A.weight": torch.randn(4, 576), "m.lora_B.weight": torch.randn(192, 4)}
+    sent, finished = [], []
+    server = object.__new__(FsGmflServer)
+    server.ID, server.state, server.cur_timestamp = 0, 2, 0
+    server.method = SimpleNamespace(strategy=SimpleNamespace(global_adapter=lambda: dict(adapter)))
+    server._monitor = SimpleNamespace(finish_fl=lambda: finished.append(True))
+    server.comm_manager = SimpleNamespace(neighbors={1: "a", 2: "b"}, send=sent.append)
+    server.terminate()
+    (message,) = sent
+    assert finished == [True] and server.is_finish and message.msg_type == "finish" and message.receiver == [1, 2]
+    assert message.count_bytes() == (4 * (4 * 576 + 192 * 4), 2 * 4 * (4 * 576 + 192 * 4))
+    request = message.transform(to_list=True)
+    assert len(request.msg["content"].dict_msg_stringkey.dict_value) == 3    # header + 2 tensors, no float lists
+    received = FsMessage()
+    received.parse(request.msg)
+    back = wire.decode(received.content, expect=wire.ADAPTER).tensors
+    assert back.keys() == adapter.keys() and all(torch.equal(back[k], adapter[k]) for k in adapter)
+
+
 # -- trainer hooks ----------------------------------------------------------------------------------------
 class SubTensorFreezing(ClientAlgorithm):
     """Test double: freezes one whole tensor (not planned) and the last 2 of 4 columns of a lora_B (masked)."""

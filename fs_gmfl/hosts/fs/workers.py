@@ -240,6 +240,24 @@ class FsGmflServer(Server):
         self.evaluation["bytes"] += message.count_bytes()[1]
         self.write_outputs()
 
+    def terminate(self, msg_type: str = "finish") -> None:
+        """End the course as FederatedScope does, but send the global adapter as a wire payload.
+
+        FederatedScope's own ``terminate`` sends the state dict, which its gRPC
+        encoding turns into one protobuf value per float: minutes for a real
+        model's adapter (SmolLM2's LoRA r=4 has 230400 floats), during which the
+        server and clients hang. The wire payload is one string per tensor; the
+        clients' trainer loads it as it loads an evaluation broadcast. Like
+        FederatedScope's, this message is not added to the server's upload bytes.
+        """
+        self.is_finish = True
+        adapter = self.method.strategy.global_adapter()
+        self._monitor.finish_fl()
+        self.comm_manager.send(FsGmflMessage(msg_type=msg_type, sender=self.ID,
+                                             receiver=list(self.comm_manager.neighbors.keys()), state=self.state,
+                                             timestamp=self.cur_timestamp, content=wire.encode_tensors(adapter),
+                                             nbytes=total_bytes(adapter)))
+
     def _send(self, message: FsGmflMessage) -> None:
         self.comm_manager.send(message)
         self._monitor.track_upload_bytes(message.count_bytes()[1])
