@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from fs_gmfl.config import load_config
 from fs_gmfl.config.loader import strip_host_only
@@ -157,3 +158,22 @@ def test_both_hosts_tiny_config_runs_in_the_simulator(tmp_path):
     assert [r["frozen_fraction"] for r in summary["per_round"][1:]] == [0.0, 0.5]
     # 3 clients x ((512 LoRA + 34 head) x 4 B + 8 B) in round 1; 4 of 8 LoRA tensors (256 params) frozen in round 2
     assert [r["uplink_bytes"] for r in summary["per_round"][1:]] == [3 * 2192, 3 * (2192 - 1024)]
+
+
+@pytest.mark.parametrize("optimizer,half,warns", [
+    ({"type": "AdamW", "lr": 1e-4}, True, True),            # torch's default eps 1e-8 is 0 in float16
+    ({"type": "Adam", "lr": 1e-4, "eps": 1e-8}, True, True),
+    ({"type": "AdamW", "lr": 1e-4, "eps": 1e-6}, True, False),
+    ({"type": "SGD", "lr": 1e-2}, True, False),
+    ({"type": "AdamW", "lr": 1e-4}, False, False),
+])
+def test_half_precision_adam_with_an_eps_float16_loses_is_warned(caplog, optimizer, half, warns):
+    from fs_gmfl.hosts.fs import config as fs_config
+
+    fs_config._WARNED.clear()
+    cfg = {"train": {"is_enable_half": half, "optimizer": optimizer}}
+    with caplog.at_level("WARNING"):
+        fs_config._warn_half_adam(cfg)
+    assert ("rounds to 0 in float16" in caplog.text) == warns
+    if warns:  # the fact the warning is about
+        assert torch.tensor(optimizer.get("eps", 1e-8), dtype=torch.float16).item() == 0.0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -57,6 +58,7 @@ HOST_DEFAULTS = {"fedhft.eval": "global"}
 FS_INTERNAL_KEYS = frozenset({"__cfg_check_funcs__", "__help_info__", "is_ready_for_run"})
 
 _MISSING = object()
+logger = logging.getLogger(__name__)
 _INDEX = re.compile(r"^(\w+)\[(\d+)\]$")
 
 
@@ -245,6 +247,26 @@ def _check_effective(cfg: Any) -> None:
     if ours:
         _check_supported(cfg)
         to_run_config(cfg)
+        _warn_half_adam(cfg)
+
+
+#: float16's smallest positive value is about 6e-8: a smaller Adam eps rounds to 0 there.
+FLOAT16_TINY = 6e-8
+_WARNED: set[str] = set()
+
+
+def _warn_half_adam(cfg: Any) -> None:
+    """Warn (once) about Adam/AdamW under ``train.is_enable_half`` with an eps float16 rounds to 0: the first step
+    of a tensor whose gradient is exactly 0 (LoRA A while B is 0) divides 0 by 0, every update is NaN and rejected."""
+    optimizer = plain(lookup(cfg, "train.optimizer")) or {}
+    eps = optimizer.get("eps", 1e-8)
+    half = bool(plain(lookup(cfg, "train.is_enable_half")))
+    if half and str(optimizer.get("type", "")).lower() in ("adam", "adamw") and float(eps) < FLOAT16_TINY:
+        message = (f"train.optimizer.type {optimizer.get('type')} with train.is_enable_half True: eps {eps} rounds to 0 "
+                   f"in float16 and the first step gives NaN updates; use eps >= {FLOAT16_TINY} or SGD")
+        if message not in _WARNED:
+            _WARNED.add(message)
+            logger.warning(message)
 
 
 # -- one switch per method -------------------------------------------------------------------------
