@@ -51,3 +51,19 @@ def system_metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
     """FederatedScope's per-worker system metrics (the monitor's byte totals), by worker id."""
     rows = [json.loads(line) for line in (run_dir / "system_metrics.log").read_text().splitlines() if line.strip()]
     return {int(r["id"]): r for r in rows if isinstance(r.get("id"), int)}
+
+
+def merged_like_main(cfg_file: Path, opts: list[str]) -> Any:
+    """What FederatedScope's main does with `--cfg FILE KEY VALUE ...`, with the launcher's command line known."""
+    from federatedscope.core.configs.config import global_cfg
+
+    from fs_gmfl.hosts.fs.config import set_command_line
+
+    set_command_line(str(cfg_file), opts)
+    try:
+        cfg = global_cfg.clone()
+        cfg.merge_from_file(str(cfg_file))
+        cfg.merge_from_list(opts)
+        return cfg
+    finally:
+        set_command_line(None, None)

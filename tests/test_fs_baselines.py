@@ -19,9 +19,8 @@ import torch
 federatedscope = pytest.importorskip("federatedscope", reason="FederatedScope (branch llm) is not installed: "
                                      "FederatedScope host tests skipped")
 
-from federatedscope.core.configs.config import global_cfg  # noqa: E402
 
-from fs_host_helpers import fs_command, fs_env  # noqa: E402
+from fs_host_helpers import fs_command, fs_env, merged_like_main  # noqa: E402
 from fs_gmfl.core.comm import CommLedger  # noqa: E402
 from fs_gmfl.core.message import Message  # noqa: E402
 from fs_gmfl.core.protocol import RoundReport  # noqa: E402
@@ -30,7 +29,6 @@ from fs_gmfl.hosts.fs.workers import FsGmflServer, to_global_dtype  # noqa: E402
 from fs_gmfl.errors import ConfigError  # noqa: E402
 from fs_gmfl.hosts.fs import register_all  # noqa: E402
 from fs_gmfl.hosts.fs.assets import arithmetic_rows, write_tiny_llm_assets  # noqa: E402
-from fs_gmfl.hosts.fs.config import set_command_line  # noqa: E402
 
 pytestmark = pytest.mark.fs_host
 
@@ -199,18 +197,6 @@ def test_a_float32_upload_in_a_half_precision_run_is_rejected_naming_the_wire_dt
 
 
 # -- command-line overrides take part in every check ------------------------------------------------------
-def merged_like_main(cfg_file: Path, opts: list[str]):
-    """What FederatedScope's main does with `--cfg FILE KEY VALUE ...`, with the launcher's command line known."""
-    set_command_line(str(cfg_file), opts)
-    try:
-        cfg = global_cfg.clone()
-        cfg.merge_from_file(str(cfg_file))
-        cfg.merge_from_list(opts)
-        return cfg
-    finally:
-        set_command_line(None, None)
-
-
 def test_an_override_fixes_a_file_value_before_the_file_is_checked(tmp_path):
     """The file's invalid gmfl.c and non-fs_gmfl method are checked only as the command line leaves them."""
     bad = tmp_path / "bad.yaml"

@@ -16,11 +16,10 @@ pytest.importorskip("federatedscope", reason="FederatedScope (branch llm) is not
 
 from federatedscope.core.configs.config import global_cfg  # noqa: E402
 
-from fs_host_helpers import FS_CONFIGS, ROOT, run_fs, summary, system_metrics  # noqa: E402
+from fs_host_helpers import FS_CONFIGS, ROOT, merged_like_main, run_fs, summary, system_metrics  # noqa: E402
 from fs_gmfl.errors import ConfigError  # noqa: E402
 from fs_gmfl.hosts.fs import register_all  # noqa: E402
 from fs_gmfl.hosts.fs.assets import write_tiny_llm_assets  # noqa: E402
-from fs_gmfl.hosts.fs.config import set_command_line  # noqa: E402
 
 pytestmark = pytest.mark.fs_host
 
@@ -32,20 +31,9 @@ def registered():
     register_all()
 
 
-def merged(cfg_file: Path, opts: list[str]):
-    set_command_line(str(cfg_file), opts)
-    try:
-        cfg = global_cfg.clone()
-        cfg.merge_from_file(str(cfg_file))
-        cfg.merge_from_list(opts)
-        return cfg
-    finally:
-        set_command_line(None, None)
-
-
 def test_cfg_dir_and_outdir_placeholders_expand_to_absolute_paths(tmp_path):
     """{cfg_dir} is the YAML's directory (normalised), {outdir} follows an outdir override."""
-    cfg = merged(TINY_LLAMA, ["outdir", str(tmp_path / "elsewhere")])
+    cfg = merged_like_main(TINY_LLAMA, ["outdir", str(tmp_path / "elsewhere")])
     assets = ROOT / ".assets" / "fs" / "tiny_llama"
     assert cfg.data.root == str(assets) and cfg.model.type == f"{assets}@huggingface_llm"
     assert cfg.federate.save_to == str(tmp_path / "elsewhere" / "gmfl_fedit_tiny_llama.ckpt")

@@ -50,7 +50,8 @@ def hafl_overrides(scheme: str, r_max: int) -> list[str]:
         profiles = (f"[{{share: 0.33, rank: {max(1, r_max // 4)}}}, {{share: 0.33, rank: {max(1, r_max // 2)}}}, "
                     f"{{share: 0.34, rank: {r_max}}}]")
     else:
-        profiles = "[{share: 0.33, freeze_ratio: 0.75}, {share: 0.33, freeze_ratio: 0.5}, {share: 0.34, freeze_ratio: 0.0}]"
+        profiles = ("[{share: 0.33, freeze_ratio: 0.75}, {share: 0.33, freeze_ratio: 0.5}, "
+                    "{share: 0.34, freeze_ratio: 0.0}]")
     return ["federate.method", "hafl", "hafl.scheme", scheme, "hafl.aggregation", "adaptive", "hafl.profiles",
             profiles]
 

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from fs_gmfl.config.fields import to_dict
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.errors import ConfigError, InputError
+from fs_gmfl.sim.rundir import file_sha256
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoint"
@@ -109,14 +110,6 @@ def config_hash(ident: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # -- save / load ---------------------------------------------------------------------------------
 @dataclass
 class Checkpoint:
@@ -156,7 +149,7 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, *, rnd: int, method: str, ser
         shutil.copytree(client_state_dir, tmp / CLIENT_STATE)
     ident = identity(cfg)
     manifest = {"format": FORMAT_VERSION, "round": rnd, "method": method, "config_hash": config_hash(ident),
-                "config": ident, "state_sha256": _sha256(tmp / STATE_FILE), "strategy_tree": tree,
+                "config": ident, "state_sha256": file_sha256(tmp / STATE_FILE), "strategy_tree": tree,
                 "torch_rng": torch.get_rng_state().tolist(), **records}
     with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, default=float)
@@ -217,7 +210,7 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig, method: str) -> Checkpoint:
         raise ConfigError("federate.method", method, f"{manifest.get('method')!r} as in the checkpoint")
     state_path = directory / STATE_FILE
     try:
-        if _sha256(state_path) != checksum:
+        if file_sha256(state_path) != checksum:
             raise ValueError("SHA-256 does not match the manifest (truncated or modified)")
         tensors = load_file(str(state_path))
         server_state = unflatten_state(tree, tensors)

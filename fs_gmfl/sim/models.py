@@ -182,7 +182,8 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
 
 
-def resolve_target_modules(model: nn.Module, requested: list[str], key: str = "llm.adapter.args[0].target_modules") -> list[str]:
+def resolve_target_modules(model: nn.Module, requested: list[str],
+                           key: str = "llm.adapter.args[0].target_modules") -> list[str]:
     """The requested target modules, or peft's default for the architecture; each must exist.
 
     Raises:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -185,3 +186,12 @@ class RunDirectory:
         if not self.overwrite:
             raise InputError(f"run directory '{self.run_dir}' already holds a finished run (summary.json); pass "
                              "--overwrite to replace it, --resume to continue it, or choose another expname")
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of the file at ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

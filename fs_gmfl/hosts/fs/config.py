@@ -262,8 +262,8 @@ def _warn_half_adam(cfg: Any) -> None:
     eps = optimizer.get("eps", 1e-8)
     half = bool(plain(lookup(cfg, "train.is_enable_half")))
     if half and str(optimizer.get("type", "")).lower() in ("adam", "adamw") and float(eps) < FLOAT16_TINY:
-        message = (f"train.optimizer.type {optimizer.get('type')} with train.is_enable_half True: eps {eps} rounds to 0 "
-                   f"in float16 and the first step gives NaN updates; use eps >= {FLOAT16_TINY} or SGD")
+        message = (f"train.optimizer.type {optimizer.get('type')} with train.is_enable_half True: eps {eps} "
+                   f"rounds to 0 in float16 and the first step gives NaN updates; use eps >= {FLOAT16_TINY} or SGD")
         if message not in _WARNED:
             _WARNED.add(message)
             logger.warning(message)
