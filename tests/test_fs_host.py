@@ -225,6 +225,17 @@ def test_trainer_freezes_through_masks_and_keeps_every_tensor_in_the_state_dict(
         id(p) for k, p in adapter_parameters(inner_model(model)).items() if k != frozen}
 
 
+def run_both_hosts(tmp_path: Path, opts: list[str]) -> tuple[Simulation, dict]:
+    """``BOTH_HOSTS`` with ``opts`` under FederatedScope (checkpoint ``fs/final_run.ckpt``, outputs ``fs/run``) and
+    in the simulator (``sim/run``); returns the finished simulation and its summary."""
+    fs_opts = [*opts, "outdir", str(tmp_path / "fs"), "expname", "run", "federate.save_to",
+               str(tmp_path / "fs" / "run.ckpt")]
+    run_fs("fs-run", "--cfg", str(BOTH_HOSTS), *fs_opts, cwd=tmp_path)
+    sim = Simulation(load_config(BOTH_HOSTS, [*opts, "outdir", str(tmp_path / "sim"), "expname", "run"]),
+                     quiet=True)
+    return sim, sim.run()
+
+
 # -- parity and bytes --------------------------------------------------------------------------------------
 HEAD_KEYS = {"base_model.model.classifier.modules_to_save.weight", "base_model.model.classifier.modules_to_save.bias"}
 PARITY = [pytest.param("fedit", [], [0.0, 0.5], id="fedit"),
@@ -242,13 +253,8 @@ def test_same_yaml_gives_the_same_global_adapter_and_bytes_in_both_hosts(tmp_pat
     # Prepare
     monkeypatch.setenv("FS_GMFL_THREADS", "1")  # FederatedScope's standalone runner trains with one thread
     opts = ["federate.method", method, *extra]
-    fs_opts = [*opts, "outdir", str(tmp_path / "fs"), "expname", "run", "federate.save_to",
-               str(tmp_path / "fs" / "run.ckpt")]
     # Execute
-    run_fs("fs-run", "--cfg", str(BOTH_HOSTS), *fs_opts, cwd=tmp_path)
-    sim = Simulation(load_config(BOTH_HOSTS, [*opts, "outdir", str(tmp_path / "sim"), "expname", "run"]),
-                     quiet=True)
-    sim_summary = sim.run()
+    sim, sim_summary = run_both_hosts(tmp_path, opts)
     # Assert
     fs_adapter = checkpoint_adapter(tmp_path / "fs" / "final_run.ckpt")
     sim_adapter = sim.method.strategy.global_adapter()
@@ -281,13 +287,8 @@ def test_backbone_methods_give_the_same_global_weights_and_bytes_in_both_hosts(t
     # Prepare
     monkeypatch.setenv("FS_GMFL_THREADS", "1")
     opts = ["federate.method", method, "gmfl.use", "False", *extra]
-    fs_opts = [*opts, "outdir", str(tmp_path / "fs"), "expname", "run", "federate.save_to",
-               str(tmp_path / "fs" / "run.ckpt")]
     # Execute
-    run_fs("fs-run", "--cfg", str(BOTH_HOSTS), *fs_opts, cwd=tmp_path)
-    sim = Simulation(load_config(BOTH_HOSTS, [*opts, "outdir", str(tmp_path / "sim"), "expname", "run"]),
-                     quiet=True)
-    sim_summary = sim.run()
+    sim, sim_summary = run_both_hosts(tmp_path, opts)
     # Assert
     fs_state = checkpoint_adapter(tmp_path / "fs" / "final_run.ckpt")
     sim_global = sim.method.strategy.global_adapter()
