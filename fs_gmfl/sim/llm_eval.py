@@ -62,8 +62,19 @@ def length_sorted_batches(lengths: Tensor, batch_size: int) -> list[Tensor]:
     return list(torch.split(order, batch_size))
 
 
-def response_logits(model: nn.Module, batch: dict[str, Tensor], keep: Tensor) -> Tensor:
-    """Next-token logits at the positions ``keep`` (``[batch, length - 1]``) only.
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The model's decoder and output embedding (vocabulary projection), or ``None`` where it exposes neither."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is inner:
+        return None
+    return decoder, head
+
+
+def response_logits(model: nn.Module, inputs: dict[str, Tensor], keep: Tensor, *,
+                    use_cache: bool = False) -> tuple[Tensor, object]:
+    """Next-token logits at the positions ``keep`` (``[batch, length - 1]``) only, and the KV cache if asked.
 
     The vocabulary projection is applied to those hidden states alone (the
     decoder's output, then the output embedding), instead of to every position:
@@ -71,38 +82,51 @@ def response_logits(model: nn.Module, batch: dict[str, Tensor], keep: Tensor) ->
     batch. Models without ``get_decoder``/``get_output_embeddings`` get the
     full forward pass.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if decoder is None or head is None or decoder is inner:
-        return model(**batch).logits[:, :-1][keep]
-    hidden = decoder(**batch).last_hidden_state[:, :-1]
-    return head(hidden[keep])
+    parts = decoder_and_head(model)
+    if parts is None:
+        out = model(**inputs, use_cache=use_cache)
+        return out.logits[:, :-1][keep], out.past_key_values
+    decoder, head = parts
+    out = decoder(**inputs, use_cache=use_cache)
+    return head(out.last_hidden_state[:, :-1][keep]), out.past_key_values
+
+
+class ResponseLoss:
+    """Running FederatedScope-style ``loss``/``total``/``avg_loss`` and per-token ``token_loss``/``ppl``."""
+
+    def __init__(self) -> None:
+        self.fs_loss, self.token_sum, self.tokens = 0.0, 0.0, 0
+
+    def add(self, logits: Tensor, targets: Tensor, rows: int) -> None:
+        """One batch of ``rows`` rows: the logits and targets of its response tokens."""
+        if not len(targets):
+            return
+        batch_sum = float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        self.token_sum += batch_sum
+        self.tokens += len(targets)
+        self.fs_loss += batch_sum / len(targets) * rows
+
+    def metrics(self, total_rows: int) -> dict[str, float]:
+        """The metrics over every batch added (empty if no response token was seen)."""
+        if self.tokens == 0:
+            return {}
+        token_loss = self.token_sum / self.tokens
+        return {"loss": self.fs_loss, "total": float(total_rows), "avg_loss": self.fs_loss / total_rows,
+                "token_loss": token_loss, "ppl": math.exp(min(token_loss, 50.0))}
 
 
 @torch.inference_mode()
 def response_losses(model: nn.Module, data: CausalEncoded, *, batch_size: int,
                     device: torch.device | str = "cpu") -> dict[str, float]:
     """FederatedScope-style ``loss``/``total``/``avg_loss`` and per-token ``token_loss``/``ppl`` over ``data``."""
-    fs_loss, token_sum, tokens = 0.0, 0.0, 0
+    tally = ResponseLoss()
     for index in length_sorted_batches(data.attention_mask.sum(dim=1), batch_size):
         batch = {k: v.to(device) for k, v in data.batch(index).items()}
-        labels = batch.pop("labels")
-        target = labels[:, 1:]
+        target = batch.pop("labels")[:, 1:]
         keep = target != IGNORE_INDEX
-        if not bool(keep.any()):
-            continue
-        logits = response_logits(model, batch, keep)
-        batch_sum = float(F.cross_entropy(logits.float(), target[keep], reduction="sum"))
-        batch_tokens = int(keep.sum())
-        token_sum += batch_sum
-        tokens += batch_tokens
-        fs_loss += batch_sum / batch_tokens * len(index)
-    if tokens == 0:
-        return {}
-    token_loss = token_sum / tokens
-    return {"loss": fs_loss, "total": float(len(data)), "avg_loss": fs_loss / len(data),
-            "token_loss": token_loss, "ppl": math.exp(min(token_loss, 50.0))}
+        if bool(keep.any()):
+            tally.add(response_logits(model, batch, keep)[0], target[keep], len(index))
+    return tally.metrics(len(data))
 
 
 def left_padded(prompts: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -172,21 +196,6 @@ def prompt_aligned(prompts: Sequence[Tensor], responses: Sequence[Tensor], pad_i
     return ids, mask, width
 
 
-def forward_with_cache(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor | None, Tensor | None, object]:
-    """``(hidden, logits, cache)`` of one forward pass over a padded batch (positions counted from each row's
-    first real token); ``hidden`` (the decoder's output, with the output embedding applied later at the few
-    positions needed) where the model exposes them, else the full ``logits``."""
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if decoder is None or head is None or decoder is inner:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        return None, out.logits, out.past_key_values
-    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    return out.last_hidden_state, None, out.past_key_values
-
-
 @torch.inference_mode()
 def losses_and_answers(model: nn.Module, tokenizer: object, data: CausalEncoded, generate: set[int], *,
                        batch_size: int, max_new_tokens: int, device: torch.device | str = "cpu",
@@ -201,8 +210,7 @@ def losses_and_answers(model: nn.Module, tokenizer: object, data: CausalEncoded,
     pad, eos = special_ids(tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                               eos_token_id=eos, use_cache=True)
-    head = _output_embedding(model)
-    fs_loss, token_sum, tokens = 0.0, 0.0, 0
+    tally = ResponseLoss()
     answers: dict[int, list[int]] = {}
     lengths = data.attention_mask.sum(dim=1)
     for index in length_sorted_batches(lengths, batch_size):
@@ -211,14 +219,11 @@ def losses_and_answers(model: nn.Module, tokenizer: object, data: CausalEncoded,
         responses = [data.input_ids[i, int(data.prompt_lengths[i]): int(lengths[i])] for i in rows]
         ids, mask, width = prompt_aligned(prompts, responses, pad)
         ids, mask = ids.to(device), mask.to(device)
-        hidden, logits, cache = forward_with_cache(model, ids, mask)
-        target = ids[:, 1:]
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # counted from each row's first real token
         keep = mask[:, 1:].bool() & (torch.arange(1, ids.shape[1], device=ids.device) >= width)
-        picked = head(hidden[:, :-1][keep]) if hidden is not None else logits[:, :-1][keep]
-        batch_sum = float(F.cross_entropy(picked.float(), target[keep], reduction="sum"))
-        token_sum += batch_sum
-        tokens += int(keep.sum())
-        fs_loss += batch_sum / int(keep.sum()) * len(rows)
+        logits, cache = response_logits(model, {"input_ids": ids, "attention_mask": mask, "position_ids": positions},
+                                        keep, use_cache=True)
+        tally.add(logits, ids[:, 1:][keep], len(rows))
         chosen = [k for k, i in enumerate(rows) if i in generate]
         if not chosen:
             continue
@@ -230,16 +235,7 @@ def losses_and_answers(model: nn.Module, tokenizer: object, data: CausalEncoded,
         for row, k in enumerate(chosen):
             new = out[row, width:].tolist()
             answers[rows[k]] = new[: new.index(eos)] if eos in new else new
-    if tokens == 0:
-        return {}, answers
-    token_loss = token_sum / tokens
-    return ({"loss": fs_loss, "total": float(len(data)), "avg_loss": fs_loss / len(data), "token_loss": token_loss,
-             "ppl": math.exp(min(token_loss, 50.0))}, answers)
-
-
-def _output_embedding(model: nn.Module) -> nn.Module | None:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return tally.metrics(len(data)), answers
 
 
 def share_matching(tokenizer: object, data: CausalEncoded, answers: dict[int, list[int]]) -> float:

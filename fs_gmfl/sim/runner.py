@@ -283,18 +283,19 @@ class Simulation:
         return results
 
     def _metrics(self, data: Any, split: str) -> dict[str, float]:
+        with autocast_context(self.cfg, self.device):
+            return self._metrics_of(data, split)
+
+    def _metrics_of(self, data: Any, split: str) -> dict[str, float]:
         cfg = self.cfg
         if cfg.model.task == "causal_lm":
             wanted = set(cfg.eval.metrics)
             settings = EvalSettings(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                                     generation_rows=cfg.eval.generation_rows, seed=cfg.seed,
                                     exact_match=bool(wanted & {"acc", "exact_match"}), loss="loss" in wanted)
-            with autocast_context(cfg, self.device):
-                return evaluate_causal_lm(self.model, self.backbone.tokenizer, data, settings, split=split,
-                                          device=self.device)
-        with autocast_context(cfg, self.device):
-            metrics = evaluate(self.model, data, batch_size=cfg.eval.batch_size, task=cfg.model.task,
-                               device=self.device)
+            return evaluate_causal_lm(self.model, self.backbone.tokenizer, data, settings, split=split,
+                                      device=self.device)
+        metrics = evaluate(self.model, data, batch_size=cfg.eval.batch_size, task=cfg.model.task, device=self.device)
         return {k: v for k, v in metrics.items() if k in cfg.eval.metrics or k == "ppl"}
 
     def _evaluate_splits(self, prefix: str) -> dict[str, float]:
