@@ -5,7 +5,8 @@ data and model are loaded. It refuses with one line
 (:class:`~fs_gmfl.errors.ConfigError` naming the key and the estimate):
 
 * a model directory that is not usable (see :func:`check_model_dir`);
-* ``llm.tok_len`` above the pre-trained model's ``max_position_embeddings``;
+* ``llm.tok_len`` (plus ``eval.max_new_tokens`` where answers are decoded)
+  above the pre-trained model's ``max_position_embeddings``;
 * a LoRA rank ``llm.adapter.args[0].r`` above ``min(d_in, d_out)`` of a
   targeted module (read from the model built on the meta device, so no
   weight exists yet);
@@ -15,7 +16,7 @@ data and model are loaded. It refuses with one line
 The estimate is a deliberately simple lower bound of float32 training memory
 (weights; gradients and two Adam moments of what is trained; the activations
 of one training batch kept for backward; one evaluation batch's attention;
-the tokenised dataset), so a refusal means the run could certainly not fit;
+the KV cache of one batch of greedy answers; the tokenised dataset), so a refusal means the run could certainly not fit;
 a run that passes may still be tight. ``FS_GMFL_MEMORY_BYTES`` sets the memory
 budget explicitly (bytes) instead of reading ``MemAvailable`` from
 ``/proc/meminfo`` (bounded by the cgroup limit, if any).
@@ -187,6 +188,11 @@ def estimate_bytes(cfg: RunConfig, shape: Shape, *, lora_elements: int = 0, rows
                       2 * eval_batch * shape.heads * tok * tok * FLOAT_BYTES + eval_batch * tok * shape.vocab
                       * FLOAT_BYTES * (cfg.model.task == "causal_lm"),
                       f"attention scores of a {eval_batch} x {tok}-token evaluation batch"))
+    if generates(cfg):
+        longest = tok + cfg.eval.max_new_tokens
+        terms.append(Term("eval.max_new_tokens", cfg.eval.max_new_tokens,
+                          2 * eval_batch * layers * longest * h * FLOAT_BYTES,
+                          f"the KV cache of {eval_batch} greedy answers of up to {longest} tokens"))
     if rows is not None:
         terms.append(Term(*(("llm.tok_len", tok) if tok > rows else ("data.synthetic_num_samples", rows)),
                           rows * tok * 8 * 3, f"{rows} tokenised examples of {tok} tokens"))
@@ -211,11 +217,21 @@ def refuse_if_too_big(terms: list[Term], budget: int | None) -> None:
 
 
 # -- the checks ---------------------------------------------------------------------------------------------
+def generates(cfg: RunConfig) -> bool:
+    """Whether evaluation decodes answers (a causal LM scored by exact match)."""
+    return cfg.model.task == "causal_lm" and bool(set(cfg.eval.metrics) & {"acc", "exact_match"})
+
+
 def check_sequence_length(cfg: RunConfig, shape: Shape) -> None:
-    """``llm.tok_len`` must fit a pre-trained model's position table."""
-    if shape.max_positions is not None and cfg.llm.tok_len > shape.max_positions:
-        raise ConfigError("llm.tok_len", cfg.llm.tok_len, f"at most the model's max_position_embeddings "
-                          f"({shape.max_positions})")
+    """``llm.tok_len`` (plus ``eval.max_new_tokens`` when answers are decoded) must fit a pre-trained model's
+    position table."""
+    limit = shape.max_positions
+    if limit is not None and cfg.llm.tok_len > limit:
+        raise ConfigError("llm.tok_len", cfg.llm.tok_len, f"at most the model's max_position_embeddings ({limit})")
+    if limit is not None and generates(cfg) and cfg.llm.tok_len + cfg.eval.max_new_tokens > limit:
+        raise ConfigError("eval.max_new_tokens", cfg.eval.max_new_tokens, f"at most {limit - cfg.llm.tok_len} "
+                          f"(llm.tok_len {cfg.llm.tok_len} plus the answer must fit the model's "
+                          f"max_position_embeddings, {limit})")
 
 
 def lora_target_dims(cfg: RunConfig) -> list[tuple[str, int, int]]:

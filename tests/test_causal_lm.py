@@ -338,3 +338,24 @@ outdir: {tmp_path / 'exp'}
     assert set(summary["final"]) == {"test_loss", "test_total", "test_avg_loss", "test_token_loss", "test_ppl"}
     assert summary["data"] == {"type": "instructions.json@llm", "train": 48, "val": 6, "test": 6, "num_labels": 3,
                                "truncated": {"rows": 0, "prompts_cut": 0, "responses_cut": 0, "tok_len": 256}}
+
+
+def test_a_huge_max_new_tokens_is_refused_before_anything_is_loaded(tmp_path):
+    """10^12 new tokens: the KV cache of one batch of answers (keys and values, 8 rows x layers x 10^12 tokens x
+    hidden 16 x 4 B) cannot fit; refused naming eval.max_new_tokens. With loss only (no decoding) the key is
+    unused and not refused."""
+    from fs_gmfl.preflight import check_run
+
+    with pytest.raises(ConfigError, match="eval.max_new_tokens"):
+        check_run(causal_config(tmp_path, "eval.max_new_tokens", str(10 ** 12)))
+    check_run(causal_config(tmp_path, "eval.max_new_tokens", str(10 ** 12), "eval.metrics", "[loss]"))
+
+
+def test_prompt_plus_answer_must_fit_the_position_table(tmp_path):
+    """max_position_embeddings 64, tok_len 48: at most 16 new tokens."""
+    from fs_gmfl.preflight import check_sequence_length, shape_of
+
+    shape = shape_of(causal_config(tmp_path), {"max_position_embeddings": 64, "hidden_size": 16})
+    check_sequence_length(causal_config(tmp_path, "eval.max_new_tokens", "16"), shape)
+    with pytest.raises(ConfigError, match=r"eval.max_new_tokens.*at most 16"):
+        check_sequence_length(causal_config(tmp_path, "eval.max_new_tokens", "17"), shape)
