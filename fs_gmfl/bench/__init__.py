@@ -30,11 +30,15 @@ def _load(name: str) -> BenchFn:
         from fs_gmfl.bench.fedkrso import main
 
         return main
+    if name == "fseval":
+        from fs_gmfl.bench.fseval import main
+
+        return main
     if name == "llm":
         from fs_gmfl.bench.llm import main
 
         return main
-    raise ConfigError("bench", name, "one of: gmfl, hafl, fedkrso, fedhft, fshost, llm")
+    raise ConfigError("bench", name, "one of: gmfl, hafl, fedkrso, fedhft, fshost, fseval, llm")
 
 
 def run_benchmark(name: str, args: Sequence[str]) -> int:

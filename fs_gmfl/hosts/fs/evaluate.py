@@ -8,6 +8,11 @@ hard-codes ``cuda:<device>``, which this wrapper maps to ``cpu`` when CUDA is
 unavailable (``patches/0002-fschatbot-cpu-device.patch`` makes the same fix in
 FederatedScope itself). ``TORCHDYNAMO_DISABLE`` defaults to 1: ``FSChatBot``
 compiles the model, but generation never calls the compiled forward.
+
+FederatedScope's MMLU script averages every MMLU category and subcategory and
+fails (``np.concatenate`` of nothing) unless all 57 subjects are present; the
+wrapper restricts its category tables to the subjects found under
+``<data.root>/mmlu/data/test``, so a subset of subjects is scored as itself.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from fs_gmfl.errors import ConfigError
 from fs_gmfl.hosts.fs.run import run_module
@@ -77,6 +83,44 @@ def allow_cpu_chatbot() -> None:
     FSChatBot.device = property(get, set_)
 
 
+def data_root_of(argv: Sequence[str]) -> str:
+    """``data.root`` as FederatedScope will see it: the last command-line override, else the ``--cfg`` file's."""
+    args = list(argv)
+    for i in range(len(args) - 2, -1, -1):
+        if args[i] == "data.root":
+            return args[i + 1]
+    if "--cfg" in args[:-1]:
+        import yaml
+
+        with open(args[args.index("--cfg") + 1], encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
+        return str((loaded.get("data") or {}).get("root", "data"))
+    return "data"
+
+
+def mmlu_subjects(data_root: str) -> set[str]:
+    """Subjects with a ``<subject>_test.csv`` under ``<data_root>/mmlu/data/test`` (empty when absent)."""
+    folder = Path(data_root) / "mmlu" / "data" / "test"
+    return {p.name[:-len("_test.csv")] for p in folder.glob("*_test.csv")} if folder.is_dir() else set()
+
+
+def restrict_mmlu_categories(subjects: set[str]) -> None:
+    """Keep only ``subjects`` (and the (sub)categories they belong to) in FederatedScope's MMLU tables, in place."""
+    from federatedscope.llm.eval.eval_for_mmlu import categories as tables
+
+    if not subjects:
+        return
+    for subject in [s for s in tables.subcategories if s not in subjects]:
+        del tables.subcategories[subject]
+    present = {sub for subs in tables.subcategories.values() for sub in subs}
+    for category in list(tables.categories):
+        kept = [sub for sub in tables.categories[category] if sub in present]
+        if kept:
+            tables.categories[category] = kept
+        else:
+            del tables.categories[category]
+
+
 def main(name: str, argv: Sequence[str]) -> int:
     """Run evaluation script ``name`` with FederatedScope's own arguments ``argv``."""
     if name not in EVAL_SCRIPTS:
@@ -87,6 +131,8 @@ def main(name: str, argv: Sequence[str]) -> int:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     if fs_available():
         allow_cpu_chatbot()
+        if name == "mmlu":
+            restrict_mmlu_categories(mmlu_subjects(data_root_of(argv)))
     return run_module(EVAL_SCRIPTS[name].module, argv)
 
 
