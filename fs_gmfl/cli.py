@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="list configuration keys with defaults and help")
     keys.add_argument("section", nargs="?", default="", help="only keys under this section, e.g. gmfl")
     keys.set_defaults(func=_cmd_keys)
-    bench = sub.add_parser("bench", help="run a benchmark (gmfl, hafl, fedkrso, fedhft, fshost, fseval, llm)")
+    bench = sub.add_parser("bench", help="run a benchmark (gmfl, hafl, fedkrso, fedhft, fshost, fseval, llm, perf)")
     bench.add_argument("name", help="benchmark name")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="benchmark options (see --help of each)")
     bench.set_defaults(func=_cmd_bench)

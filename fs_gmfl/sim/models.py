@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,10 +318,3 @@ def prepare_for_training(model: nn.Module, cfg: RunConfig, device: torch.device)
                               "support it)")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
-
-
-def set_threads_from_env() -> None:
-    """Honour ``FS_GMFL_THREADS`` for torch's intra-op threads (default: torch's choice)."""
-    threads = os.environ.get("FS_GMFL_THREADS")
-    if threads and threads.isdigit() and int(threads) > 0:
-        torch.set_num_threads(int(threads))

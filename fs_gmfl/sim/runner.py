@@ -42,10 +42,11 @@ from fs_gmfl.sim.data import FederatedData, federated_data_for
 from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
 from fs_gmfl.sim.llm_eval import EvalSettings, evaluate_causal_lm
 from fs_gmfl.sim.models import (AdapterVariants, build_backbone, choose_device, load_tokenizer,
-                                prepare_for_training, set_threads_from_env)
+                                prepare_for_training)
 from fs_gmfl.sim.rundir import RunDirectory, dumps_strict, write_json_atomic, write_text_atomic
 from fs_gmfl.sim.sanity import check_data
 from fs_gmfl.sim.store import ClientStateStore
+from fs_gmfl.sim.threads import set_torch_threads
 from fs_gmfl.sim.training import autocast_context, evaluate, train_local
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class Simulation:
     def setup(self) -> None:
         """Load data, build the model and the method."""
         cfg = self.cfg
-        set_threads_from_env()
+        set_torch_threads()
         check_resources(cfg)  # before anything is allocated: unusable model directory, rank, length, memory
         tokenizer = load_tokenizer(cfg)
         self.data: FederatedData = federated_data_for(cfg, tokenizer)

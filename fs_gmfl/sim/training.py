@@ -22,6 +22,7 @@ from fs_gmfl.core.adapter import adapter_parameters
 from fs_gmfl.core.protocol import LocalPlan, TrainStats
 from fs_gmfl.core.seeding import derive_seed, generator
 from fs_gmfl.sim.data import Encoded
+from fs_gmfl.sim.llm_eval import length_sorted_batches
 
 
 def make_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter], lr: float, *,
@@ -167,14 +168,18 @@ def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, cli
     return TrainStats(num_samples=n, steps=len(losses), mean_loss=mean, step_seconds=times)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, data: Encoded, *, batch_size: int, task: str,
              device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy and mean loss (sequence classification) or token loss and perplexity (causal LM)."""
+    """Accuracy and mean loss (sequence classification) or token loss and perplexity (causal LM).
+
+    Rows are batched by length, longest first (:func:`length_sorted_batches`),
+    so each batch is padded only to its own longest row; the metrics are sums
+    over rows and do not depend on the order.
+    """
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    for start in range(0, len(data), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(data)))
+    for index in length_sorted_batches(data.attention_mask.sum(dim=1), batch_size):
         batch = {k: v.to(device) for k, v in data.batch(index).items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()

@@ -1,0 +1,243 @@
+"""``fs-gmfl bench perf``: where the simulator's time goes, against the limits it can reach, in one invocation.
+
+Blocks, each interleaved (variant after variant, ``--repeats`` times) and
+reported as medians with ratios:
+
+* **train**: the simulator's training time for a run (``train_seconds`` of its
+  rounds) against a plain transformers + peft loop doing the same number of
+  AdamW steps on the same model and batch shapes (the limit), in fp32 and
+  with bf16 autocast (``train.autocast``);
+* **eval**: one evaluation of the same rows as the code evaluated before this
+  benchmark existed (batches in row order under ``no_grad``, fp32), as it is
+  now (length-sorted batches under ``inference_mode``), and now with bf16
+  autocast, with the metrics each gives;
+* **threads**: a child process pinned to one CPU training the same steps with
+  torch's own default thread count against the count the simulator now
+  chooses from the affinity mask (one).
+
+FederatedScope standalone and Flower are not part of this benchmark yet (the
+closing notes say so). Writes ``results.json`` and ``table.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fs_gmfl.bench.common import machine, markdown_table, progress, write_json
+from fs_gmfl.config import load_config
+from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.sim.training import autocast_context, evaluate
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CFG = ROOT / "yaml_configs" / "quickstart.yaml"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Benchmark options."""
+    p = argparse.ArgumentParser(prog="fs-gmfl bench perf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cfg", default=str(DEFAULT_CFG), help="a sequence-classification or causal-LM configuration")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of each simulator run in the train block")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every variant")
+    p.add_argument("--thread-steps", type=int, default=12, help="training steps per threads-block measurement")
+    p.add_argument("--blocks", default="train,eval,threads")
+    p.add_argument("--out", default="bench_out/perf")
+    p.add_argument("--quick", action="store_true", help="smoke version: 1 round, 1 repeat, 2 thread steps")
+    p.add_argument("--threads-child", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(list(argv))
+    if args.quick:
+        args.rounds, args.repeats, args.thread_steps = 1, 1, 2
+    return args
+
+
+def config(args: argparse.Namespace, run_dir: Path, name: str, *extra: str) -> Any:
+    """The benchmark's configuration: ``--cfg`` with ``--rounds`` rounds and no evaluation before the last."""
+    return load_config(args.cfg, ["federate.total_round_num", str(args.rounds), "eval.freq", str(args.rounds + 1),
+                                  "outdir", str(run_dir), "expname", name, *extra])
+
+
+def interleaved(variants: dict[str, Callable[[], dict[str, Any]]], repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Run every variant once per repeat, in turn; the results of each, in order."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for rep in range(repeats):
+        for name, fn in variants.items():
+            progress(f"perf: {name} ({rep + 1}/{repeats})")
+            runs[name].append(fn())
+    return runs
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+# -- train -------------------------------------------------------------------------------------------------------
+def simulator_training(args: argparse.Namespace, out: Path, autocast: str) -> dict[str, Any]:
+    """One simulator run; its training seconds (evaluation excluded) and local steps."""
+    cfg = config(args, out / "runs", f"sim_{autocast}", "train.autocast", autocast)
+    summary = Simulation(cfg, quiet=True, overwrite=True).run()
+    rounds = [r for r in summary["per_round"] if r["round"] > 0]
+    return {"seconds": sum(r["train_seconds"] for r in rounds), "steps": summary["timing"]["local_steps"]}
+
+
+def plain_loop(args: argparse.Namespace, out: Path, autocast: str, steps: int) -> dict[str, Any]:
+    """The same model and batch shape trained for ``steps`` AdamW steps by a bare transformers + peft loop."""
+    cfg = config(args, out / "runs", f"plain_{autocast}", "train.autocast", autocast)
+    sim = Simulation(cfg, quiet=True, overwrite=True)
+    sim.setup()
+    model, data = sim.model, sim.data.train
+    params = [p for p in model.parameters() if p.requires_grad]  # the adapter (and head) peft leaves trainable
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.optimizer.lr)
+    batch_size, n = cfg.dataloader.batch_size, len(data)
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        index = torch.arange(step * batch_size, step * batch_size + batch_size) % n
+        batch = data.batch(index)
+        with autocast_context(cfg, "cpu"):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"seconds": time.perf_counter() - start, "steps": steps}
+
+
+def train_block(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Simulator vs plain loop, fp32 and bf16 autocast."""
+    probe = simulator_training(args, out, "none")  # warm-up, and the step count the plain loop matches
+    steps = probe["steps"]
+    variants = {f"{kind} {precision}": (lambda k=kind, p=precision: simulator_training(args, out, p) if k == "simulator"
+                                        else plain_loop(args, out, p, steps))
+                for precision in ("none", "bfloat16") for kind in ("simulator", "plain loop")}
+    runs = interleaved(variants, args.repeats)
+    medians = {name: median_of(r, "seconds") for name, r in runs.items()}
+    return {"steps": steps, "runs": runs, "median_s": medians,
+            "simulator_vs_plain": {p: medians[f"simulator {p}"] / medians[f"plain loop {p}"]
+                                   for p in ("none", "bfloat16")},
+            "bf16_vs_fp32_simulator": medians["simulator bfloat16"] / medians["simulator none"]}
+
+
+# -- eval --------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_in_row_order(model: torch.nn.Module, data: Any, *, batch_size: int) -> dict[str, float]:
+    """The evaluation as it was before this benchmark (sequence classification): batches in row order."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(data), batch_size):
+        batch = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+        count += int(labels.numel())
+    return {"acc": correct / count, "loss": total_loss / count}
+
+
+def eval_block(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Before / now / now + bf16 on the test split of ``--cfg`` (sequence classification)."""
+    cfg = config(args, out / "runs", "eval")
+    sim = Simulation(cfg, quiet=True, overwrite=True)
+    sim.setup()
+    data, size = sim.data.test, cfg.eval.batch_size
+
+    def timed(fn: Callable[[], dict[str, float]]) -> dict[str, Any]:
+        start = time.perf_counter()
+        metrics = fn()
+        return {"seconds": time.perf_counter() - start, **metrics}
+
+    def now(precision: str) -> dict[str, Any]:
+        with autocast_context(load_config(args.cfg, ["train.autocast", precision]), "cpu"):
+            return timed(lambda: evaluate(sim.model, data, batch_size=size, task=cfg.model.task))
+
+    variants = {"before (row order, no_grad, fp32)": lambda: timed(lambda: evaluate_in_row_order(
+        sim.model, data, batch_size=size)), "now (length-sorted, inference_mode, fp32)": lambda: now("none"),
+        "now + bf16 autocast": lambda: now("bfloat16")}
+    runs = interleaved(variants, args.repeats)
+    medians = {name: median_of(r, "seconds") for name, r in runs.items()}
+    before = medians["before (row order, no_grad, fp32)"]
+    return {"rows": len(data), "batch_size": size, "runs": runs, "median_s": medians,
+            "ratio_to_before": {name: m / before for name, m in medians.items()},
+            "metrics": {name: {k: r[0][k] for k in ("acc", "loss")} for name, r in runs.items()}}
+
+
+# -- threads -----------------------------------------------------------------------------------------------------
+def threads_child(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """In a child pinned to one CPU: ``--thread-steps`` training steps with ``threads`` torch threads."""
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    torch.set_num_threads(threads)
+    out = Path(args.out).resolve()
+    result = plain_loop(args, out, "none", args.thread_steps)
+    return {**result, "threads": torch.get_num_threads(), "affinity": len(os.sched_getaffinity(0))}
+
+
+def run_threads_child(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "fs_gmfl", "bench", "perf", "--cfg", args.cfg, "--out", args.out,
+           "--thread-steps", str(args.thread_steps), "--threads-child", str(threads)]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "FS_GMFL_THREADS")}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def threads_block(args: argparse.Namespace) -> dict[str, Any]:
+    """One CPU: torch's default thread count vs the simulator's choice (the affinity mask: 1)."""
+    default = os.cpu_count() or 1
+    variants = {f"torch default ({default} threads)": lambda: run_threads_child(args, default),
+                "affinity-chosen (1 thread)": lambda: run_threads_child(args, 1)}
+    runs = interleaved(variants, args.repeats)
+    medians = {name: median_of(r, "seconds") for name, r in runs.items()}
+    return {"steps": args.thread_steps, "runs": runs, "median_s": medians,
+            "default_vs_chosen": medians[f"torch default ({default} threads)"] / medians["affinity-chosen (1 thread)"]}
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+def table(results: dict[str, Any]) -> str:
+    """One table per block."""
+    parts = []
+    if "train" in results:
+        block = results["train"]
+        rows = [[name, f"{s:.2f}", f"{s / block['steps'] * 1000:.0f}"] for name, s in block["median_s"].items()]
+        parts.append(f"train ({block['steps']} steps; simulator / plain loop: fp32 "
+                     f"{block['simulator_vs_plain']['none']:.3f}, bf16 {block['simulator_vs_plain']['bfloat16']:.3f};"
+                     f" bf16 / fp32 simulator {block['bf16_vs_fp32_simulator']:.3f})\n\n"
+                     + markdown_table(["variant", "median s", "ms / step"], rows))
+    if "eval" in results:
+        block = results["eval"]
+        rows = [[name, f"{block['median_s'][name]:.2f}", f"{block['ratio_to_before'][name]:.3f}",
+                 f"{m['acc']:.4f}", f"{m['loss']:.6f}"] for name, m in block["metrics"].items()]
+        parts.append(f"eval ({block['rows']} rows, batch {block['batch_size']})\n\n"
+                     + markdown_table(["variant", "median s", "vs before", "acc", "loss"], rows))
+    if "threads" in results:
+        block = results["threads"]
+        rows = [[name, f"{s:.2f}"] for name, s in block["median_s"].items()]
+        parts.append(f"threads (one CPU, {block['steps']} steps; default / chosen {block['default_vs_chosen']:.2f})"
+                     "\n\n" + markdown_table(["variant", "median s"], rows))
+    return "\n\n".join(parts)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the selected blocks and write the results."""
+    args = parse_args(argv)
+    if args.threads_child:
+        print(json.dumps(threads_child(args, int(args.threads_child))))
+        return 0
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine(), "cfg": args.cfg, "args": vars(args)}
+    blocks = {"train": lambda: train_block(args, out), "eval": lambda: eval_block(args, out),
+              "threads": lambda: threads_block(args)}
+    for name in args.blocks.split(","):
+        results[name] = blocks[name]()
+        write_json(out / "results.json", results)
+    (out / "table.md").write_text(table(results) + "\n", encoding="utf-8")
+    print(table(results))
+    return 0
