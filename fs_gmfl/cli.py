@@ -6,7 +6,8 @@ Sub-commands:
   federated run on the embedded simulator;
 * ``comm --cfg FILE [KEY VALUE ...]``: per-round bytes per client profile as
   JSON, from a model built on the meta device (no weights);
-* ``keys [SECTION]``: every configuration key with default and help;
+* ``keys [SECTION] [--markdown]``: every configuration key with default and help
+  (``--markdown``: the table the docs show, see :mod:`fs_gmfl.config.doc_tables`);
 * ``bench NAME [...]``: benchmarks (see ``fs-gmfl bench --help``);
 * ``fs-run --cfg FILE [KEY VALUE ...]``: FederatedScope's unmodified main with
   fs_gmfl registered (needs FederatedScope installed);
