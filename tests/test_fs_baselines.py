@@ -3,7 +3,7 @@ half precision (``train.is_enable_half: True``, set by every baseline) for every
 
 The baseline YAMLs are read from the installed FederatedScope tree at test time (never copied here); the only
 other edits are local paths (a tiny Llama and a local instruction file built below) and two rounds.
-Skipped (with the reason shown) when FederatedScope is not importable; see README, "FederatedScope host".
+Skipped (with the reason shown) when FederatedScope is not importable; see docs/federatedscope.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The FederatedScope host: registration, config checks, gRPC encoding, trainer hooks, parity with the simulator,
 a FederatedScope-LLM run with its own data and model, and FederatedScope's GSM8K evaluator on the result.
 
-Skipped (with the reason shown) when FederatedScope is not importable; see README, "FederatedScope host".
+Skipped (with the reason shown) when FederatedScope is not importable; see docs/federatedscope.md.
 """
 
 from __future__ import annotations
@@ -310,8 +310,9 @@ def test_backbone_methods_give_the_same_global_weights_and_bytes_in_both_hosts(t
 
 
 def fedkrso_bytes(rows: list[dict]) -> list[tuple[int, int]]:
-    """README's FedKRSO byte formulas for the tiny BERT (b = 4, r = 4, K = 3, 3 clients, R = 224 output rows of
-    the 12 targeted layers, |Phi| = 34 head parameters), from the seeds each round used (strategy metrics).
+    """The FedKRSO byte formulas (docs/methods/fedkrso.md) for the tiny BERT (b = 4, r = 4, K = 3, 3 clients,
+    R = 224 output rows of the 12 targeted layers, |Phi| = 34 head parameters), from the seeds each round used
+    (strategy metrics).
 
     Downlink per client: 8K (seeds) + 16 (schedule seed, version) + b|Phi|, plus in round 2 the replay of round 1,
     (8 + b r R) per seed used; uplink per client: b r R |U_n| + b |Phi| + |U_n| (uint8 indices) + 8 (samples).

@@ -1,7 +1,7 @@
 """Shipped FederatedScope configs run from any working directory, `outdir` alone moves every output, and
 summary.json states how its byte counts relate to FederatedScope's monitor.
 
-Skipped (with the reason shown) when FederatedScope is not importable; see README, "FederatedScope host".
+Skipped (with the reason shown) when FederatedScope is not importable; see docs/federatedscope.md.
 """
 
 from __future__ import annotations

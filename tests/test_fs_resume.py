@@ -1,7 +1,7 @@
 """Method state in FederatedScope checkpoints: `federate.save_to` stores the strategy's state beside the model and
 `federate.restore_from` resumes it, so 2 rounds + restore + 2 rounds equal 4 rounds bit for bit.
 
-Skipped (with the reason shown) when FederatedScope is not importable; see README, "FederatedScope host".
+Skipped (with the reason shown) when FederatedScope is not importable; see docs/federatedscope.md.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def main(argv: Sequence[str]) -> int:
     from fs_gmfl.hosts.fs import fs_available
 
     if not fs_available():
-        raise InputError("fs-gmfl bench fshost needs FederatedScope installed (see README, 'FederatedScope host')")
+        raise InputError("fs-gmfl bench fshost needs FederatedScope installed (see docs/federatedscope.md)")
     out = Path(args.out)
     runs: list[dict[str, Any]] = []
     for rep in range(args.repeats):

@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 EXIT_NOTHING_ACCEPTED = 1
 MISSING_FS = ("FederatedScope is not installed; install its 'llm' branch: git clone -b llm "
               "https://github.com/alibaba/FederatedScope && pip install --no-deps -e FederatedScope "
-              "(see README, 'FederatedScope host')")
+              "(see docs/federatedscope.md)")
 
 
 def run_module(module: str, argv: Sequence[str]) -> int:
