@@ -10,6 +10,7 @@ one model exists, so memory does not grow with the number of clients.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import resource
 import shutil
@@ -123,6 +124,8 @@ class Simulation:
         self.checkpoint: Checkpoint | None = None
         self.saved_round: int | None = None  # the round of the latest checkpoint this run wrote or resumed
         self.eval_records: list[tuple[int, dict[str, float]]] = []
+        self._last_evaluation: tuple[str, dict[str, float]] | None = None
+        self.evaluations_reused = 0
         self.run_dir = Path(cfg.outdir) / cfg.run_name
         self.device = choose_device(cfg)
         self.ledger = CommLedger()
@@ -263,13 +266,21 @@ class Simulation:
         local validation shard (``<name>/val_<metric>``) and summarised as
         ``clients_val_<metric>``, weighted by shard size; other names are
         evaluated like the global adapter (``<name>/test_<metric>``).
-        Evaluation leaves the model exactly as it found it.
+        Evaluation leaves the model exactly as it found it. When every
+        adapter is bit-identical to the previous evaluation's (e.g. a round
+        whose updates were all rejected), that evaluation's metrics are reused.
         """
         strategy = self.method.strategy
-        with temporarily_loaded(self.model, strategy.global_adapter()):
+        global_adapter, extra = strategy.global_adapter(), strategy.evaluation_adapters()
+        fingerprint = adapters_fingerprint({"": global_adapter, **extra})
+        if self._last_evaluation is not None and self._last_evaluation[0] == fingerprint:
+            self.evaluations_reused += 1
+            logger.info("evaluation skipped: the adapters equal the previous evaluation's; its metrics reused")
+            return dict(self._last_evaluation[1])
+        with temporarily_loaded(self.model, global_adapter):
             results = self._evaluate_splits("")
         client_results: list[tuple[int, dict[str, float]]] = []
-        for name, tensors in strategy.evaluation_adapters().items():
+        for name, tensors in extra.items():
             with temporarily_loaded(self.model, tensors):
                 if name.startswith("client:"):
                     cid = int(name.split(":", 1)[1])
@@ -281,6 +292,7 @@ class Simulation:
                 else:
                     results.update(self._evaluate_splits(name + "/"))
         results.update(weighted_client_metrics(client_results))
+        self._last_evaluation = (fingerprint, dict(results))
         return results
 
     def _metrics(self, data: Any, split: str) -> dict[str, float]:
@@ -399,7 +411,8 @@ class Simulation:
             "peak_rss_bytes": peak_rss_bytes(),
             "timing": {"local_steps": len(steps),
                        "median_step_seconds": statistics.median(steps) if steps else None,
-                       "mean_step_seconds": statistics.fmean(steps) if steps else None},
+                       "mean_step_seconds": statistics.fmean(steps) if steps else None,
+                       "evaluations_reused": self.evaluations_reused},
             "clients": {"num": self.cfg.federate.client_num, "per_round": self.cfg.federate.clients_per_round(),
                         "train_sizes": [int(len(i)) for i in self.data.client_indices]},
             "data": {"type": self.cfg.data.type, "train": len(self.data.train), "val": len(self.data.val),
@@ -412,6 +425,17 @@ class Simulation:
             "precision": precision_of(self.cfg),
             "warnings": list(self.warnings),
         }
+
+
+def adapters_fingerprint(adapters: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
+    """A digest of every tensor's name, dtype, shape and bytes: equal digests, the same model to evaluate."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(adapters):
+        for key in sorted(adapters[name]):
+            tensor = adapters[name][key].detach().cpu().contiguous()
+            digest.update(f"{name}/{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
