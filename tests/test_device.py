@@ -50,8 +50,8 @@ def test_use_gpu_without_cuda_runs_on_the_cpu_with_a_warning(monkeypatch, tmp_pa
 
 
 @CUDA_SKIP
-@pytest.mark.parametrize("precision", [[], ["train.autocast", "bfloat16"], ["train.is_enable_half", "True"]],
-                         ids=["fp32", "autocast", "bf16"])
+@pytest.mark.parametrize("precision", [[], ["train.autocast", "bfloat16"], ["train.is_enable_half", "True"],
+                                       ["train.autocast", "float16"]], ids=["fp32", "autocast", "bf16", "fp16-scaled"])
 def test_a_causal_lm_run_trains_on_cuda(tmp_path, precision):
     sim = Simulation(causal_config(tmp_path, "use_gpu", "True", *precision), quiet=True)
     summary = sim.run()
@@ -59,3 +59,56 @@ def test_a_causal_lm_run_trains_on_cuda(tmp_path, precision):
     assert {p.device.type for p in sim.model.parameters()} == {"cuda"}
     assert summary["rejected_updates"]["total"] == 0
     assert summary["per_round"][-1]["test_token_loss"] != summary["per_round"][0]["test_token_loss"]
+
+
+# -- float16 autocast with dynamic loss scaling ------------------------------------------------------------------
+def test_float16_autocast_without_use_gpu_is_one_config_line():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.autocast", "float16"])
+    text = str(info.value)
+    assert "train.autocast" in text and "float16" in text and "'bfloat16'" in text and "\n" not in text
+
+
+def test_float16_autocast_on_a_machine_without_cuda_stops_before_training(monkeypatch, tmp_path):
+    fake_cuda(monkeypatch, 0)
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        Simulation(causal_config(tmp_path, "use_gpu", "True", "train.autocast", "float16"), quiet=True)
+
+
+def test_scaled_step_equals_the_plain_step_and_an_overflow_is_skipped():
+    """SGD on loss = sum(w * x): the scaled step gives w - lr * x exactly (the scale is a power of two); a loss whose
+    scaled gradient overflows float16 leaves w unchanged and halves the scale."""
+    from fs_gmfl.sim.training import backward_and_step
+
+    x = torch.tensor([0.5, -2.0, 3.0])
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0]))
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    backward_and_step((w * x).sum(), optimizer, scaler, [w], grad_clip=-1)
+    assert torch.equal(w.detach(), torch.tensor([1.0, 1.0, 1.0]) - 0.1 * x)
+    before = w.detach().clone()
+    backward_and_step((w * x).sum() * torch.tensor(float("inf")), optimizer, scaler, [w], grad_clip=-1)
+    assert torch.equal(w.detach(), before) and scaler.get_scale() == 2.0 ** 9
+    assert w.grad is None
+
+
+def test_float16_autocast_training_keeps_fp32_weights(tmp_path):
+    """The training loop under float16 autocast with its loss scaler (run on the CPU here, whose autocast also
+    supports float16): the loss is finite, trainable weights stay float32 and move."""
+    from fs_gmfl.core.protocol import LocalPlan
+    from fs_gmfl.sim.training import loss_scaler, train_local
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = load_config(None, ["use_gpu", "True", "train.autocast", "float16", "train.local_update_steps", "3",
+                             "dataloader.batch_size", "2", "train.optimizer.lr", "0.01"])
+    assert isinstance(loss_scaler(cfg, "cpu"), torch.amp.GradScaler)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    trainable = {"c_fc": model.transformer.h[0].mlp.c_fc.weight}
+    start = trainable["c_fc"].detach().clone()
+    from tests.test_eval_speed import ragged
+
+    stats = train_local(LocalPlan(model=model, trainable=trainable), ragged(8, 12, 40, labels="lm"), cfg, rnd=1,
+                        client_id=0)
+    assert stats.steps == 3 and torch.isfinite(torch.tensor(stats.mean_loss))
+    assert trainable["c_fc"].dtype == torch.float32 and not torch.equal(trainable["c_fc"].detach(), start)

@@ -259,7 +259,8 @@ class TrainConfig:
                           "GPUs) or 'float16' (FederatedScope's .half(); GPU only in practice).",
                           choices=("bfloat16", "float16"), inferred=True)
     autocast: str = opt("none", "Mixed precision with fp32 master weights and fp32 uplinks: 'bfloat16' autocast "
-                        "(CPU and GPU) or 'none'.", choices=("none", "bfloat16"))
+                        "(CPU and GPU), 'float16' autocast with dynamic loss scaling (GPU only: needs use_gpu) or "
+                        "'none'.", choices=("none", "bfloat16", "float16"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, more "
                                        "time).")
 
@@ -343,6 +344,9 @@ class RunConfig:
         if self.train.is_enable_half and self.train.autocast != "none":
             fail(self, "train.autocast", self.train.autocast, "'none' with train.is_enable_half (the model is "
                  "already in half precision)")
+        if self.train.autocast == "float16" and not self.use_gpu:
+            fail(self, "train.autocast", "float16", "'none' or 'bfloat16' without use_gpu: True (float16 autocast "
+                 "with loss scaling is a GPU mode; CPUs compute float16 slowly)")
     def _check_output_names(self) -> None:
         """``expname`` names one directory inside ``outdir``: no separators, not absolute, a short file name."""
         name = self.expname

@@ -128,6 +128,9 @@ class Simulation:
         self.evaluations_reused = 0
         self.run_dir = Path(cfg.outdir) / cfg.run_name
         self.device = choose_device(cfg)
+        if cfg.train.autocast == "float16" and self.device.type != "cuda":
+            raise ConfigError("train.autocast", "float16", "'none' or 'bfloat16' on this machine (CUDA is not "
+                              "available; float16 autocast with loss scaling is a GPU mode)")
         self.ledger = CommLedger()
         self.step_seconds: list[float] = []
         self.rejections: dict[str, int] = {}
@@ -488,5 +491,7 @@ def precision_of(cfg: RunConfig) -> str:
     """How the run computes: ``fp32``, ``bfloat16 autocast`` or the is_enable_half dtype."""
     if cfg.train.is_enable_half:
         return f"{cfg.train.half_dtype} weights (is_enable_half)"
+    if cfg.train.autocast == "float16":
+        return "fp32 weights, float16 autocast, dynamic loss scaling"
     return "fp32" if cfg.train.autocast == "none" else f"fp32 weights, {cfg.train.autocast} autocast"
 

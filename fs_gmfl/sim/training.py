@@ -110,11 +110,37 @@ def restore_frozen_values(plan: LocalPlan) -> None:
         p.copy_(torch.where(keep, p, frozen))
 
 
+def loss_scaler(cfg: RunConfig, device: torch.device | str) -> torch.amp.GradScaler | None:
+    """Dynamic loss scaling for ``train.autocast: float16`` (float16 gradients underflow without it), else None."""
+    if cfg.train.autocast != "float16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
 def autocast_context(cfg: RunConfig, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """``train.autocast``: bf16 autocast of the forward pass (weights and optimizer state stay fp32)."""
+    """``train.autocast``: bf16 or fp16 autocast of the forward pass (weights and optimizer state stay fp32)."""
     if cfg.train.autocast == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, cfg.train.autocast))
+
+
+def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                      params: list[nn.Parameter], grad_clip: float) -> None:
+    """Backward pass, optional clipping and the optimizer step; with a loss scaler, the gradients are unscaled
+    before clipping and a step whose gradients overflowed is skipped (the scale then shrinks)."""
+    if scaler is None:
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, client_id: int,
@@ -137,6 +163,7 @@ def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, cli
         plan.on_optimizer(optimizer)
     hooks = [plan.trainable[k].register_hook(lambda g, m=m: g * m) for k, m in plan.grad_masks.items()]
     total = count_batches(n, cfg)
+    scaler = loss_scaler(cfg, device)
     losses, times = [], []
     plan.model.train()
     try:
@@ -151,11 +178,7 @@ def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, cli
                 loss = loss + masked_l2_penalty(plan, wd)
             if not torch.isfinite(loss):
                 continue
-            loss.backward()
-            if cfg.grad.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(list(plan.trainable.values()), cfg.grad.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            backward_and_step(loss, optimizer, scaler, list(plan.trainable.values()), cfg.grad.grad_clip)
             restore_frozen_values(plan)
             if plan.after_step is not None:
                 plan.after_step(step)
