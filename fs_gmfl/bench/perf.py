@@ -13,10 +13,14 @@ reported as medians with ratios:
   autocast, with the metrics each gives;
 * **threads**: a child process pinned to one CPU training the same steps with
   torch's own default thread count against the count the simulator now
-  chooses from the affinity mask (one).
+  chooses from the affinity mask (one);
+* **hosts** (when FederatedScope is importable): one YAML that loads in both
+  hosts (``--hosts-cfg``), FederatedScope standalone (which forces one torch
+  thread, fp32) against the simulator with its chosen threads and bf16
+  autocast: seconds per round and final test accuracy.
 
-FederatedScope standalone and Flower are not part of this benchmark yet (the
-closing notes say so). Writes ``results.json`` and ``table.md`` to ``--out``.
+Flower is not part of this benchmark (there is no Flower host yet). Writes
+``results.json`` and ``table.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="rounds of each simulator run in the train block")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every variant")
     p.add_argument("--thread-steps", type=int, default=12, help="training steps per threads-block measurement")
-    p.add_argument("--blocks", default="train,eval,threads")
+    p.add_argument("--blocks", default="train,eval,threads,hosts", help="comma-separated subset of: train, eval, "
+                   "threads, hosts (hosts is skipped without FederatedScope)")
+    p.add_argument("--hosts-cfg", default=str(ROOT / "yaml_configs" / "fs" / "gmfl_fedit_minilm_both_hosts.yaml"))
+    p.add_argument("--hosts-rounds", type=int, default=4)
     p.add_argument("--out", default="bench_out/perf")
     p.add_argument("--quick", action="store_true", help="smoke version: 1 round, 1 repeat, 2 thread steps")
     p.add_argument("--threads-child", default="", help=argparse.SUPPRESS)
@@ -183,7 +190,7 @@ def threads_child(args: argparse.Namespace, threads: int) -> dict[str, Any]:
 def run_threads_child(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "fs_gmfl", "bench", "perf", "--cfg", args.cfg, "--out", args.out,
            "--thread-steps", str(args.thread_steps), "--threads-child", str(threads)]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "FS_GMFL_THREADS")}
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, "FS_GMFL_THREADS": str(threads)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -197,6 +204,45 @@ def threads_block(args: argparse.Namespace) -> dict[str, Any]:
     medians = {name: median_of(r, "seconds") for name, r in runs.items()}
     return {"steps": args.thread_steps, "runs": runs, "median_s": medians,
             "default_vs_chosen": medians[f"torch default ({default} threads)"] / medians["affinity-chosen (1 thread)"]}
+
+
+# -- hosts -------------------------------------------------------------------------------------------------------
+def simulator_round_seconds(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The simulator on ``--hosts-cfg``: its chosen threads, bf16 autocast."""
+    cfg = load_config(args.hosts_cfg, ["federate.total_round_num", str(args.hosts_rounds), "eval.freq",
+                                       str(args.hosts_rounds), "train.autocast", "bfloat16", "outdir",
+                                       str(out / "hosts"), "expname", "sim"])
+    start = time.perf_counter()
+    summary = Simulation(cfg, quiet=True, overwrite=True).run()
+    wall = time.perf_counter() - start
+    return {"seconds_per_round": wall / args.hosts_rounds, "test_acc": summary["final"].get("test_acc"),
+            "threads": torch.get_num_threads()}
+
+
+def federatedscope_round_seconds(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """FederatedScope standalone on ``--hosts-cfg`` (its runner forces one thread; fp32)."""
+    from fs_gmfl.bench.fshost import run_federatedscope
+
+    fs_args = argparse.Namespace(cfg=args.hosts_cfg, rounds=args.hosts_rounds, set=[])
+    result = run_federatedscope(fs_args, out / "hosts")
+    return {"seconds_per_round": result["wall_s"] / args.hosts_rounds, "test_acc": result["test_acc"],
+            "threads": 1}
+
+
+def hosts_block(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
+    """Simulator (threads x bf16) vs FederatedScope standalone, per round, when FederatedScope is importable."""
+    from fs_gmfl.hosts.fs import fs_available
+
+    if not fs_available():
+        progress("perf: hosts block skipped (FederatedScope is not importable in this interpreter)")
+        return None
+    variants = {"FederatedScope standalone (1 thread, fp32)": lambda: federatedscope_round_seconds(args, out),
+                "simulator (chosen threads, bf16 autocast)": lambda: simulator_round_seconds(args, out)}
+    runs = interleaved(variants, args.repeats)
+    medians = {name: median_of(r, "seconds_per_round") for name, r in runs.items()}
+    names = list(medians)
+    return {"rounds": args.hosts_rounds, "runs": runs, "median_s_per_round": medians,
+            "speedup_vs_federatedscope": medians[names[0]] / medians[names[1]]}
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -216,6 +262,13 @@ def table(results: dict[str, Any]) -> str:
                  f"{m['acc']:.4f}", f"{m['loss']:.6f}"] for name, m in block["metrics"].items()]
         parts.append(f"eval ({block['rows']} rows, batch {block['batch_size']})\n\n"
                      + markdown_table(["variant", "median s", "vs before", "acc", "loss"], rows))
+    if results.get("hosts"):
+        block = results["hosts"]
+        rows = [[name, f"{s:.2f}", f"{block['runs'][name][-1]['test_acc']}"]
+                for name, s in block["median_s_per_round"].items()]
+        parts.append(f"hosts ({block['rounds']} rounds; simulator speed-up "
+                     f"{block['speedup_vs_federatedscope']:.2f}x)\n\n"
+                     + markdown_table(["variant", "median s / round", "final test acc"], rows))
     if "threads" in results:
         block = results["threads"]
         rows = [[name, f"{s:.2f}"] for name, s in block["median_s"].items()]
@@ -234,7 +287,7 @@ def main(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "cfg": args.cfg, "args": vars(args)}
     blocks = {"train": lambda: train_block(args, out), "eval": lambda: eval_block(args, out),
-              "threads": lambda: threads_block(args)}
+              "threads": lambda: threads_block(args), "hosts": lambda: hosts_block(args, out)}
     for name in args.blocks.split(","):
         results[name] = blocks[name]()
         write_json(out / "results.json", results)

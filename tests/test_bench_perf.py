@@ -1,0 +1,62 @@
+"""``fs-gmfl bench perf --quick`` on a tiny model: every block produces its figures, and the evaluation variants
+agree on the metrics (the benchmark's ratios are only meaningful if they do)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from fs_gmfl.bench.perf import main
+from tests.conftest import TINY
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    pairs = dict(zip(TINY[::2], TINY[1::2]))
+    cfg: dict = {}
+    for key, value in pairs.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def test_quick_eval_block_variants_agree_on_the_metrics(tmp_path, tiny_yaml, single_thread):
+    out = tmp_path / "perf"
+    assert main(["--quick", "--cfg", str(tiny_yaml), "--out", str(out), "--blocks", "eval"]) == 0
+    block = json.loads((out / "results.json").read_text())["eval"]
+    before, now = block["metrics"]["before (row order, no_grad, fp32)"], block["metrics"][
+        "now (length-sorted, inference_mode, fp32)"]
+    assert before["acc"] == now["acc"] and now["loss"] == pytest.approx(before["loss"], rel=1e-5)
+    assert block["rows"] == 16 and set(block["ratio_to_before"]) == set(block["metrics"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no affinity call on this platform")
+def test_quick_perf_bench_on_a_tiny_model(tmp_path, tiny_yaml, single_thread):
+    out = tmp_path / "perf"
+    assert main(["--quick", "--cfg", str(tiny_yaml), "--out", str(out), "--blocks", "train,eval,threads"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    train = results["train"]
+    assert train["steps"] == 2 * 3  # 2 clients per round x 3 local steps, 1 round
+    assert set(train["median_s"]) == {"simulator none", "plain loop none", "simulator bfloat16", "plain loop bfloat16"}
+    assert all(v > 0 for v in train["median_s"].values())
+    metrics = results["eval"]["metrics"]
+    accs = {m["acc"] for m in metrics.values()}
+    before, now = metrics["before (row order, no_grad, fp32)"], metrics["now (length-sorted, inference_mode, fp32)"]
+    assert before["acc"] == now["acc"] and now["loss"] == pytest.approx(before["loss"], rel=1e-5)
+    assert len(accs) <= 2  # bf16 may flip a prediction of the random model, fp32 variants may not
+    assert results["eval"]["ratio_to_before"]["before (row order, no_grad, fp32)"] == 1.0
+    runs = results["threads"]["runs"]
+    chosen = runs["affinity-chosen (1 thread)"][0]
+    default = runs[f"torch default ({os.cpu_count()} threads)"][0]
+    assert chosen["threads"] == 1 and chosen["affinity"] == 1
+    assert default["threads"] == os.cpu_count() and default["affinity"] == 1
+    assert "vs before" in (out / "table.md").read_text()
