@@ -38,6 +38,8 @@ TABLE = [
     (["train.optimizer.lr", "0"], "train.optimizer.lr", "(0.0, inf)"),
     (["train.optimizer.momentum", "1.0"], "train.optimizer.momentum", "[0.0, 1.0)"),
     (["data.subsample", "0"], "data.subsample", "(0.0, 1.0]"),
+    (["train.autocast", "float16"], "train.autocast", "'none' or 'bfloat16' without use_gpu: True"),
+    (["train.autocast", "fp8"], "train.autocast", "float16"),
     (["data.client_val_fraction", "1.0"], "data.client_val_fraction", "[0.0, 1.0)"),
     (["llm.tok_len", "2"], "llm.tok_len", "[4, inf)"),
     (["llm.adapter.args", "[{lora_dropout: 1.0}]"], "llm.adapter.args[0].lora_dropout", "[0.0, 1.0)"),
