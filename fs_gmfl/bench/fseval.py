@@ -62,6 +62,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--mmlu-questions", type=int, default=40, help="test questions per MMLU subject (2 subjects)")
     p.add_argument("--humaneval-problems", type=int, default=10)
     p.add_argument("--scripts", default=",".join(SCRIPTS), help="comma-separated subset of: " + ", ".join(SCRIPTS))
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the evaluation scripts "
+                   "(FS_GMFL_THREADS; default: the usable CPUs). One is much faster on a machine shared with other "
+                   "jobs; FederatedScope's standalone training always uses one")
+    p.add_argument("--reuse-training", action="store_true", help="keep the trained checkpoints of an earlier "
+                   "invocation with the same --out (its results.json) and only evaluate")
     p.add_argument("--half", action="store_true", help="keep the baseline's train.is_enable_half True "
                    "(default: fp32, since float16 matmuls are slow on CPUs)")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
@@ -103,19 +108,22 @@ def common_overrides(args: argparse.Namespace, data: Path, model: Path) -> list[
     return opts + [x for pair in args.set for x in pair]
 
 
-def fs_env() -> dict[str, str]:
-    """Offline subprocess environment with this checkout importable."""
+def fs_env(threads: int = 0) -> dict[str, str]:
+    """Offline subprocess environment with this checkout importable (and ``FS_GMFL_THREADS`` when ``threads``)."""
     root = str(Path(__file__).resolve().parents[2])
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    if threads:
+        env["FS_GMFL_THREADS"] = str(threads)
+    return env
 
 
-def run_logged(cmd: list[str], log: Path, cwd: Path) -> tuple[int, str, float]:
+def run_logged(cmd: list[str], log: Path, cwd: Path, threads: int = 0) -> tuple[int, str, float]:
     """Run ``cmd`` with its output streamed into ``log`` (follow it with ``tail -f``); (exit status, output, s)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log.open("w", encoding="utf-8") as handle:
-        status = subprocess.run(cmd, cwd=cwd, env=fs_env(), stdout=handle, stderr=subprocess.STDOUT).returncode
+        status = subprocess.run(cmd, cwd=cwd, env=fs_env(threads), stdout=handle, stderr=subprocess.STDOUT).returncode
     return status, log.read_text(encoding="utf-8", errors="replace"), time.perf_counter() - start
 
 
@@ -186,7 +194,7 @@ def evaluate(args: argparse.Namespace, name: str, checkpoint: Path, out: Path, c
         cmd = [sys.executable, "-m", "fs_gmfl", "fs-eval", script, "--cfg", str(baseline_yaml()), *common, *switch,
                "outdir", str(out / "eval" / name), "expname", f"{script}_{name}", "federate.save_to", str(checkpoint)]
         progress(f"fseval: {script} on {name}")
-        status, output, seconds = run_logged(cmd, out / "logs" / f"eval_{script}_{name}.log", out)
+        status, output, seconds = run_logged(cmd, out / "logs" / f"eval_{script}_{name}.log", out, args.threads)
         if status != 0:
             raise InputError(f"fs-eval {script} on {name} exited {status}: {output[-1500:]}")
         loaded = "will use raw model" not in output
@@ -224,6 +232,14 @@ def table(results: dict[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
+def earlier_training(out: Path) -> dict[str, Any]:
+    """The training records of an earlier invocation's ``results.json`` in ``out`` (empty when none)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8")).get("training", {})
+
+
 def main(argv: Sequence[str]) -> int:
     """Build the data, train each method, score base + each, write the table."""
     args = parse_args(argv)
@@ -241,7 +257,12 @@ def main(argv: Sequence[str]) -> int:
     results: dict[str, Any] = {"machine": machine(), "baseline": str(baseline_yaml()), "model": str(model),
                                "data": written, "args": vars(args), "overrides": common,
                                "switches": {m: SWITCHES[m] for m in methods}, "training": {}, "models": {}}
+    earlier = earlier_training(out) if args.reuse_training else {}
     for method in methods:
+        if method in earlier and Path(earlier[method]["checkpoint"]).is_file():
+            progress(f"fseval: reusing the trained {method} checkpoint {earlier[method]['checkpoint']}")
+            results["training"][method] = earlier[method]
+            continue
         progress(f"fseval: training {method} ({args.rounds} rounds x {args.steps} steps)")
         results["training"][method] = train(args, method, out, common)
         write_json(out / "results.json", results)
