@@ -18,11 +18,12 @@ from fs_gmfl.core.fedkrso.config import FedKRSOConfig
 from fs_gmfl.core.fft.config import FFTConfig
 from fs_gmfl.core.gmfl.config import GMFLConfig
 from fs_gmfl.core.hafl.config import HAFLConfig
+from fs_gmfl.core.registry import MethodNames, canonical_name, gmfl_bases, spec_of
 from fs_gmfl.core.uplinks import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_RATIO, DEFAULT_UPDATE_RMS_FLOOR
 from fs_gmfl.sim.faults import FaultsConfig
 
-#: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
-METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft", "hafl", "fedkrso", "fft")
+#: every ``federate.method`` value (names and aliases of the registered methods, :mod:`fs_gmfl.core.registry`).
+METHODS = MethodNames()
 #: packaged instruction datasets (causal-LM instruction tuning; rows read by ``fs_gmfl.sim.instructions``).
 PACKAGED_INSTRUCTION_DATA = ("evals_math", "chatterbot_en")
 
@@ -34,8 +35,6 @@ def is_instruction_data_type(data_type: str) -> bool:
 
 #: longest ``expname`` in UTF-8 bytes (file systems allow 255 per name; outputs add suffixes such as ``.tmp``).
 MAX_EXPNAME_BYTES = 200
-#: methods GMFL can wrap.
-GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 CLIENT_WEIGHTS = ("shard_size", "processed_samples")
 
 #: FederatedScope-only settings the embedded simulator accepts and ignores (with a one-time notice), so one YAML
@@ -317,22 +316,18 @@ class RunConfig:
     def __post_init__(self) -> None:
         self._resolve_task()
         self._check_output_names()
-        if self.federate.method == "hafl":
-            if self.gmfl.use:
-                fail(self, "gmfl.use", True, "False with federate.method 'hafl': HAFL already decides per rank-1 "
-                     "component what each client trains and uploads, and GMFL's whole-tensor masks would cut "
-                     "components in half (an A row frozen, its B column trained); combining them is not supported")
-            self.hafl.check_run(r_max=self.lora.r, client_num=self.federate.client_num)
-        if self.gmfl.use and self.federate.method not in GMFL_BASES:
-            fail(self, "gmfl.use", True, f"only with federate.method in {GMFL_BASES} "
+        spec, bases = spec_of(self.federate.method), gmfl_bases()
+        if self.gmfl.use and not spec.gmfl_base:
+            fail(self, "gmfl.use", True, spec.gmfl_refusal or f"only with federate.method in {bases} "
                  f"(got '{self.federate.method}')")
-        if self.federate.client_weight != "shard_size" and self.federate.method not in GMFL_BASES:
+        if self.federate.client_weight != "shard_size" and not spec.gmfl_base:
             fail(self, "federate.client_weight", self.federate.client_weight,
-                 f"'shard_size' with federate.method '{self.federate.method}' (the rule applies to {GMFL_BASES})")
+                 f"'shard_size' with federate.method '{self.federate.method}' (the rule applies to {bases})")
         if not self.llm.adapter.use:
             fail(self, "llm.adapter.use", False, f"True for federate.method '{self.federate.method}'")
-        if self.federate.method == "fedhft":
-            self._check_fedhft()
+        check_method = spec.config_check()
+        if check_method is not None:
+            check_method(self)
 
     def _resolve_task(self) -> None:
         instruction = is_instruction_data_type(self.data.type)
@@ -355,15 +350,6 @@ class RunConfig:
             fail(self, "expname", f"<{len(name)} characters>", f"at most {MAX_EXPNAME_BYTES} bytes (a file name "
                  "must fit the file system's 255-byte limit with room for suffixes)")
 
-    def _check_fedhft(self) -> None:
-        hft = self.fedhft
-        if hft.eval != "global" and self.data.client_val_fraction <= 0:
-            fail(self, "fedhft.eval", hft.eval, "'global' unless data.client_val_fraction > 0 (personalised "
-                 "evaluation uses each client's local validation shard)")
-        if hft.num_clusters > self.federate.clients_per_round():
-            fail(self, "fedhft.num_clusters", hft.num_clusters, f"at most the clients per round "
-                 f"({self.federate.clients_per_round()}); memberships could never be fitted")
-
     @property
     def lora(self) -> LoraArgs:
         """The single LoRA argument entry."""
@@ -371,8 +357,8 @@ class RunConfig:
 
     @property
     def method(self) -> str:
-        """The base method with the fedavg alias resolved."""
-        return "fedit" if self.federate.method == "fedavg" else self.federate.method
+        """The registered method's name (an alias such as ``fedavg`` resolved)."""
+        return canonical_name(self.federate.method)
 
     @property
     def run_name(self) -> str:
