@@ -48,7 +48,7 @@ def test_spec_is_complete_and_its_example_validates(tmp_path, method):
         assert hook is None or callable(hook)
     sections = typing.get_type_hints(RunConfig)
     if spec.config_section is not None:
-        assert dataclasses.is_dataclass(sections[spec.config_section])
+        assert dataclasses.is_dataclass(spec.config_class) and sections[spec.config_section] is spec.config_class
     assert config(tmp_path, method).method == method
     for alias in spec.aliases:
         assert tiny_config(tmp_path, "federate.method", alias).method == method

@@ -3,22 +3,21 @@
 Keys follow FederatedScope (``federate.*``, ``data.*``, ``model.*``,
 ``llm.adapter.*``, ``dataloader.*``, ``train.*``, ``grad.*``, ``eval.*``,
 ``seed``, ``outdir``, ``expname``) so one YAML file drives both the embedded
-simulator and the FederatedScope host. Method subtrees (``gmfl``, ...) are
-the algorithm cores' own config dataclasses.
+simulator and the FederatedScope host. Method subtrees are the algorithm
+cores' own config dataclasses: ``gmfl`` here, and one per registered method
+that declares one (:attr:`~fs_gmfl.core.registry.MethodSpec.config_section`),
+added when this module is imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from fs_gmfl.config.fields import fail, opt
-from fs_gmfl.core.fedhft.config import FedHFTConfig
-from fs_gmfl.core.fedkrso.config import FedKRSOConfig
-from fs_gmfl.core.fft.config import FFTConfig
 from fs_gmfl.core.gmfl.config import GMFLConfig
-from fs_gmfl.core.hafl.config import HAFLConfig
-from fs_gmfl.core.registry import MethodNames, canonical_name, gmfl_bases, spec_of
+from fs_gmfl.core.registry import MethodNames, canonical_name, gmfl_bases, method_specs, spec_of
 from fs_gmfl.core.uplinks import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_RATIO, DEFAULT_UPDATE_RMS_FLOOR
 from fs_gmfl.sim.faults import FaultsConfig
 
@@ -288,8 +287,8 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
-    """A whole run: FederatedScope keys plus method subtrees."""
+class _RunConfigBase:
+    """The sections every run has; :data:`RunConfig` adds one section per method that declares one."""
 
     use_gpu: bool = opt(False, "Train on CUDA when available.")
     device: int = opt(-1, "CUDA device index (-1: default device).", ge=-1)
@@ -305,13 +304,6 @@ class RunConfig:
     grad: GradConfig = opt(factory=GradConfig, help="Gradients.")
     eval: EvalConfig = opt(factory=EvalConfig, help="Evaluation.")
     gmfl: GMFLConfig = opt(factory=GMFLConfig, help="GMFL global masking.")
-    fedhft: FedHFTConfig = opt(factory=FedHFTConfig, help="FedHFT (federate.method: fedhft).")
-    hafl: HAFLConfig = opt(factory=HAFLConfig, help="HAFL heterogeneous rank-1 truncation/freezing "
-                           "(federate.method: hafl).")
-    fedkrso: FedKRSOConfig = opt(factory=FedKRSOConfig, help="FedKRSO random-subspace full fine-tuning.")
-    fft: FFTConfig = opt(factory=FFTConfig, help="Federated full fine-tuning (baseline).")
-    faults: FaultsConfig = opt(factory=FaultsConfig, help="Simulated client dropout and stragglers (embedded "
-                               "simulator only).")
 
     def __post_init__(self) -> None:
         self._resolve_task()
@@ -325,6 +317,9 @@ class RunConfig:
                  f"'shard_size' with federate.method '{self.federate.method}' (the rule applies to {bases})")
         if not self.llm.adapter.use:
             fail(self, "llm.adapter.use", False, f"True for federate.method '{self.federate.method}'")
+        if spec.config_section is not None and not hasattr(self, spec.config_section):
+            fail(self, "federate.method", self.federate.method, f"a method found before the schema was built: its "
+                 f"section '{spec.config_section}' is missing (install it as an entry point)")
         check_method = spec.config_check()
         if check_method is not None:
             check_method(self)
@@ -366,3 +361,19 @@ class RunConfig:
         if self.expname:
             return self.expname
         return self.method + ("_gmfl" if self.gmfl.use else "")
+
+
+def _build_run_config() -> type:
+    """``RunConfig``: the common sections, one section per registered method that declares one, then ``faults``."""
+    sections = [(spec.config_section, spec.config_class,
+                 opt(factory=spec.config_class, help=f"{spec.summary} (federate.method: {spec.name})."))
+                for spec in method_specs() if spec.config_section is not None]
+    faults = ("faults", FaultsConfig, opt(factory=FaultsConfig, help="Simulated client dropout and stragglers "
+                                          "(embedded simulator only)."))
+    cls = dataclasses.make_dataclass("RunConfig", [*sections, faults], bases=(_RunConfigBase,))
+    cls.__module__ = __name__
+    cls.__doc__ = "A whole run: FederatedScope keys, one subtree per method (``gmfl``, ``hafl``, ...) and ``faults``."
+    return cls
+
+
+RunConfig = _build_run_config()

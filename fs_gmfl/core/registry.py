@@ -128,8 +128,12 @@ class MethodSpec:
         build: the builder, ``build(ctx) -> Method``.
         aliases: other ``federate.method`` values meaning this method.
         summary: one line for ``fs-gmfl keys`` and error messages.
-        config_section: the ``RunConfig`` field holding this method's settings
-            (``None``: the method has none).
+        config_section: the ``RunConfig`` field (YAML section) holding this
+            method's settings (``None``: the method has none).
+        config_class: the dataclass of that section (fields declared with
+            :func:`~fs_gmfl.config.fields.opt`); the schema adds the section
+            when it is imported, so a method with one must be found by
+            discovery (its folder or an entry point), not registered later.
         check_config: cross-checks on the whole ``RunConfig``, run after the
             sections were built; raise :class:`~fs_gmfl.errors.ConfigError`.
         estimate: the ``fs-gmfl comm`` estimator (``None``: not supported).
@@ -149,6 +153,7 @@ class MethodSpec:
     aliases: tuple[str, ...] = ()
     summary: str = ""
     config_section: str | None = None
+    config_class: type | None = None
     check_config: Callable[[RunConfig], None] | str | None = None
     estimate: Estimator | str | None = None
     hosts: tuple[str, ...] = HOSTS
@@ -163,6 +168,8 @@ class MethodSpec:
         for label in (self.name, *self.aliases):
             if not label or label != label.lower() or not label.replace("_", "").isalnum():
                 raise ValueError(f"method name {label!r} must be lower-case letters, digits and '_'")
+        if (self.config_section is None) != (self.config_class is None):
+            raise ValueError(f"method '{self.name}': config_section and config_class go together")
         unknown = set(self.hosts) - set(HOSTS)
         if unknown:
             raise ValueError(f"method '{self.name}': unknown hosts {sorted(unknown)} (known: {list(HOSTS)})")

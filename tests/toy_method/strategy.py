@@ -15,11 +15,12 @@ from fs_gmfl.core.validation import check_tensors
 
 
 class HeadAverage(Strategy):
-    """Sends the head, averages the uploaded heads by sample count."""
+    """Sends the head, averages the uploaded heads by sample count and moves ``server_lr`` of the way there."""
 
     name = "toy_head"
 
-    def __init__(self, initial: Mapping[str, Tensor]) -> None:
+    def __init__(self, initial: Mapping[str, Tensor], server_lr: float = 1.0) -> None:
+        self.server_lr = server_lr
         self.global_state = {k: v.detach().clone() for k, v in initial.items()}
         self.head_keys = [k for k in self.global_state if kind_of(k) == HEAD]
         self.policy = UplinkPolicy()
@@ -45,8 +46,10 @@ class HeadAverage(Strategy):
         if accepted:
             total = sum(m.num_samples for m in accepted)
             for key in self.head_keys:
+                old = self.global_state[key]
                 mean = sum(m.tensors[key].double() * (m.num_samples / total) for m in accepted)
-                self.global_state[key] = mean.to(self.global_state[key].dtype)
+                step = mean if self.server_lr == 1.0 else old.double() + self.server_lr * (mean - old.double())
+                self.global_state[key] = step.to(old.dtype)
         return report
 
     def global_adapter(self) -> dict[str, Tensor]:

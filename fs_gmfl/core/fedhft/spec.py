@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fs_gmfl.core.fedhft.client import FedHFTClient
+from fs_gmfl.core.fedhft.config import FedHFTConfig
 from fs_gmfl.core.fedhft.strategy import FedHFTStrategy
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
 from fs_gmfl.errors import ConfigError
@@ -73,7 +74,7 @@ def check_fs_run(lookup: Callable[[str], Any]) -> None:
 
 
 FEDHFT = MethodSpec(
-    name="fedhft", build=build_fedhft, config_section="fedhft", check_config=check_run,
+    name="fedhft", build=build_fedhft, config_section="fedhft", config_class=FedHFTConfig, check_config=check_run,
     summary="clustered, resource-masked LoRA with per-cluster cumulative updates (FedHFT)",
     estimate="fs_gmfl.comm_estimate:estimate_fedhft",
     host_defaults={"fedhft.eval": "global"}, check_host_config=check_fs_run,

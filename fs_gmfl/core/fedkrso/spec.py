@@ -6,6 +6,7 @@ from torch import nn
 
 from fs_gmfl.core.adapter import HEAD, kind_of, load_model_tensors
 from fs_gmfl.core.fedkrso.client import FedKRSOClient
+from fs_gmfl.core.fedkrso.config import FedKRSOConfig
 from fs_gmfl.core.fedkrso.strategy import FedKRSOServer
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
 from fs_gmfl.core.seeding import derive_seed
@@ -34,7 +35,7 @@ def build_fedkrso(ctx: MethodContext) -> Method:
 
 
 FEDKRSO = MethodSpec(
-    name="fedkrso", build=build_fedkrso, config_section="fedkrso", trains_backbone=True,
+    name="fedkrso", build=build_fedkrso, config_section="fedkrso", config_class=FedKRSOConfig, trains_backbone=True,
     summary="full fine-tuning in shared random low-rank subspaces, sent as seeds and accumulators (FedKRSO)",
     estimate="fs_gmfl.comm_estimate:estimate_fedkrso",
     example_overrides=("federate.method", "fedkrso", "fedkrso.num_seeds", "2", "fedkrso.interval", "1"))

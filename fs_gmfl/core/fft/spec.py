@@ -5,6 +5,7 @@ from __future__ import annotations
 from fs_gmfl.core.adapter import HEAD, kind_of, load_model_tensors
 from fs_gmfl.core.fedavg.strategy import LoraFedAvg
 from fs_gmfl.core.fft.client import FullWeightClient
+from fs_gmfl.core.fft.config import FFTConfig
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
 from fs_gmfl.core.targets import disable_lora_branches, resolve_targets, target_weights
 
@@ -24,7 +25,7 @@ def build_fft(ctx: MethodContext) -> Method:
 
 
 FFT = MethodSpec(
-    name="fft", build=build_fft, config_section="fft", trains_backbone=True,
+    name="fft", build=build_fft, config_section="fft", config_class=FFTConfig, trains_backbone=True,
     summary="federated full fine-tuning of the targeted weights and the head (baseline)",
     estimate="fs_gmfl.comm_estimate:estimate_fft",
     example_overrides=("federate.method", "fft"))

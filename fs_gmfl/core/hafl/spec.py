@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fs_gmfl.core.hafl.client import HAFLClient
+from fs_gmfl.core.hafl.config import HAFLConfig
 from fs_gmfl.core.hafl.profiles import client_capacities, profile_report
 from fs_gmfl.core.hafl.strategy import HAFLStrategy
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
@@ -32,7 +33,7 @@ def check_run(cfg: RunConfig) -> None:
 
 
 HAFL = MethodSpec(
-    name="hafl", build=build_hafl, config_section="hafl", check_config=check_run,
+    name="hafl", build=build_hafl, config_section="hafl", config_class=HAFLConfig, check_config=check_run,
     gmfl_refusal="False with federate.method 'hafl': HAFL already decides per rank-1 component what each client "
                  "trains and uploads, and GMFL's whole-tensor masks would cut components in half (an A row frozen, "
                  "its B column trained); combining them is not supported",

@@ -77,10 +77,11 @@ def owned_methods() -> list[str]:
 
 
 def method_sections() -> dict[str, type]:
-    """Top-level config subtrees that belong to algorithm cores (``gmfl``, ...), with their dataclass."""
+    """Top-level config subtrees that belong to algorithm cores (``gmfl``, each method's section), with their dataclass."""
     hints = typing.get_type_hints(RunConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)
-            if dataclasses.is_dataclass(hints[f.name]) and hints[f.name].__module__.startswith("fs_gmfl.core.")}
+    declared = {spec.config_section for spec in method_specs()}
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])
+            and (f.name in declared or hints[f.name].__module__.startswith("fs_gmfl.core."))}
 
 
 def is_sim_data(data_type: str) -> bool:
