@@ -217,7 +217,7 @@ def estimate_fedkrso(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, An
     intervals) and ``E|U| = K (1 - (1 - 1/K)^(I C))`` seeds per round (``C``
     clients), exact because messages are affine in the number of seeds.
     """
-    from fs_gmfl.core.fedkrso import messages as wire
+    from fs_gmfl.core.fedkrso import wire
     from fs_gmfl.core.fedkrso.ops import expected_seeds_used, intervals_per_round, layer_rank
 
     k = cfg.fedkrso

@@ -9,12 +9,12 @@ from torch import Tensor
 
 from fs_gmfl.core.adapter import HEAD, kind_of
 from fs_gmfl.core.message import Message, Reply
-from fs_gmfl.core.protocol import RoundReport, Strategy
-from fs_gmfl.core.uplinks import ReplyGate, UplinkPolicy, like_on_wire, screen_replies
+from fs_gmfl.core.protocol import RoundReport
+from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, like_on_wire
 from fs_gmfl.core.validation import check_tensors
 
 
-class HeadAverage(Strategy):
+class HeadAverage(ScreenedStrategy):
     """Sends the head, averages the uploaded heads by sample count and moves ``server_lr`` of the way there."""
 
     name = "toy_head"
@@ -39,9 +39,8 @@ class HeadAverage(Strategy):
                               max_abs=self.policy.max_abs)
                 or self.policy.check_deltas((k, tensors[k], reference[k]) for k in self.head_keys))
 
-    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
+    def fold(self, rnd: int, screened: list[tuple[Reply, None]], report: RoundReport) -> None:
         """Sample-weighted mean of the accepted heads; nothing changes without one."""
-        report, screened = screen_replies(rnd, replies, gate=self.gate, policy=self.policy, check=self.check_reply)
         accepted = [reply.message for reply, _ in screened]
         if accepted:
             total = sum(m.num_samples for m in accepted)
@@ -50,7 +49,6 @@ class HeadAverage(Strategy):
                 mean = sum(m.tensors[key].double() * (m.num_samples / total) for m in accepted)
                 step = mean if self.server_lr == 1.0 else old.double() + self.server_lr * (mean - old.double())
                 self.global_state[key] = step.to(old.dtype)
-        return report
 
     def global_adapter(self) -> dict[str, Tensor]:
         """The global adapter (a copy)."""

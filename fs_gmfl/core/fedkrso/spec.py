@@ -7,7 +7,7 @@ from torch import nn
 from fs_gmfl.core.adapter import HEAD, kind_of, load_model_tensors
 from fs_gmfl.core.fedkrso.client import FedKRSOClient
 from fs_gmfl.core.fedkrso.config import FedKRSOConfig
-from fs_gmfl.core.fedkrso.strategy import FedKRSOServer
+from fs_gmfl.core.fedkrso.strategy import FedKRSOStrategy
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.core.targets import disable_lora_branches, resolve_targets, target_weights
@@ -21,7 +21,7 @@ def build_fedkrso(ctx: MethodContext) -> Method:
     disable_lora_branches(model)
     weights = {name: w.detach() for name, w in target_weights(model, layers).items()}
     head = {k: v for k, v in ctx.initial.items() if kind_of(k) == HEAD}
-    strategy = FedKRSOServer(cfg, layers, weights, head, seed=derive_seed(ctx.cfg.seed, "fedkrso"))
+    strategy = FedKRSOStrategy(cfg, layers, weights, head, seed=derive_seed(ctx.cfg.seed, "fedkrso"))
     client = FedKRSOClient(cfg, layers, list(head), weight_decay=ctx.cfg.train.optimizer.weight_decay)
     info = {"target_layers": len(layers), "targeted_params": sum(w.numel() for w in weights.values()),
             "rows_R": sum(layer.d_out for layer in layers), "head_params": sum(v.numel() for v in head.values())}

@@ -77,7 +77,7 @@ def owned_methods() -> list[str]:
 
 
 def method_sections() -> dict[str, type]:
-    """Top-level config subtrees that belong to algorithm cores (``gmfl``, each method's section), with their dataclass."""
+    """Top-level config subtrees of the algorithm cores (``gmfl``, each method's section), with their dataclass."""
     hints = typing.get_type_hints(RunConfig)
     declared = {spec.config_section for spec in method_specs()}
     return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])
