@@ -107,3 +107,20 @@ def test_a_plugin_brings_its_own_config_section(tmp_path):
     assert outcome["server_lr"] == 0.5 and outcome["accepted"]
     assert "'toy_head_tuned.server_lr'" in outcome["error"] and "(0.0, 1.0]" in outcome["error"]
     assert keys[0].startswith("toy_head_tuned.server_lr = 1.0")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"name": "My-Method"}, "lower-case letters"),
+    ({"name": "mine", "hosts": ("sim", "ray")}, "unknown hosts"),
+    ({"name": "mine", "config_section": "mine"}, "config_section and config_class go together"),
+])
+def test_a_malformed_spec_is_refused(kwargs, message):
+    """Names, hosts and the config pair are checked when the spec is written, not when a run starts."""
+    with pytest.raises(ValueError, match=message):
+        registry.MethodSpec(build=lambda ctx: None, **kwargs)
+
+
+def test_unknown_method_in_build_names_the_known_ones():
+    """spec_of: a KeyError listing the registered methods."""
+    with pytest.raises(KeyError, match=r"no method registered as 'nope' \(known: \['fedhft'"):
+        registry.spec_of("nope")
