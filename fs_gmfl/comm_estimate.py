@@ -5,12 +5,12 @@ configuration is costed in seconds without downloading anything. Estimates
 come from the same message-building code as real runs: the strategy writes
 real (meta) downlinks, and the uplink holds exactly the tensors a client
 trains, so byte counts are ``numel * element_size`` of what would be sent.
-Each method registers an estimator; the result is plain JSON.
+Each method's spec names its estimator (:attr:`MethodSpec.estimate`); the result is plain JSON.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,19 +24,31 @@ from fs_gmfl.core.fedhft import ops as fedhft_ops
 from fs_gmfl.core.fedhft import uplink_message as fedhft_uplink
 from fs_gmfl.core.gmfl import ops as gmfl_ops
 from fs_gmfl.core.message import Message, samples_tensor, tensor_bytes
+from fs_gmfl.core.registry import Estimator, method_specs, spec_of
+from fs_gmfl.errors import ConfigError
 from fs_gmfl.methods import MethodContext, build_method
 
-Estimator = Callable[[RunConfig, dict[str, Tensor]], dict[str, Any]]
-ESTIMATORS: dict[str, Estimator] = {}
 MIB = 1024 * 1024
 
 
-def register_estimator(name: str, fn: Estimator) -> None:
-    """Register the estimator of method ``name`` (same builder twice is a no-op)."""
-    existing = ESTIMATORS.get(name)
-    if existing is not None and existing is not fn:
-        raise KeyError(f"an estimator for '{name}' is already registered")
-    ESTIMATORS[name] = fn
+class _Estimators(Mapping[str, Estimator]):
+    """Method name -> its estimator (:attr:`MethodSpec.estimate`), read from the registry."""
+
+    def __getitem__(self, name: str) -> Estimator:
+        fn = spec_of(name).estimator()
+        if fn is None:
+            raise KeyError(name)
+        return fn
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([spec.name for spec in method_specs() if spec.estimate is not None])
+
+    def __len__(self) -> int:
+        return len(list(self))
+
+
+#: estimators of the registered methods, by method name.
+ESTIMATORS: Mapping[str, Estimator] = _Estimators()
 
 
 def adapter_summary(initial: dict[str, Tensor]) -> dict[str, Any]:
@@ -118,10 +130,6 @@ def gmfl_schedule_bytes(cfg: RunConfig, initial: dict[str, Tensor], base_up: int
             "mean_uplink_saving_max": 1 - weighted_min / (total_rounds * base_up)}
 
 
-register_estimator("fedit", estimate_lora_fedavg)
-register_estimator("ffa_lora", estimate_lora_fedavg)
-
-
 def estimate_fedhft(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
     """FedHFT: one profile per resource level, from the same message builders as real runs.
 
@@ -147,9 +155,6 @@ def estimate_fedhft(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any
             "downlink": breakdown(fedhft_downlink(head, factors, level=level, seed=0))}
     return {"profiles": profiles, "per_round": per_round_totals(profiles, cfg.federate.clients_per_round()),
             "first_round_downlink": breakdown(fedhft_downlink(head, None, level=0, seed=0))}
-
-
-register_estimator("fedhft", estimate_fedhft)
 
 
 def estimate_hafl(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
@@ -178,9 +183,6 @@ def estimate_hafl(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
                                  "uplink": breakdown(uplink), "downlink": breakdown(downlink)}
     return {"scheme": cfg.hafl.scheme, "aggregation": cfg.hafl.aggregation, "profiles": profiles,
             "per_round": per_round_totals(profiles, cfg.federate.clients_per_round())}
-
-
-register_estimator("hafl", estimate_hafl)
 
 
 def _meta_targets(cfg: RunConfig, requested: list[str], key: str) -> tuple[list[Any], dict[str, Tensor], list[str]]:
@@ -215,7 +217,7 @@ def estimate_fedkrso(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, An
     intervals) and ``E|U| = K (1 - (1 - 1/K)^(I C))`` seeds per round (``C``
     clients), exact because messages are affine in the number of seeds.
     """
-    from fs_gmfl.core.fedkrso import messages as wire
+    from fs_gmfl.core.fedkrso import wire
     from fs_gmfl.core.fedkrso.ops import expected_seeds_used, intervals_per_round, layer_rank
 
     k = cfg.fedkrso
@@ -281,10 +283,6 @@ def estimate_fft(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
             "per_round": per_round_totals(profiles, cfg.federate.clients_per_round())}
 
 
-register_estimator("fedkrso", estimate_fedkrso)
-register_estimator("fft", estimate_fft)
-
-
 def estimated_num_labels(cfg: RunConfig) -> int:
     """Head classes: ``model.num_labels``, else the packaged dataset's, else 2 (user files are not read)."""
     from fs_gmfl.sim.data import declared_num_labels
@@ -297,11 +295,15 @@ def estimate(cfg: RunConfig) -> dict[str, Any]:
     from fs_gmfl.core.adapter import adapter_parameters
     from fs_gmfl.sim.models import build_backbone
 
+    estimator = spec_of(cfg.method).estimator()
+    if estimator is None:
+        raise ConfigError("federate.method", cfg.federate.method, "a method with a byte estimator for 'fs-gmfl "
+                          f"comm': one of {', '.join(repr(name) for name in ESTIMATORS)}")
     num_labels = estimated_num_labels(cfg)
     backbone = build_backbone(cfg, num_labels, meta=True)
     initial = {k: p.detach() for k, p in adapter_parameters(backbone.model).items()}
     result = {"model": cfg.model.type, "method": cfg.method + ("+gmfl" if cfg.gmfl.use else ""),
               "target_modules": backbone.target_modules, "num_labels": num_labels,
               "adapter": adapter_summary(initial)}
-    result.update(ESTIMATORS[cfg.method](cfg, initial))
+    result.update(estimator(cfg, initial))
     return result

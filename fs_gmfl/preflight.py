@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fs_gmfl.config.schema import RunConfig
+from fs_gmfl.core.registry import spec_of
 from fs_gmfl.errors import ConfigError
 
 FLOAT_BYTES = 4
@@ -41,8 +42,6 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 ACTIVATION_FACTOR = 16
 #: randomly initialised backbones sized by ``model.*``.
 TINY = ("tiny_bert", "tiny_gpt2", "tiny_llama")
-#: methods that train (and keep optimizer state for) full backbone weight matrices.
-FULL_WEIGHT_METHODS = ("fft", "fedkrso")
 
 
 @dataclass
@@ -163,7 +162,7 @@ def estimate_bytes(cfg: RunConfig, shape: Shape, *, lora_elements: int = 0, rows
     batch = cfg.dataloader.batch_size if rows is None else min(cfg.dataloader.batch_size, rows)
     eval_batch = cfg.eval.batch_size if rows is None else min(cfg.eval.batch_size, rows)
     block = 4 * h * h + 2 * h * shape.intermediate
-    full = cfg.method in FULL_WEIGHT_METHODS
+    full = spec_of(cfg.method).trains_backbone  # full weight matrices trained, with optimizer state
     tiny = cfg.model.type.split("@")[0] in TINY
     terms = [Term("model.vocab_size" if tiny else "model.type", cfg.model.vocab_size if tiny else cfg.model.type,
                   shape.vocab * h * FLOAT_BYTES, "token embeddings"),

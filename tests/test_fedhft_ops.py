@@ -8,7 +8,7 @@ import torch
 from fs_gmfl.core.fedhft import (align_memberships, assign_levels, gmm_memberships, kept_row_count,
                                  low_rank_factors, masked_mixture_average, mixture, row_energies, top_rows,
                                  weighted_heads)
-from fs_gmfl.core.fedhft.messages import ROW_BITS, ROW_INDEX, decode_rows, encode_rows
+from fs_gmfl.core.fedhft.wire import ROW_BITS, ROW_INDEX, decode_rows, encode_rows
 
 # Three clients, d_out = d_in = 2, K = 2; each update is rank 1 (rows [x, x]).
 UPDATES = [torch.tensor([[1.0, 1.0], [2.0, 2.0]]), torch.tensor([[3.0, 3.0], [4.0, 4.0]]),

@@ -7,7 +7,7 @@ import torch
 
 from fs_gmfl.config.fields import make
 from fs_gmfl.core.fedhft import FedHFTConfig, FedHFTStrategy, masked_mixture_average, uplink_message
-from fs_gmfl.core.fedhft.messages import LEVEL, ROW_BITS, ROW_INDEX, SEED
+from fs_gmfl.core.fedhft.wire import LEVEL, ROW_BITS, ROW_INDEX, SEED
 from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply, pack_bits, samples_tensor
 
 Q, V = "m.l0.q", "m.l0.v"

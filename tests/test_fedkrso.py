@@ -10,8 +10,8 @@ from torch import nn
 
 from fs_gmfl.comm_estimate import MIB, estimate
 from fs_gmfl.config.fields import make
-from fs_gmfl.core.fedkrso import FedKRSOClient, FedKRSOConfig, FedKRSOServer, exclude_from_weight_decay
-from fs_gmfl.core.fedkrso import messages as wire
+from fs_gmfl.core.fedkrso import FedKRSOClient, FedKRSOConfig, FedKRSOStrategy, exclude_from_weight_decay
+from fs_gmfl.core.fedkrso import wire
 from fs_gmfl.core.message import Reply
 from fs_gmfl.core.protocol import TrainStats
 from fs_gmfl.core.targets import resolve_targets, target_weights
@@ -36,7 +36,7 @@ def toy_setup(**overrides):
     cfg = make(FedKRSOConfig, prefix="fedkrso.", **{"num_seeds": 3, "rank": 2, "interval": 2, **overrides})
     layers = resolve_targets(model, ["fc1", "fc2"], key="fedkrso.target_modules")
     weights = {k: w.detach() for k, w in target_weights(model, layers).items()}
-    return model, cfg, layers, FedKRSOServer(cfg, layers, weights, {}, seed=1), FedKRSOClient(cfg, layers, [])
+    return model, cfg, layers, FedKRSOStrategy(cfg, layers, weights, {}, seed=1), FedKRSOClient(cfg, layers, [])
 
 
 def toy_data(cid: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,7 +330,7 @@ def test_projected_weight_decay_pulls_the_weights_towards_zero():
 def test_malformed_upload_is_rejected_and_the_global_state_is_untouched():
     """One bad uplink (NaN accumulator) is rejected with a reason; the good one alone defines the update."""
     model, cfg, layers, server, client = toy_setup()
-    ref = FedKRSOServer(cfg, layers, server.weights, {}, seed=1)
+    ref = FedKRSOStrategy(cfg, layers, server.weights, {}, seed=1)
     downs, ref_downs = server.configure_round(1, [0, 1]), ref.configure_round(1, [1])
     good = toy_local(client, model, downs[1], 1, layers=layers)[0]
     bad = toy_local(client, model, downs[0], 0, layers=layers)[0]
@@ -351,7 +351,7 @@ def test_state_dict_round_trip_continues_identically():
     for rnd in (1, 2):
         downs = server.configure_round(rnd, [0, 1])
         server.aggregate(rnd, [Reply(c, toy_local(client, model, downs[c], c, layers=layers)[0]) for c in (0, 1)])
-    restored = FedKRSOServer(cfg, layers, {k: torch.zeros_like(v) for k, v in server.weights.items()}, {}, seed=1)
+    restored = FedKRSOStrategy(cfg, layers, {k: torch.zeros_like(v) for k, v in server.weights.items()}, {}, seed=1)
     restored.load_state_dict(server.state_dict())
     a, b = server.configure_round(3, [2]), restored.configure_round(3, [2])
     assert a[2].control.keys() == b[2].control.keys()

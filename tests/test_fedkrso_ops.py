@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fs_gmfl.core.fedkrso import messages as wire
+from fs_gmfl.core.fedkrso import wire
 from fs_gmfl.core.fedkrso.ops import (apply_update_, average_accumulators, expected_seeds_used, interval_slot_generator,
                                       layer_rank, merge_, next_slot, projected_decay_grad, projection, round_seeds,
                                       transform_moment)

@@ -7,7 +7,7 @@ import torch
 
 from fs_gmfl.config.fields import make
 from fs_gmfl.core.hafl import HAFLConfig, HAFLStrategy, build_uplink
-from fs_gmfl.core.hafl.strategy import INDICES, N_TRAIN, SCORES
+from fs_gmfl.core.hafl.wire import INDICES, N_TRAIN, SCORES
 from fs_gmfl.core.message import Message, Reply, samples_tensor
 
 A1, B1 = "m.l0.q.lora_A.weight", "m.l0.q.lora_B.weight"

@@ -12,7 +12,7 @@ from fs_gmfl.comm_estimate import ESTIMATORS, MIB
 from fs_gmfl.config import load_config
 from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_adapter_tensors, lora_pairs
 from fs_gmfl.core.hafl import HAFLClient, HAFLStrategy, truncated_factors
-from fs_gmfl.core.hafl.strategy import INDICES
+from fs_gmfl.core.hafl.wire import INDICES
 from fs_gmfl.core.message import Reply
 from fs_gmfl.methods import MethodContext, build_method
 from fs_gmfl.sim.data import HashTokenizer, build_federated_data

@@ -15,8 +15,8 @@ import tempfile
 import pytest
 import torch
 
-from fs_gmfl.core.fedkrso.messages import SLOTS
-from fs_gmfl.core.hafl.strategy import INDICES
+from fs_gmfl.core.fedkrso.wire import SLOTS
+from fs_gmfl.core.hafl.wire import INDICES
 from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply, pack_bits, unpack_bits
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
 from fs_gmfl.sim.runner import Simulation

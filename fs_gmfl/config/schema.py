@@ -3,26 +3,26 @@
 Keys follow FederatedScope (``federate.*``, ``data.*``, ``model.*``,
 ``llm.adapter.*``, ``dataloader.*``, ``train.*``, ``grad.*``, ``eval.*``,
 ``seed``, ``outdir``, ``expname``) so one YAML file drives both the embedded
-simulator and the FederatedScope host. Method subtrees (``gmfl``, ...) are
-the algorithm cores' own config dataclasses.
+simulator and the FederatedScope host. Method subtrees are the algorithm
+cores' own config dataclasses: ``gmfl`` here, and one per registered method
+that declares one (:attr:`~fs_gmfl.core.registry.MethodSpec.config_section`),
+added when this module is imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from fs_gmfl.config.fields import fail, opt
-from fs_gmfl.core.fedhft.config import FedHFTConfig
-from fs_gmfl.core.fedkrso.config import FedKRSOConfig
-from fs_gmfl.core.fft.config import FFTConfig
 from fs_gmfl.core.gmfl.config import GMFLConfig
-from fs_gmfl.core.hafl.config import HAFLConfig
+from fs_gmfl.core.registry import MethodNames, canonical_name, gmfl_bases, method_specs, spec_of
 from fs_gmfl.core.uplinks import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_RATIO, DEFAULT_UPDATE_RMS_FLOOR
 from fs_gmfl.sim.faults import FaultsConfig
 
-#: methods the embedded simulator can run (``federate.method``); ``fedavg`` is an alias of ``fedit``.
-METHODS = ("fedit", "fedavg", "ffa_lora", "fedhft", "hafl", "fedkrso", "fft")
+#: every ``federate.method`` value (names and aliases of the registered methods, :mod:`fs_gmfl.core.registry`).
+METHODS = MethodNames()
 #: packaged instruction datasets (causal-LM instruction tuning; rows read by ``fs_gmfl.sim.instructions``).
 PACKAGED_INSTRUCTION_DATA = ("evals_math", "chatterbot_en")
 
@@ -34,8 +34,6 @@ def is_instruction_data_type(data_type: str) -> bool:
 
 #: longest ``expname`` in UTF-8 bytes (file systems allow 255 per name; outputs add suffixes such as ``.tmp``).
 MAX_EXPNAME_BYTES = 200
-#: methods GMFL can wrap.
-GMFL_BASES = ("fedit", "fedavg", "ffa_lora")
 CLIENT_WEIGHTS = ("shard_size", "processed_samples")
 
 #: FederatedScope-only settings the embedded simulator accepts and ignores (with a one-time notice), so one YAML
@@ -290,8 +288,8 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
-    """A whole run: FederatedScope keys plus method subtrees."""
+class _RunConfigBase:
+    """The sections every run has; :data:`RunConfig` adds one section per method that declares one."""
 
     use_gpu: bool = opt(False, "Train on CUDA when available.")
     device: int = opt(-1, "CUDA device index (-1: default device).", ge=-1)
@@ -307,33 +305,25 @@ class RunConfig:
     grad: GradConfig = opt(factory=GradConfig, help="Gradients.")
     eval: EvalConfig = opt(factory=EvalConfig, help="Evaluation.")
     gmfl: GMFLConfig = opt(factory=GMFLConfig, help="GMFL global masking.")
-    fedhft: FedHFTConfig = opt(factory=FedHFTConfig, help="FedHFT (federate.method: fedhft).")
-    hafl: HAFLConfig = opt(factory=HAFLConfig, help="HAFL heterogeneous rank-1 truncation/freezing "
-                           "(federate.method: hafl).")
-    fedkrso: FedKRSOConfig = opt(factory=FedKRSOConfig, help="FedKRSO random-subspace full fine-tuning.")
-    fft: FFTConfig = opt(factory=FFTConfig, help="Federated full fine-tuning (baseline).")
-    faults: FaultsConfig = opt(factory=FaultsConfig, help="Simulated client dropout and stragglers (embedded "
-                               "simulator only).")
 
     def __post_init__(self) -> None:
         self._resolve_task()
         self._check_output_names()
-        if self.federate.method == "hafl":
-            if self.gmfl.use:
-                fail(self, "gmfl.use", True, "False with federate.method 'hafl': HAFL already decides per rank-1 "
-                     "component what each client trains and uploads, and GMFL's whole-tensor masks would cut "
-                     "components in half (an A row frozen, its B column trained); combining them is not supported")
-            self.hafl.check_run(r_max=self.lora.r, client_num=self.federate.client_num)
-        if self.gmfl.use and self.federate.method not in GMFL_BASES:
-            fail(self, "gmfl.use", True, f"only with federate.method in {GMFL_BASES} "
+        spec, bases = spec_of(self.federate.method), gmfl_bases()
+        if self.gmfl.use and not spec.gmfl_base:
+            fail(self, "gmfl.use", True, spec.gmfl_refusal or f"only with federate.method in {bases} "
                  f"(got '{self.federate.method}')")
-        if self.federate.client_weight != "shard_size" and self.federate.method not in GMFL_BASES:
+        if self.federate.client_weight != "shard_size" and not spec.gmfl_base:
             fail(self, "federate.client_weight", self.federate.client_weight,
-                 f"'shard_size' with federate.method '{self.federate.method}' (the rule applies to {GMFL_BASES})")
+                 f"'shard_size' with federate.method '{self.federate.method}' (the rule applies to {bases})")
         if not self.llm.adapter.use:
             fail(self, "llm.adapter.use", False, f"True for federate.method '{self.federate.method}'")
-        if self.federate.method == "fedhft":
-            self._check_fedhft()
+        if spec.config_section is not None and not hasattr(self, spec.config_section):
+            fail(self, "federate.method", self.federate.method, f"a method found before the schema was built: its "
+                 f"section '{spec.config_section}' is missing (install it as an entry point)")
+        check_method = spec.config_check()
+        if check_method is not None:
+            check_method(self)
 
     def _resolve_task(self) -> None:
         instruction = is_instruction_data_type(self.data.type)
@@ -359,15 +349,6 @@ class RunConfig:
             fail(self, "expname", f"<{len(name)} characters>", f"at most {MAX_EXPNAME_BYTES} bytes (a file name "
                  "must fit the file system's 255-byte limit with room for suffixes)")
 
-    def _check_fedhft(self) -> None:
-        hft = self.fedhft
-        if hft.eval != "global" and self.data.client_val_fraction <= 0:
-            fail(self, "fedhft.eval", hft.eval, "'global' unless data.client_val_fraction > 0 (personalised "
-                 "evaluation uses each client's local validation shard)")
-        if hft.num_clusters > self.federate.clients_per_round():
-            fail(self, "fedhft.num_clusters", hft.num_clusters, f"at most the clients per round "
-                 f"({self.federate.clients_per_round()}); memberships could never be fitted")
-
     @property
     def lora(self) -> LoraArgs:
         """The single LoRA argument entry."""
@@ -375,8 +356,8 @@ class RunConfig:
 
     @property
     def method(self) -> str:
-        """The base method with the fedavg alias resolved."""
-        return "fedit" if self.federate.method == "fedavg" else self.federate.method
+        """The registered method's name (an alias such as ``fedavg`` resolved)."""
+        return canonical_name(self.federate.method)
 
     @property
     def run_name(self) -> str:
@@ -384,3 +365,19 @@ class RunConfig:
         if self.expname:
             return self.expname
         return self.method + ("_gmfl" if self.gmfl.use else "")
+
+
+def _build_run_config() -> type:
+    """``RunConfig``: the common sections, one section per registered method that declares one, then ``faults``."""
+    sections = [(spec.config_section, spec.config_class,
+                 opt(factory=spec.config_class, help=f"{spec.summary} (federate.method: {spec.name})."))
+                for spec in method_specs() if spec.config_section is not None]
+    faults = ("faults", FaultsConfig, opt(factory=FaultsConfig, help="Simulated client dropout and stragglers "
+                                          "(embedded simulator only)."))
+    cls = dataclasses.make_dataclass("RunConfig", [*sections, faults], bases=(_RunConfigBase,))
+    cls.__module__ = __name__
+    cls.__doc__ = "A whole run: FederatedScope keys, one subtree per method (``gmfl``, ``hafl``, ...) and ``faults``."
+    return cls
+
+
+RunConfig = _build_run_config()

@@ -127,6 +127,8 @@ class Strategy(abc.ABC):
 
         A reply that fails validation is rejected (listed in the report) and
         changes nothing; with no accepted reply the global state is unchanged.
+        :class:`~fs_gmfl.core.uplinks.ScreenedStrategy` implements this once
+        (screen, then fold the accepted replies).
         """
 
     @abc.abstractmethod

@@ -1,7 +1,7 @@
 """The server's gate for uplinks: who may reply, with what sample count, and how large an update may be.
 
 Every strategy's ``aggregate`` runs its replies through :func:`screen_replies`
-before folding any of them in. A reply is judged in this order, and the first
+before folding any of them in (:class:`ScreenedStrategy` is that template). A reply is judged in this order, and the first
 failure is its rejection reason:
 
 1. **Sampled** -- the client was sampled for this round (the strategy opened
@@ -39,16 +39,17 @@ weight times the bound.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply
-from fs_gmfl.core.protocol import RoundReport
+from fs_gmfl.core.protocol import RoundReport, Strategy
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
 
 #: default of ``federate.max_sample_count``: the largest sample count a client may claim when its shard is unknown.
@@ -200,6 +201,35 @@ def screen_replies(rnd: int, replies: Sequence[Reply], *, gate: ReplyGate, polic
         report.accepted.append(cid)
     gate.close()
     return report, accepted
+
+
+class ScreenedStrategy(Strategy):
+    """A :class:`Strategy` whose :meth:`aggregate` is the template: screen every reply, then fold the accepted ones.
+
+    The accept/reject loop is :func:`screen_replies`, written once; a method
+    supplies its own check of one reply and what to do with the accepted
+    ones. Subclasses set ``gate`` (opened in ``configure_round``) and ``policy``.
+    """
+
+    gate: ReplyGate
+    policy: UplinkPolicy
+
+    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
+        """Screen every reply (the module docstring's order), then :meth:`fold` the accepted ones."""
+        report, accepted = screen_replies(rnd, replies, gate=self.gate, policy=self.policy, check=self.check_reply)
+        self.fold(rnd, accepted, report)
+        return report
+
+    @abc.abstractmethod
+    def check_reply(self, reply: Reply) -> Any:
+        """Why ``reply`` is unacceptable (a string), else ``None`` or a parsed form that :meth:`fold` receives."""
+
+    @abc.abstractmethod
+    def fold(self, rnd: int, accepted: list[tuple[Reply, Any]], report: RoundReport) -> None:
+        """Fold the accepted replies (maybe none) and what :meth:`check_reply` returned into the global state.
+
+        Rejected replies never reach this method. Round metrics go into ``report.metrics``.
+        """
 
 
 def set_shard_sizes(strategy: object, sizes: Mapping[int, int]) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 from torch import nn
 
 from fs_gmfl.core.adapter import adapter_parameters, load_adapter_tensors
-from fs_gmfl.core.fedavg.strategy import MASK, base_trainable_keys
+from fs_gmfl.core.fedavg.strategy import base_trainable_keys
+from fs_gmfl.core.fedavg.wire import MASK
 from fs_gmfl.core.message import NUM_SAMPLES, Message, samples_tensor, unpack_bits
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats
 from fs_gmfl.errors import InputError

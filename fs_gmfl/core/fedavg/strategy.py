@@ -20,14 +20,14 @@ from torch import Tensor
 
 from fs_gmfl.core.adapter import LORA_A, LORA_B, kind_of
 from fs_gmfl.core.fedavg.ops import weighted_average
+from fs_gmfl.core.fedavg.wire import MASK
 from fs_gmfl.core.gmfl.strategy import GlobalMasking
 from fs_gmfl.core.message import Message, Reply, pack_bits
-from fs_gmfl.core.protocol import RoundReport, Strategy
-from fs_gmfl.core.uplinks import ReplyGate, UplinkPolicy, like_on_wire, screen_replies
+from fs_gmfl.core.protocol import RoundReport
+from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, like_on_wire
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_tensors
 
 VARIANTS = ("fedit", "ffa_lora")
-MASK = "mask"
 
 
 def base_trainable_keys(keys: Sequence[str], variant: str) -> list[str]:
@@ -43,7 +43,7 @@ def mask_candidate_keys(keys: Sequence[str], variant: str) -> list[str]:
     return [k for k in keys if kind_of(k) in kinds]
 
 
-class LoraFedAvg(Strategy):
+class LoraFedAvg(ScreenedStrategy):
     """Sample-weighted FedAvg of LoRA adapters, with optional GMFL masks.
 
     Args:
@@ -105,11 +105,9 @@ class LoraFedAvg(Strategy):
         return Message({k: self.global_state[k].clone() for k in keys}, control)
 
     # -- aggregation -------------------------------------------------------------------------
-    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
+    def fold(self, rnd: int, screened: list[tuple[Reply, None]], report: RoundReport) -> None:
         """FedAvg over trainable keys; frozen keys keep their value; then maybe refresh the mask."""
         trainable = self.trainable_keys()
-        report, screened = screen_replies(rnd, replies, gate=self.gate, policy=self.policy,
-                                          check=lambda reply: self.check_reply(reply, trainable))
         accepted = [reply for reply, _ in screened]
         old = self.global_state
         if accepted and trainable:
@@ -123,10 +121,10 @@ class LoraFedAvg(Strategy):
         if self.masking is not None:
             updated = bool(accepted)
             self.masking.observe(rnd, old if updated else None, self.global_state if updated else None)
-        return report
 
-    def check_reply(self, reply: Reply, trainable: Sequence[str]) -> str | None:
-        """Why an uplink is unacceptable: its tensors (exactly ``trainable``, in the wire dtype) or their change."""
+    def check_reply(self, reply: Reply) -> str | None:
+        """Why an uplink is unacceptable: its tensors (exactly the trainable keys, wire dtype) or their change."""
+        trainable = self.trainable_keys()
         tensors = reply.message.tensors
         policy = self.policy
         reference = {k: self.global_state[k] for k in trainable}

@@ -2,11 +2,11 @@
 
 from fs_gmfl.core.fedhft.client import FedHFTClient
 from fs_gmfl.core.fedhft.config import FedHFTConfig, FedHFTLevels
-from fs_gmfl.core.fedhft.messages import AdapterLayout, downlink_message, parse_uplink, uplink_message
 from fs_gmfl.core.fedhft.ops import (align_memberships, assign_levels, gmm_memberships, kept_row_count,
                                      low_rank_factors, masked_mixture_average, mixture, row_energies, top_rows,
                                      weighted_heads)
 from fs_gmfl.core.fedhft.strategy import FedHFTStrategy
+from fs_gmfl.core.fedhft.wire import AdapterLayout, downlink_message, parse_uplink, uplink_message
 
 __all__ = ["AdapterLayout", "FedHFTClient", "FedHFTConfig", "FedHFTLevels", "FedHFTStrategy", "align_memberships",
            "assign_levels", "downlink_message", "gmm_memberships", "kept_row_count", "low_rank_factors",

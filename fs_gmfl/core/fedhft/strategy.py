@@ -29,11 +29,11 @@ from torch import Tensor
 
 from fs_gmfl.core.fedhft import ops
 from fs_gmfl.core.fedhft.config import FedHFTConfig
-from fs_gmfl.core.fedhft.messages import AdapterLayout, ParsedUplink, downlink_message, parse_uplink
+from fs_gmfl.core.fedhft.wire import AdapterLayout, ParsedUplink, downlink_message, parse_uplink
 from fs_gmfl.core.message import Message, Reply
-from fs_gmfl.core.protocol import RoundReport, Strategy
+from fs_gmfl.core.protocol import RoundReport
 from fs_gmfl.core.seeding import derive_seed
-from fs_gmfl.core.uplinks import ReplyGate, UplinkPolicy, l2, screen_replies
+from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, l2
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
 
 
@@ -49,7 +49,7 @@ class _Accepted:
     upload: ParsedUplink
 
 
-class FedHFTStrategy(Strategy):
+class FedHFTStrategy(ScreenedStrategy):
     """Mixture of masked adapters with clustered personalisation (Ilhan et al., CogMI 2025).
 
     Args:
@@ -145,18 +145,17 @@ class FedHFTStrategy(Strategy):
         return out
 
     # -- aggregation ---------------------------------------------------------------------------
-    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
-        """Validate every upload, fold the accepted ones into each cluster, then refit memberships."""
-        report, screened = screen_replies(rnd, replies, gate=self.gate, policy=self.policy, check=self._validate)
+    def fold(self, rnd: int, screened: list[tuple[Reply, ParsedUplink]], report: RoundReport) -> None:
+        """Fold the accepted uploads into each cluster, then refit memberships."""
         accepted = [_Accepted(reply.client_id, parsed) for reply, parsed in screened if parsed is not None]
         if accepted:
             self._fold(accepted)
             self.rounds_aggregated += 1
         report.metrics.update(self._recluster(rnd, accepted))
         report.metrics.update(self.membership_metrics())
-        return report
 
-    def _validate(self, reply: Reply) -> ParsedUplink | str:
+    def check_reply(self, reply: Reply) -> ParsedUplink | str:
+        """The parsed upload, or why it is unacceptable (client id, format, then the update-norm bound)."""
         if not 0 <= reply.client_id < self.num_clients:
             return f"unknown client id {reply.client_id}"
         parsed = parse_uplink(reply.message, self.layout, self.kept_rows(reply.client_id),

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from fs_gmfl.core.adapter import HEAD, adapter_parameters, kind_of, load_model_tensors
-from fs_gmfl.core.fedkrso import messages as wire
+from fs_gmfl.core.fedkrso import wire
 from fs_gmfl.core.fedkrso.config import FedKRSOConfig
 from fs_gmfl.core.fedkrso.ops import (apply_update_, interval_slot_generator, layer_rank, merge_, next_slot,
                                       projected_decay_grad, projection, transform_moment)

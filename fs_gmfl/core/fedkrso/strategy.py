@@ -22,18 +22,18 @@ import torch
 from torch import Tensor
 
 from fs_gmfl.core.fedavg.ops import normalised_weights, weighted_average
-from fs_gmfl.core.fedkrso import messages as wire
+from fs_gmfl.core.fedkrso import wire
 from fs_gmfl.core.fedkrso.config import FedKRSOConfig
 from fs_gmfl.core.fedkrso.ops import apply_update_, average_accumulators, layer_rank, round_seeds
 from fs_gmfl.core.message import Message, Reply, tensor_bytes
-from fs_gmfl.core.protocol import RoundReport, Strategy
+from fs_gmfl.core.protocol import RoundReport
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.core.targets import TargetLayer
-from fs_gmfl.core.uplinks import ReplyGate, UplinkPolicy, l2, screen_replies
+from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, l2
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
 
 
-class FedKRSOServer(Strategy):
+class FedKRSOStrategy(ScreenedStrategy):
     """Server side of FedKRSO.
 
     Args:
@@ -110,9 +110,8 @@ class FedKRSOServer(Strategy):
         return [e for e in self.log if e.round > since], None
 
     # -- aggregation -------------------------------------------------------------------------------------------
-    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
-        """Validate every uplink, average per seed, update ``W`` layer by layer and the head, log the round."""
-        report, screened = screen_replies(rnd, replies, gate=self.gate, policy=self.policy, check=self.check_reply)
+    def fold(self, rnd: int, screened: list[tuple[Reply, list[int]]], report: RoundReport) -> None:
+        """Average per seed, update ``W`` layer by layer and the head, log the round."""
         accepted = [(reply, slots) for reply, slots in screened if slots is not None]
         entry = self._empty_entry(rnd)
         if accepted:
@@ -122,7 +121,6 @@ class FedKRSOServer(Strategy):
         self.log.append(entry)
         self.version = rnd
         self._prune_log()
-        return report
 
     def check_reply(self, reply: Reply) -> list[int] | str:
         """The slots of a valid uplink, or why it is unacceptable (format, then the update-norm bound)."""

@@ -1,6 +1,6 @@
 """HAFL: importance-aware rank-1 truncation / freezing with adaptive rank-1 aggregation (Su et al., ICC 2025)."""
 
-from fs_gmfl.core.hafl.client import HAFLClient, build_uplink, client_alpha, component_masks
+from fs_gmfl.core.hafl.client import HAFLClient, client_alpha, component_masks
 from fs_gmfl.core.hafl.config import ClientProfile, HAFLConfig
 from fs_gmfl.core.hafl.importance import ImportanceTracker, update_importance
 from fs_gmfl.core.hafl.ops import (ComponentUpdate, adaptive_rank1_average, assign_profiles, component_scores,
@@ -9,6 +9,7 @@ from fs_gmfl.core.hafl.ops import (ComponentUpdate, adaptive_rank1_average, assi
                                    zero_padding_average)
 from fs_gmfl.core.hafl.profiles import client_capacities, profile_report
 from fs_gmfl.core.hafl.strategy import HAFLStrategy
+from fs_gmfl.core.hafl.wire import build_uplink
 
 __all__ = ["ClientProfile", "ComponentUpdate", "HAFLClient", "HAFLConfig", "HAFLStrategy", "ImportanceTracker",
            "adaptive_rank1_average", "assign_profiles", "build_uplink", "client_alpha", "client_capacities",

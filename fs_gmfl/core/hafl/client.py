@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from fs_gmfl.core.adapter import HEAD, LoraPair, adapter_parameters, kind_of, load_adapter_tensors, lora_pairs
 from fs_gmfl.core.hafl import ops
-from fs_gmfl.core.hafl.strategy import INDICES, N_TRAIN, SCORES, index_dtype
-from fs_gmfl.core.message import NUM_SAMPLES, Message, samples_tensor
+from fs_gmfl.core.hafl.wire import N_TRAIN, SCORES, build_uplink
+from fs_gmfl.core.message import Message
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats
 from fs_gmfl.errors import InputError
 
@@ -135,25 +135,3 @@ class HAFLClient(ClientAlgorithm):
             self.model_provider()  # the host's model is shared: re-activate its default adapter
         return build_uplink(factors, plan.info["pairs"], plan.info["selected"], rank=self.rank,
                             num_samples=stats.num_samples, truncated=self.scheme == "truncation")
-
-
-def build_uplink(tensors: Mapping[str, Tensor], pairs: Sequence[LoraPair], selected: Tensor, *, rank: int,
-                 num_samples: int, truncated: bool) -> Message:
-    """The uplink: components ``selected`` of every module (rows of A, columns of B), heads, indices, sample count.
-
-    Args:
-        tensors: the client's factors by key (rank-n_k ones already in
-            ``selected`` order when ``truncated``, else rank r_max) and any head.
-        pairs: the adapted modules, in the order of the rows of ``selected``.
-        selected: ``modules x n_k`` global component indices.
-        rank: r_max (sets the index dtype).
-    """
-    out: dict[str, Tensor] = {}
-    if selected.shape[1]:
-        for pair, chosen in zip(pairs, selected):
-            a, b = tensors[pair.a_key], tensors[pair.b_key]
-            if not truncated:
-                a, b = ops.take_components(a, b, chosen)
-            out[pair.a_key], out[pair.b_key] = a.clone(), b.clone()
-    out.update({k: t.clone() for k, t in tensors.items() if kind_of(k) == HEAD})
-    return Message(out, {INDICES: selected.to(index_dtype(rank)), NUM_SAMPLES: samples_tensor(num_samples)})

@@ -3,16 +3,7 @@
 Su, Yan, Deng, "Federated LLMs Fine-tuned with Adaptive Importance-Aware
 LoRA" (HAFL, arXiv 2411.06581, ICC 2025); spec ``../shared/specs/HAFL.md``.
 
-Wire format (all tensors, counted exactly):
-
-* downlink, truncation: rows ``S_k`` of every ``A`` and columns ``S_k`` of
-  every ``B`` in score order, plus ``scores`` (``modules x r_max`` float32);
-* downlink, freezing: the full ``A`` and ``B``, ``scores`` and ``n_train``
-  (the client's number of trained components, int16);
-* uplink: the trained rows of ``A`` / columns of ``B`` (``n_k`` per module),
-  ``indices`` (``modules x n_k`` int16: the global index of each uploaded
-  component) and ``num_samples``;
-* the head travels both ways only with ``hafl.train_head``.
+Wire format: :mod:`fs_gmfl.core.hafl.wire`.
 """
 
 from __future__ import annotations
@@ -28,23 +19,13 @@ from fs_gmfl.core.fedavg.ops import weighted_average
 from fs_gmfl.core.hafl import ops
 from fs_gmfl.core.hafl.config import HAFLConfig
 from fs_gmfl.core.hafl.importance import ImportanceTracker
+from fs_gmfl.core.hafl.wire import INDEX_DTYPES, INDICES, N_TRAIN, SCORES, index_dtype
 from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply
-from fs_gmfl.core.protocol import RoundReport, Strategy
-from fs_gmfl.core.uplinks import ReplyGate, UplinkPolicy, expected_float_dtype, screen_replies
+from fs_gmfl.core.protocol import RoundReport
+from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, expected_float_dtype
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_tensors
 
-SCORES = "scores"
-N_TRAIN = "n_train"
-INDICES = "indices"
-INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
-
-
-def index_dtype(rank: int) -> torch.dtype:
-    """The smallest integer dtype of the wire index lists for ``rank`` components."""
-    return torch.int16 if rank <= torch.iinfo(torch.int16).max else torch.int32
-
-
-class HAFLStrategy(Strategy):
+class HAFLStrategy(ScreenedStrategy):
     """Server side of ITALoRA / IFALoRA / IFZLoRA / HomLoRA.
 
     Args:
@@ -167,12 +148,12 @@ class HAFLStrategy(Strategy):
         return shapes
 
     # -- aggregation -------------------------------------------------------------------------
-    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
-        """Validate every uplink, aggregate each module's components, FedAvg the head, update the scores."""
-        report, accepted = self._validate(rnd, replies)
+    def fold(self, rnd: int, screened: list[tuple[Reply, None]], report: RoundReport) -> None:
+        """Aggregate each module's components, FedAvg the head, update the scores."""
+        accepted = [reply for reply, _ in screened]
         self.pending = {}
         if not accepted:
-            return report
+            return
         contributors = [r for r in accepted if r.message.control[INDICES].shape[1] > 0]
         old = self.global_state
         new = dict(old)
@@ -194,11 +175,6 @@ class HAFLStrategy(Strategy):
         if contributors:  # a round that changed no component carries no importance information
             self.tracker.observe(old, new)
         report.metrics["components_updated_fraction"] = float(updated.float().mean())
-        return report
-
-    def _validate(self, rnd: int, replies: Sequence[Reply]) -> tuple[RoundReport, list[Reply]]:
-        report, screened = screen_replies(rnd, replies, gate=self.gate, policy=self.policy, check=self.check_reply)
-        return report, [reply for reply, _ in screened]
 
     def _component_updates(self, msg: Message) -> list[ops.ComponentUpdate]:
         indices = msg.control[INDICES].to(torch.long)

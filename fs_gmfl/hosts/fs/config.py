@@ -33,7 +33,7 @@ from typing import Any
 from fs_gmfl.config.fields import build, iter_keys
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.methods import registered_methods
+from fs_gmfl.core.registry import method_specs, spec_of
 from fs_gmfl.sim.data import READERS
 
 #: ``trainer.type`` of the fs_gmfl trainer (a subclass of FederatedScope's ``llmtrainer``).
@@ -52,7 +52,12 @@ ALWAYS_STRICT = ("seed", "federate.", "llm.adapter.use", "llm.adapter.args[0].r"
 SIM_STRICT = ("data.", "model.", "dataloader.", "llm.", "train.local_update_steps", "train.batch_or_epoch")
 
 #: fs_gmfl keys whose default differs under FederatedScope (the simulator-only choice is not available there).
-HOST_DEFAULTS = {"fedhft.eval": "global"}
+
+
+def host_defaults() -> dict[str, Any]:
+    """Defaults under this host that differ from the schema's (each method's ``MethodSpec.host_defaults``)."""
+    return {key: value for spec in method_specs() for key, value in spec.host_defaults.items()}
+
 
 #: bookkeeping entries FederatedScope's config nodes keep among their items.
 FS_INTERNAL_KEYS = frozenset({"__cfg_check_funcs__", "__help_info__", "is_ready_for_run"})
@@ -64,15 +69,19 @@ _INDEX = re.compile(r"^(\w+)\[(\d+)\]$")
 
 # -- what fs_gmfl owns -----------------------------------------------------------------------------
 def owned_methods() -> list[str]:
-    """``federate.method`` values whose workers fs_gmfl provides (FederatedScope's own ``fedavg`` is not one)."""
-    return [m for m in registered_methods() if m != "fedavg"]
+    """``federate.method`` values whose workers fs_gmfl provides (FederatedScope's own ``fedavg`` is not one).
+
+    Registered methods whose spec lists the ``fs`` host, without aliases.
+    """
+    return sorted(spec.name for spec in method_specs() if "fs" in spec.hosts)
 
 
 def method_sections() -> dict[str, type]:
-    """Top-level config subtrees that belong to algorithm cores (``gmfl``, ...), with their dataclass."""
+    """Top-level config subtrees of the algorithm cores (``gmfl``, each method's section), with their dataclass."""
     hints = typing.get_type_hints(RunConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)
-            if dataclasses.is_dataclass(hints[f.name]) and hints[f.name].__module__.startswith("fs_gmfl.core.")}
+    declared = {spec.config_section for spec in method_specs()}
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])
+            and (f.name in declared or hints[f.name].__module__.startswith("fs_gmfl.core."))}
 
 
 def is_sim_data(data_type: str) -> bool:
@@ -192,6 +201,7 @@ def extend_cfg(cfg: Any) -> None:
         return
     from federatedscope.core.configs.config import CN
 
+    defaults = host_defaults()
     for key, default, _, meta, _ in iter_keys(RunConfig):
         if key.startswith(FS_KWARG_NODES):
             continue
@@ -202,7 +212,7 @@ def extend_cfg(cfg: Any) -> None:
                 setattr(node, part, CN())
             node = node[part]
         if leaf not in node:
-            setattr(node, leaf, copy.deepcopy(HOST_DEFAULTS.get(key, default)))
+            setattr(node, leaf, copy.deepcopy(defaults.get(key, default)))
             cfg.__help_info__.setdefault(key, meta.get("help", ""))
     setattr(cfg.model, BACKBONE_KEY, "")
     cfg.register_cfg_check_fun(check_cfg)
@@ -461,14 +471,11 @@ UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
 )
 
 
-#: methods that train backbone weights (refused with train.is_enable_half under this host).
-BACKBONE_METHODS = ("fedkrso", "fft")
-
-
 def _check_supported(cfg: Any) -> None:
     method = str(plain(lookup(cfg, "federate.method"))).lower()
     half = plain(lookup(cfg, "train.is_enable_half"))
-    if method in BACKBONE_METHODS and half not in (False, _MISSING):
+    spec = spec_of(method)
+    if spec.trains_backbone and half not in (False, _MISSING):
         raise ConfigError("train.is_enable_half", half, f"False for federate.method '{method}' under FederatedScope: "
                           "it trains backbone weights, and FederatedScope's half precision would cast the whole "
                           "model, the server's master weights included, to float16")
@@ -476,10 +483,9 @@ def _check_supported(cfg: Any) -> None:
     if restore and _enabled(cfg, "gmfl") and plain(lookup(cfg, "gmfl.downlink")) == "stateful_sync":
         raise ConfigError("gmfl.downlink", "stateful_sync", "'stateless' with federate.restore_from: the clients' "
                           "caches of a stateful downlink are not in FederatedScope's checkpoints")
-    fedhft_eval = plain(lookup(cfg, "fedhft.eval"))
-    if method == "fedhft" and fedhft_eval not in ("global", _MISSING):
-        raise ConfigError("fedhft.eval", fedhft_eval, "'global' under FederatedScope: personalised evaluation on "
-                          "the clients' local shards runs in the embedded simulator only")
+    method_check = spec.host_config_check()
+    if method_check is not None:
+        method_check(lambda key: None if (value := plain(lookup(cfg, key))) is _MISSING else value)
     trainer = plain(lookup(cfg, "trainer.type"))
     if trainer != TRAINER_TYPE:
         raise ConfigError("trainer.type", trainer, f"'{TRAINER_TYPE}' (or FederatedScope's '{FS_LLM_TRAINER}', "

@@ -1,0 +1,42 @@
+"""FedKRSO as a registered method: random-subspace training of the host model's targeted weights."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fs_gmfl.core.adapter import HEAD, kind_of, load_model_tensors
+from fs_gmfl.core.fedkrso.client import FedKRSOClient
+from fs_gmfl.core.fedkrso.config import FedKRSOConfig
+from fs_gmfl.core.fedkrso.strategy import FedKRSOStrategy
+from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
+from fs_gmfl.core.seeding import derive_seed
+from fs_gmfl.core.targets import disable_lora_branches, resolve_targets, target_weights
+
+
+def build_fedkrso(ctx: MethodContext) -> Method:
+    """FedKRSO on the targeted linear layers of the host's model; the head is averaged normally."""
+    cfg = ctx.cfg.fedkrso
+    model = ctx.host_model()
+    layers = resolve_targets(model, cfg.target_modules, key="fedkrso.target_modules")
+    disable_lora_branches(model)
+    weights = {name: w.detach() for name, w in target_weights(model, layers).items()}
+    head = {k: v for k, v in ctx.initial.items() if kind_of(k) == HEAD}
+    strategy = FedKRSOStrategy(cfg, layers, weights, head, seed=derive_seed(ctx.cfg.seed, "fedkrso"))
+    client = FedKRSOClient(cfg, layers, list(head), weight_decay=ctx.cfg.train.optimizer.weight_decay)
+    info = {"target_layers": len(layers), "targeted_params": sum(w.numel() for w in weights.values()),
+            "rows_R": sum(layer.d_out for layer in layers), "head_params": sum(v.numel() for v in head.values())}
+
+    def load_global(target: nn.Module) -> None:
+        client.load_host_state_dict(target, {"version": strategy.version, "weights": strategy.weights})
+        load_model_tensors(target, strategy.head)
+
+    return Method(strategy, client, info, load_global=load_global,
+                  clients_reset=lambda: strategy.client_version.clear())
+
+
+FEDKRSO = MethodSpec(
+    name="fedkrso", build=build_fedkrso, config_section="fedkrso", config_class=FedKRSOConfig, trains_backbone=True,
+    summary="full fine-tuning in shared random low-rank subspaces, sent as seeds and accumulators (FedKRSO)",
+    estimate="fs_gmfl.comm_estimate:estimate_fedkrso",
+    example_overrides=("federate.method", "fedkrso", "fedkrso.num_seeds", "2", "fedkrso.interval", "1"))
+SPECS = [FEDKRSO]
