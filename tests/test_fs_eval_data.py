@@ -184,3 +184,17 @@ def test_data_root_of_prefers_the_last_override_then_the_file(tmp_path):
     assert data_root_of(["--cfg", str(cfg), "data.root", "a", "data.root", "b"]) == "b"
     assert data_root_of(["--cfg", str(cfg)]) == "from_file"
     assert data_root_of([]) == "data"
+
+
+def test_checkpoint_keys_map_to_the_simulators_adapter_keys():
+    from fs_gmfl.bench.fseval import matching_key
+
+    own = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+           "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",
+           "base_model.model.model.layers.10.self_attn.q_proj.lora_A.weight"}
+    assert matching_key("model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", own) == \
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert matching_key("base_model.model.model.layers.10.self_attn.q_proj.lora_A.weight", own).endswith(
+        "layers.10.self_attn.q_proj.lora_A.weight")
+    with pytest.raises(InputError, match="matches 0 adapter keys"):
+        matching_key("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", own)

@@ -67,6 +67,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    "jobs; FederatedScope's standalone training always uses one")
     p.add_argument("--reuse-training", action="store_true", help="keep the trained checkpoints of an earlier "
                    "invocation with the same --out (its results.json) and only evaluate")
+    p.add_argument("--sim-eval-only", action="store_true", help="only add the simulator's own evaluation (exact "
+                   "match and token loss on the evals_math test split, Alpaca prompt, greedy) of the base model and "
+                   "every checkpoint in --out's results.json")
     p.add_argument("--half", action="store_true", help="keep the baseline's train.is_enable_half True "
                    "(default: fp32, since float16 matmuls are slow on CPUs)")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
@@ -214,10 +217,12 @@ def evaluate(args: argparse.Namespace, name: str, checkpoint: Path, out: Path, c
 def table(results: dict[str, Any]) -> str:
     """Base vs fine-tuned, one row per model."""
     header = ["model", "GSM8K-format EM (FS script)", "MMLU-format acc: math / clinical / all", "HumanEval: "
-              "completions parsing as Python", "uplink MiB", "training s"]
+              "completions parsing as Python", "simulator: EM / token loss (evals_math test)", "uplink MiB",
+              "training s"]
     rows = []
     for name, res in results["models"].items():
         gsm, mmlu, code = res.get("gsm8k", {}), res.get("mmlu", {}), res.get("humaneval", {})
+        own = res.get("simulator", {})
         trained = results["training"].get(name, {})
         subjects = mmlu.get("subjects", {})
         rows.append([
@@ -227,9 +232,47 @@ def table(results: dict[str, Any]) -> str:
                                                                          "clinical_knowledge"))
             + f" / {mmlu['accuracy']:.3f}" if mmlu else "-",
             f"{code['parse_rate']:.2f} of {code['completions']}" if code else "-",
+            (f"{own['test_exact_match']:.2f} / {own['test_token_loss']:.3f}" if own else "-"),
             f"{trained['uplink_mib']:.2f}" if trained else "-",
             f"{trained['seconds']:.0f}" if trained else "-"])
     return markdown_table(header, rows)
+
+
+#: the simulator's LLM configuration whose data, split, adapter shape and evaluation the checkpoints are scored with
+SIM_CFG = Path(__file__).resolve().parents[2] / "yaml_configs" / "llm" / "smollm2_fedit.yaml"
+
+
+def simulator_scores(out: Path, checkpoints: dict[str, str | None]) -> dict[str, dict[str, float]]:
+    """The simulator's evaluation (``yaml_configs/llm/smollm2_fedit.yaml``: evals_math test split, exact match on
+    100 rows, token loss) of the base model and each FederatedScope checkpoint, loaded into the same LoRA model."""
+    import torch
+
+    from fs_gmfl.config import load_config
+    from fs_gmfl.core.adapter import adapter_key
+    from fs_gmfl.sim.runner import Simulation, temporarily_loaded
+
+    cfg = load_config(str(SIM_CFG), ["outdir", str(out / "sim_eval"), "expname", "scores"])
+    sim = Simulation(cfg, quiet=True, overwrite=True)
+    sim.setup()
+    own_keys = set(sim.method.strategy.global_adapter())
+    scores = {}
+    for name, checkpoint in checkpoints.items():
+        progress(f"fseval: simulator evaluation of {name}")
+        tensors: dict[str, torch.Tensor] = {}
+        if checkpoint:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+            tensors = {matching_key(adapter_key(k), own_keys): v.float() for k, v in state.items()}
+        with temporarily_loaded(sim.model, tensors):
+            scores[name] = sim._evaluate_splits("")
+    return scores
+
+
+def matching_key(key: str, own_keys: set[str]) -> str:
+    """The simulator's adapter key that FederatedScope's ``key`` ends with (peft prefixes differ by host)."""
+    found = [k for k in own_keys if key.endswith(k) or k.endswith(key)]
+    if len(found) != 1:
+        raise InputError(f"checkpoint key {key!r} matches {len(found)} adapter keys of the simulator's model")
+    return found[0]
 
 
 def earlier_training(out: Path) -> dict[str, Any]:
@@ -240,9 +283,23 @@ def earlier_training(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")).get("training", {})
 
 
+def add_simulator_scores(out: Path) -> int:
+    """``--sim-eval-only``: the simulator's scores of base + each trained checkpoint, into results.json/table.md."""
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    checkpoints = {"base": None, **{m: t["checkpoint"] for m, t in results["training"].items()}}
+    for name, metrics in simulator_scores(out, checkpoints).items():
+        results["models"].setdefault(name, {})["simulator"] = metrics
+    write_json(out / "results.json", results)
+    (out / "table.md").write_text(table(results) + "\n", encoding="utf-8")
+    print(table(results))
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     """Build the data, train each method, score base + each, write the table."""
     args = parse_args(argv)
+    if args.sim_eval_only:
+        return add_simulator_scores(Path(args.out).resolve())
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(SWITCHES)) + sorted(set(args.scripts.split(",")) - set(SCRIPTS))
     if unknown:
