@@ -79,13 +79,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def baseline_yaml() -> Path:
     """FederatedScope-LLM's GSM8K baseline configuration in the installed FederatedScope tree."""
-    import federatedscope
+    from fs_gmfl.hosts.fs.evaluate import baseline_config
 
-    path = Path(federatedscope.__file__).resolve().parent / "llm" / "baseline" / "exp_yaml" / "gsm" / \
-        "gsm_federate.yaml"
-    if not path.is_file():
-        raise InputError(f"{path} not found: install FederatedScope's llm branch editable (docs: FederatedScope host)")
-    return path
+    return baseline_config("gsm", "gsm_federate.yaml")
 
 
 def model_dir(arg: str) -> Path:

@@ -83,6 +83,25 @@ def allow_cpu_chatbot() -> None:
     FSChatBot.device = property(get, set_)
 
 
+def baseline_config(folder: str, name: str) -> Path:
+    """``federatedscope/llm/baseline/exp_yaml/<folder>/<name>`` of the installed FederatedScope tree.
+
+    Raises:
+        InputError: FederatedScope is not installed from a source tree that holds its baseline YAMLs.
+    """
+    from fs_gmfl.errors import InputError
+    from fs_gmfl.hosts.fs import fs_available
+
+    if not fs_available():
+        raise InputError("FederatedScope is not importable: install its llm branch (docs/federatedscope.md)")
+    import federatedscope
+
+    path = Path(federatedscope.__file__).resolve().parent / "llm" / "baseline" / "exp_yaml" / folder / name
+    if not path.is_file():
+        raise InputError(f"{path} not found: install FederatedScope's llm branch editable (docs/federatedscope.md)")
+    return path
+
+
 def data_root_of(argv: Sequence[str]) -> str:
     """``data.root`` as FederatedScope will see it: the last command-line override, else the ``--cfg`` file's."""
     args = list(argv)
