@@ -40,14 +40,20 @@ METHODS = [
     ("FedIT+GMFL", ["federate.method", "fedit", "gmfl.use", "True"]),
     ("FFA-LoRA", ["federate.method", "ffa_lora"]),
     ("FFA-LoRA+GMFL", ["federate.method", "ffa_lora", "gmfl.use", "True"]),
+    ("FedIT+GMFL(random)", ["federate.method", "fedit", "gmfl.use", "True", "gmfl.selection", "random"]),
 ]
-BASE_OF = {"FedIT+GMFL": "FedIT", "FFA-LoRA+GMFL": "FFA-LoRA"}
+#: the methods run by default (the random-selection ablation is opt-in through ``--methods``).
+DEFAULT_METHODS = ("FedIT", "FedIT+GMFL", "FFA-LoRA", "FFA-LoRA+GMFL")
+BASE_OF = {"FedIT+GMFL": "FedIT", "FFA-LoRA+GMFL": "FFA-LoRA", "FedIT+GMFL(random)": "FedIT"}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
     p = argparse.ArgumentParser(prog="fs-gmfl bench gmfl", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated subset of: " + ", ".join(name for name, _ in METHODS)
+                        + " (a GMFL variant needs its base method)")
     p.add_argument("--rounds", type=int, default=24)
     p.add_argument("--period", type=int, default=4, help="GMFL refresh period")
     p.add_argument("--clients", type=int, default=20)
@@ -73,7 +79,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(list(argv))
     if args.quick:
         args.rounds, args.period, args.seeds, args.steps, args.timing_repeats = 8, 2, "0", 3, 2
+    args.methods = selected_methods(p, args.methods)
     return args
+
+
+def selected_methods(parser: argparse.ArgumentParser, spec: str) -> list[str]:
+    """The ``--methods`` names in benchmark order; an unknown name or a variant without its base is refused."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    known = [name for name, _ in METHODS]
+    for name in names:
+        if name not in known:
+            parser.error(f"--methods: unknown method {name!r}; allowed: {', '.join(known)}")
+        if name in BASE_OF and BASE_OF[name] not in names:
+            parser.error(f"--methods: {name} needs its base method {BASE_OF[name]}")
+    return [name for name in known if name in names]
 
 
 def common_overrides(args: argparse.Namespace, out: Path) -> list[str]:
@@ -157,15 +176,16 @@ def main(argv: Sequence[str]) -> int:
     out = Path(args.out)
     common = common_overrides(args, out)
     seeds = [int(s) for s in args.seeds.split(",")]
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in METHODS}
+    methods = [(name, extra) for name, extra in METHODS if name in args.methods]
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in methods}
     for seed in seeds:
-        for name, extra in METHODS:
+        for name, extra in methods:
             progress(f"[bench gmfl] seed {seed}: {name}")
-            slug = name.lower().replace("+", "_").replace("-", "")
+            slug = name.lower().replace("+", "_").replace("-", "").replace("(", "_").replace(")", "")
             results[name].append(run_config([*common, *extra, "seed", str(seed), "expname", f"{slug}_s{seed}"],
                                             log=progress))
     predicted = {name: predicted_saving(load_config(None, [*common, *extra]))
-                 for name, extra in METHODS if name in BASE_OF}
+                 for name, extra in methods if name in BASE_OF}
     progress("[bench gmfl] step-time micro-benchmark")
     timing = step_time_benchmark(common, steps=args.timing_steps, repeats=args.timing_repeats)
     header = ["method", "final test acc % (mean ± std)", "best test acc %", "uplink MiB (total)",
