@@ -57,6 +57,7 @@ TABLE = [
     (["gmfl.stat", "l2"], "gmfl.stat", "'last_round_l1', 'period_sum_l1', 'ema_l1'"),
     (["gmfl.ema_decay", "1.0"], "gmfl.ema_decay", "(0.0, 1.0)"),
     (["gmfl.downlink", "push"], "gmfl.downlink", "'stateless', 'stateful_sync'"),
+    (["gmfl.selection", "smallest"], "gmfl.selection", "'magnitude', 'random'"),
     (["gmfl.use", "True", "federate.method", "fedhft"], "gmfl.use", "only with federate.method in"),
     (["gmfl.use", "True", *HAFL], "gmfl.use", "False with federate.method 'hafl'"),
     # hafl

@@ -59,3 +59,14 @@ def test_majority_class_rate_hand_computed():
     assert majority_class_rate(torch.tensor([2, 0, 2, 1, 2, 0])) == 0.5
     assert majority_class_rate(torch.tensor([4, 4, 4])) == 1.0
     assert majority_class_rate(torch.tensor([], dtype=torch.long)) == 0.0
+
+
+def test_methods_option_selects_in_benchmark_order_and_refuses_an_unknown_name(capsys):
+    """--methods keeps the benchmark's order (a variant may run without its base); an unknown name exits 2."""
+    args = parse_args(["--methods", "FedIT+GMFL(random),FedIT"])
+    assert args.methods == ["FedIT", "FedIT+GMFL(random)"]
+    assert parse_args([]).methods == ["FedIT", "FedIT+GMFL", "FFA-LoRA", "FFA-LoRA+GMFL"]
+    assert parse_args(["--methods", "FedIT+GMFL(random)"]).methods == ["FedIT+GMFL(random)"]
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--methods", "FedIT,GMFL"])
+    assert exc.value.code == 2 and "unknown method 'GMFL'" in capsys.readouterr().err

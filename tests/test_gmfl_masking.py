@@ -144,3 +144,38 @@ def test_c_freezing_the_smallest_l1_update_sends_the_hand_computed_bytes(stat):
     second = upload(client, strategy, 2, moved)
     assert set(second.message.tensors) == {A2, B2, HEAD}
     assert second.message.nbytes == (10 + 50 + 6) * 4 + 8
+
+
+# -- (d) the random-selection ablation ----------------------------------------------------------------------------
+def run_refreshes(selection: str, seed: int, rounds: int = 6) -> list[set[str]]:
+    """Masks after each of ``rounds`` refreshes (period 1, c = 0.1, beta = 0.15: ratios 0.25 .. 1.0, floors
+    1, 1, 2, 2, 3, 4 of the 4 tensors) from per-round updates with distinct L1 norms (no ties)."""
+    mask = GlobalMasking(GMFLConfig(use=True, c=0.1, beta=0.15, period=1, max_ratio=1.0, selection=selection),
+                         CANDIDATES, seed=seed)
+    state, masks = zeros(), []
+    for rnd in range(1, rounds + 1):
+        new = shifted(state, {A1: 0.3 * rnd, B1: 7.0, A2: 0.01, B2: 1.0 + rnd})
+        mask.observe(rnd, state, new)
+        state = new
+        masks.append(set(mask.frozen))
+    return masks
+
+
+def test_d_random_selection_freezes_as_many_tensors_as_the_magnitude_rule_at_every_refresh():
+    """Without ties the magnitude rule freezes floor(ratio * 4) = 1, 1, 2, 2, 3, 4 tensors (hand count from the
+    ratios 0.25, 0.4, 0.55, 0.7, 0.85, 1.0: 1.0, 1.6, 2.2, 2.8, 3.4, 4.0 rounded down); the ablation must freeze
+    the same number, only possibly other tensors."""
+    expected = [1, 1, 2, 2, 3, 4]
+    assert [len(m) for m in run_refreshes("magnitude", seed=0)] == expected
+    for seed in (0, 1, 2, 3):
+        assert [len(m) for m in run_refreshes("random", seed=seed)] == expected
+
+
+def test_d_random_selection_is_reproducible_from_the_seed_and_magnitude_selection_ignores_it():
+    """Same seed -> the same masks; the magnitude masks are identical for every seed (the ablation's generator
+    is never drawn from), and the first magnitude pick is the smallest update, A2 (L1 0.01 * 10 entries = 0.1)."""
+    assert run_refreshes("random", seed=5) == run_refreshes("random", seed=5)
+    assert len({tuple(sorted(m[2])) for m in (run_refreshes("random", seed=s) for s in range(12))}) > 1
+    magnitude = run_refreshes("magnitude", seed=0)
+    assert all(run_refreshes("magnitude", seed=s) == magnitude for s in (1, 7, 123))
+    assert magnitude[0] == {A2}

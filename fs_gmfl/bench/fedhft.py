@@ -123,6 +123,14 @@ def weighted_accuracy(results: dict[int, tuple[int, float]], clients: Sequence[i
     return sum(n * a for n, a in chosen) / total if total else float("nan")
 
 
+def checkpoint(sim: Any, rnd: int) -> dict[str, float]:
+    """Personalised and global test accuracy after round ``rnd`` (``--trace-every``; evaluation only)."""
+    metrics = sim.evaluate_global()
+    per_client = personalised_results(sim, metrics)
+    return {"round": rnd, "personalised_acc": weighted_accuracy(per_client, list(per_client)),
+            "global_test_acc": metrics["test_acc"]}
+
+
 def majority_baseline(sim: Any) -> float:
     """Accuracy of predicting each client's most frequent training label on its validation shard."""
     hits = total = 0
@@ -154,7 +162,11 @@ def run_once(args: argparse.Namespace, dataset: str, seed: int, method: str) -> 
     start = time.time()
     sim = Simulation(cfg, quiet=True)
     sim.setup()
-    rows = [sim.run_round(rnd) for rnd in range(1, cfg.federate.total_round_num + 1)]
+    rows, trace = [], []
+    for rnd in range(1, cfg.federate.total_round_num + 1):
+        rows.append(sim.run_round(rnd))
+        if args.trace_every and rnd % args.trace_every == 0 and rnd < cfg.federate.total_round_num:
+            trace.append(checkpoint(sim, rnd))
     metrics = sim.evaluate_global()
     levels = client_levels(cfg)
     per_client = personalised_results(sim, metrics)
@@ -174,6 +186,7 @@ def run_once(args: argparse.Namespace, dataset: str, seed: int, method: str) -> 
         "full_model_params": sum(p.numel() for n, p in sim.model.named_parameters()
                                  if "lora_" not in n and ".original_module." not in n),
         "wall_seconds": time.time() - start,
+        "trace": trace,
     }
     del sim
     gc.collect()
@@ -397,6 +410,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--probe-steps", type=int, default=8)
     p.add_argument("--probe-batch", type=int, default=16)
     p.add_argument("--no-probes", action="store_true", help="skip the memory/step-time probes")
+    p.add_argument("--trace-every", type=int, default=0,
+                   help="also record personalised and global test accuracy every N rounds (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in results.jsonl")
     p.add_argument("--quick", action="store_true", help="smoke test: news, seed 0, K 1/2, 3 rounds, 2 steps")
     p.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)

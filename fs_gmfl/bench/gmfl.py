@@ -40,14 +40,20 @@ METHODS = [
     ("FedIT+GMFL", ["federate.method", "fedit", "gmfl.use", "True"]),
     ("FFA-LoRA", ["federate.method", "ffa_lora"]),
     ("FFA-LoRA+GMFL", ["federate.method", "ffa_lora", "gmfl.use", "True"]),
+    ("FedIT+GMFL(random)", ["federate.method", "fedit", "gmfl.use", "True", "gmfl.selection", "random"]),
 ]
-BASE_OF = {"FedIT+GMFL": "FedIT", "FFA-LoRA+GMFL": "FFA-LoRA"}
+#: the methods run by default (the random-selection ablation is opt-in through ``--methods``).
+DEFAULT_METHODS = ("FedIT", "FedIT+GMFL", "FFA-LoRA", "FFA-LoRA+GMFL")
+BASE_OF = {"FedIT+GMFL": "FedIT", "FFA-LoRA+GMFL": "FFA-LoRA", "FedIT+GMFL(random)": "FedIT"}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
     p = argparse.ArgumentParser(prog="fs-gmfl bench gmfl", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated subset of: " + ", ".join(name for name, _ in METHODS)
+                        + " (a GMFL variant run without its base method gets no measured saving)")
     p.add_argument("--rounds", type=int, default=24)
     p.add_argument("--period", type=int, default=4, help="GMFL refresh period")
     p.add_argument("--clients", type=int, default=20)
@@ -73,7 +79,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(list(argv))
     if args.quick:
         args.rounds, args.period, args.seeds, args.steps, args.timing_repeats = 8, 2, "0", 3, 2
+    args.methods = selected_methods(p, args.methods)
     return args
+
+
+def selected_methods(parser: argparse.ArgumentParser, spec: str) -> list[str]:
+    """The ``--methods`` names in benchmark order; an unknown name is refused."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    known = [name for name, _ in METHODS]
+    for name in names:
+        if name not in known:
+            parser.error(f"--methods: unknown method {name!r}; allowed: {', '.join(known)}")
+    return [name for name in known if name in names]
 
 
 def common_overrides(args: argparse.Namespace, out: Path) -> list[str]:
@@ -138,11 +155,15 @@ def summarise(results: dict[str, list[dict[str, Any]]], predicted: dict[str, tup
         row = [name, fmt_pm([s["final"]["test_acc"] for s in summaries]),
                fmt_pm([max(r.get("test_acc", 0.0) for r in s["per_round"]) for s in summaries]),
                f"{up / MIB:.2f}"]
-        if name in BASE_OF:
+        if name in BASE_OF and BASE_OF[name] in results:
             base_up = statistics.fmean(s["comm"]["uplink_bytes"] for s in results[BASE_OF[name]])
             lo, hi = predicted[name]
             row += [f"{(1 - up / base_up) * 100:.2f}%",
                     f"{lo * 100:.2f}%" if abs(hi - lo) < 1e-12 else f"{lo * 100:.2f}-{hi * 100:.2f}%",
+                    f"{summaries[0]['per_round'][-1].get('frozen_fraction', 0.0):.2f}"]
+        elif name in BASE_OF:  # run without its base method: no measured saving
+            lo, hi = predicted[name]
+            row += ["-", f"{lo * 100:.2f}%" if abs(hi - lo) < 1e-12 else f"{lo * 100:.2f}-{hi * 100:.2f}%",
                     f"{summaries[0]['per_round'][-1].get('frozen_fraction', 0.0):.2f}"]
         else:
             row += ["-", "-", "0.00"]
@@ -157,15 +178,16 @@ def main(argv: Sequence[str]) -> int:
     out = Path(args.out)
     common = common_overrides(args, out)
     seeds = [int(s) for s in args.seeds.split(",")]
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in METHODS}
+    methods = [(name, extra) for name, extra in METHODS if name in args.methods]
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in methods}
     for seed in seeds:
-        for name, extra in METHODS:
+        for name, extra in methods:
             progress(f"[bench gmfl] seed {seed}: {name}")
-            slug = name.lower().replace("+", "_").replace("-", "")
+            slug = name.lower().replace("+", "_").replace("-", "").replace("(", "_").replace(")", "")
             results[name].append(run_config([*common, *extra, "seed", str(seed), "expname", f"{slug}_s{seed}"],
                                             log=progress))
     predicted = {name: predicted_saving(load_config(None, [*common, *extra]))
-                 for name, extra in METHODS if name in BASE_OF}
+                 for name, extra in methods if name in BASE_OF}
     progress("[bench gmfl] step-time micro-benchmark")
     timing = step_time_benchmark(common, steps=args.timing_steps, repeats=args.timing_repeats)
     header = ["method", "final test acc % (mean ± std)", "best test acc %", "uplink MiB (total)",
