@@ -127,7 +127,7 @@ def test_links_resolve_inside_the_repository_or_are_public_urls(page):
 
 #: Benchmark write-ups that still quote paths of the machine they were run on; they are being rewritten on another
 #: branch of issue #15, so they are expected failures here (non-strict: they pass once fixed). Empty this set then.
-PAGES_BEING_REWRITTEN = {"docs/bench_fedkrso.md", "docs/bench_fshost.md"}
+PAGES_BEING_REWRITTEN: set[str] = set()
 
 
 def _outside_path_cases() -> list:
