@@ -52,6 +52,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Command-line options of the benchmark."""
     p = argparse.ArgumentParser(prog="fs-gmfl bench fedkrso", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out/fedkrso", help="output directory")
+    p.add_argument("--dataset", default="rotten_tomatoes", help="data.type (e.g. news_articles: 9 classes)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
     p.add_argument("--splits", default="iid,lda", help="comma-separated: iid, lda (Dirichlet alpha 0.5)")
@@ -89,7 +90,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def run_overrides(args: argparse.Namespace, method: str, split: str, seed: int) -> list[str]:
     """``KEY VALUE`` overrides of one run."""
-    out = ["model.type", "minilm", "data.type", "rotten_tomatoes", "llm.tok_len", str(args.tok_len),
+    out = ["model.type", "minilm", "data.type", args.dataset, "llm.tok_len", str(args.tok_len),
            "federate.method", method, "federate.client_num", str(args.clients),
            "federate.sample_client_num", str(args.per_round), "federate.total_round_num", str(args.rounds),
            "train.local_update_steps", str(args.steps), "dataloader.batch_size", str(args.batch),

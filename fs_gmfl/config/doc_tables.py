@@ -27,9 +27,9 @@ import sys
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import Any, get_args, get_origin
 
-from fs_gmfl.config.fields import iter_keys, to_dict
+from fs_gmfl.config.fields import TypeWords, describe_type, iter_keys, to_dict
 
 #: the command that refreshes the tables (quoted in the test's failure message).
 REFRESH_COMMAND = "python -m fs_gmfl.config.doc_tables"
@@ -112,20 +112,15 @@ def _bounds(meta: Mapping[str, Any]) -> str:
     return ""
 
 
+DOC_WORDS = TypeWords(
+    scalars={bool: "bool", int: "integer", float: "number", str: "string", Any: "any"},
+    list_of=lambda inner, text: ("list of mappings (fields below)" if dataclasses.is_dataclass(inner)
+                                 else f"list of {text}s"),
+    mapping="mapping")
+
+
 def _type_word(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin in (list, tuple):
-        (inner, *_) = get_args(tp) or (Any,)
-        if dataclasses.is_dataclass(inner):
-            return "list of mappings (fields below)"
-        return f"list of {_type_word(inner)}s"
-    if origin in (dict, Mapping):
-        return "mapping"
-    if origin is Union:
-        words = [_type_word(a) for a in get_args(tp) if a is not type(None)]
-        return " or ".join(words) + (" or null" if type(None) in get_args(tp) else "")
-    return {bool: "bool", int: "integer", float: "number", str: "string", Any: "any"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+    return describe_type(tp, DOC_WORDS)
 
 
 def allowed(row: KeyRow) -> str:

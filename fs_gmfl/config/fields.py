@@ -21,7 +21,7 @@ import difflib
 import math
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, Union, get_args, get_origin
 
 from fs_gmfl.errors import ConfigError
@@ -100,20 +100,40 @@ def _in_bounds(x: float, meta: Mapping[str, Any]) -> bool:
     )
 
 
-def _type_name(tp: Any) -> str:
+@dataclasses.dataclass(frozen=True)
+class TypeWords:
+    """How :func:`describe_type` words each kind of annotation (error messages and the docs' key tables)."""
+
+    scalars: Mapping[Any, str]
+    list_of: Callable[[Any, str], str]  # (inner annotation, its words) -> words of the list
+    mapping: str
+    dataclass_of: Callable[[type], str] | None = None
+
+
+def describe_type(tp: Any, words: TypeWords) -> str:
+    """Words for the annotation ``tp``: lists, mappings, optionals and unions spelled out recursively."""
     origin = get_origin(tp)
     if origin in (list, tuple):
         (inner, *_) = get_args(tp) or (Any,)
-        return f"a list of {_type_name(inner)}"
+        return words.list_of(inner, describe_type(inner, words))
     if origin in (dict, Mapping):
-        return "a mapping"
+        return words.mapping
     if origin is Union:
-        names = [_type_name(a) for a in get_args(tp) if a is not type(None)]
+        names = [describe_type(a, words) for a in get_args(tp) if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in get_args(tp) else "")
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping of {tp.__name__} keys"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Any: "any value"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+    if words.dataclass_of is not None and dataclasses.is_dataclass(tp):
+        return words.dataclass_of(tp)
+    return words.scalars.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+ERROR_WORDS = TypeWords(
+    scalars={bool: "a boolean", int: "an integer", float: "a number", str: "a string", Any: "any value"},
+    list_of=lambda inner, text: f"a list of {text}", mapping="a mapping",
+    dataclass_of=lambda tp: f"a mapping of {tp.__name__} keys")
+
+
+def _type_name(tp: Any) -> str:
+    return describe_type(tp, ERROR_WORDS)
 
 
 def first_nonfinite(value: Any, key: str, depth: int = 0) -> str | None:
