@@ -198,3 +198,17 @@ def test_checkpoint_keys_map_to_the_simulators_adapter_keys():
         "layers.10.self_attn.q_proj.lora_A.weight")
     with pytest.raises(InputError, match="matches 0 adapter keys"):
         matching_key("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", own)
+
+
+@pytest.mark.parametrize("counts", [(0, 1, 1), (1, -1, 1), (1, 1, -5)])
+def test_test_item_counts_below_one_are_refused_before_anything_is_written(tmp_path, counts):
+    with pytest.raises(InputError, match="a positive number of test items") as info:
+        write_eval_data(tmp_path / "data", root=str(tmp_path), gsm8k_questions=counts[0], mmlu_questions=counts[1],
+                        humaneval_problems=counts[2])
+    assert "\n" not in str(info.value) and not (tmp_path / "data").exists()
+
+
+def test_the_command_line_refuses_a_bad_count_in_one_line(tmp_path, capsys):
+    assert eval_data.main(["--out", str(tmp_path / "d"), "--mmlu-questions", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "eval_data: error: --mmlu-questions 0: a positive number of test items is needed"

