@@ -54,7 +54,7 @@ def _quiet_libraries() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fs_gmfl.config import load_config
-    from fs_gmfl.sim.runner import Simulation
+    from fs_gmfl.hosts.sim.runner import Simulation
 
     cfg = load_config(args.cfg, args.opts)
     sim = Simulation(cfg, quiet=args.quiet, resume=args.resume, overwrite=args.overwrite)

@@ -188,7 +188,7 @@ def estimate_hafl(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
 def _meta_targets(cfg: RunConfig, requested: list[str], key: str) -> tuple[list[Any], dict[str, Tensor], list[str]]:
     """Targeted layers, their weights and the target list of ``cfg``'s backbone built on the meta device."""
     from fs_gmfl.core.targets import default_targets, resolve_targets, target_weights
-    from fs_gmfl.sim.models import build_backbone
+    from fs_gmfl.hosts.common.models import build_backbone
 
     model = build_backbone(cfg, estimated_num_labels(cfg), meta=True).model
     layers = resolve_targets(model, requested, key=key)
@@ -285,7 +285,7 @@ def estimate_fft(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
 
 def estimated_num_labels(cfg: RunConfig) -> int:
     """Head classes: ``model.num_labels``, else the packaged dataset's, else 2 (user files are not read)."""
-    from fs_gmfl.sim.data import declared_num_labels
+    from fs_gmfl.hosts.common.data import declared_num_labels
 
     return cfg.model.num_labels or declared_num_labels(cfg.data) or 2
 
@@ -293,7 +293,7 @@ def estimated_num_labels(cfg: RunConfig) -> int:
 def estimate(cfg: RunConfig) -> dict[str, Any]:
     """Build ``cfg``'s model on the meta device and estimate bytes per round."""
     from fs_gmfl.core.adapter import adapter_parameters
-    from fs_gmfl.sim.models import build_backbone
+    from fs_gmfl.hosts.common.models import build_backbone
 
     estimator = spec_of(cfg.method).estimator()
     if estimator is None:

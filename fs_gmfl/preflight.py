@@ -237,7 +237,7 @@ def lora_target_dims(cfg: RunConfig) -> list[tuple[str, int, int]]:
     """``(module name, d_in, d_out)`` of every module the LoRA adapter targets, from a meta-device backbone."""
     import torch
 
-    from fs_gmfl.sim.models import _load_base, resolve_target_modules
+    from fs_gmfl.hosts.common.models import _load_base, resolve_target_modules
 
     try:
         base, _ = _load_base(cfg, 2, meta=True)
@@ -274,7 +274,7 @@ def check_run(cfg: RunConfig) -> None:
         ConfigError: the model directory is unusable, or a check fails; the
             message names the key and, for memory, the estimate.
     """
-    from fs_gmfl.sim.models import SHAPE_PRESETS, model_dir, model_source
+    from fs_gmfl.hosts.common.models import SHAPE_PRESETS, model_dir, model_source
 
     if model_source(cfg.model.type) in SHAPE_PRESETS:
         return  # no weights: the simulator refuses it when loading (it is for 'fs-gmfl comm' only)

@@ -7,8 +7,8 @@ import torch
 
 from fs_gmfl.core.adapter import (adapter_key, adapter_parameters, kind_of, load_adapter_tensors, load_model_tensors,
                                   lora_pairs)
-from fs_gmfl.sim.models import build_backbone
-from fs_gmfl.sim.runner import temporarily_loaded, weighted_client_metrics
+from fs_gmfl.hosts.common.models import build_backbone
+from fs_gmfl.hosts.sim.runner import temporarily_loaded, weighted_client_metrics
 
 
 def test_adapter_key_removes_the_adapter_name():

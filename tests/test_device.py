@@ -9,8 +9,8 @@ import torch
 
 from fs_gmfl.config import load_config
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.sim.models import choose_device
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.common.models import choose_device
+from fs_gmfl.hosts.sim.runner import Simulation
 from tests.test_causal_lm import causal_config
 
 CUDA_SKIP = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -78,7 +78,7 @@ def test_float16_autocast_on_a_machine_without_cuda_stops_before_training(monkey
 def test_scaled_step_equals_the_plain_step_and_an_overflow_is_skipped():
     """SGD on loss = sum(w * x): the scaled step gives w - lr * x exactly (the scale is a power of two); a loss whose
     scaled gradient overflows float16 leaves w unchanged and halves the scale."""
-    from fs_gmfl.sim.training import backward_and_step
+    from fs_gmfl.hosts.sim.training import backward_and_step
 
     x = torch.tensor([0.5, -2.0, 3.0])
     w = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0]))
@@ -96,7 +96,7 @@ def test_float16_autocast_training_keeps_fp32_weights(tmp_path):
     """The training loop under float16 autocast with its loss scaler (run on the CPU here, whose autocast also
     supports float16): the loss is finite, trainable weights stay float32 and move."""
     from fs_gmfl.core.protocol import LocalPlan
-    from fs_gmfl.sim.training import loss_scaler, train_local
+    from fs_gmfl.hosts.sim.training import loss_scaler, train_local
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = load_config(None, ["use_gpu", "True", "train.autocast", "float16", "train.local_update_steps", "3",

@@ -176,7 +176,7 @@ def test_client_weight_key_reaches_the_client_and_is_rejected_for_other_methods(
     from fs_gmfl.core.adapter import adapter_state
     from fs_gmfl.errors import ConfigError
     from fs_gmfl.methods import MethodContext, build_method
-    from fs_gmfl.sim.models import build_backbone
+    from fs_gmfl.hosts.common.models import build_backbone
 
     cfg = tiny("federate.client_weight", "processed_samples", "gmfl.use", "True")
     method = build_method(MethodContext(cfg, adapter_state(build_backbone(cfg, 2).model)))

@@ -16,8 +16,8 @@ from fs_gmfl.core.message import Reply
 from fs_gmfl.core.protocol import TrainStats
 from fs_gmfl.core.targets import resolve_targets, target_weights
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.sim.runner import Simulation
-from fs_gmfl.sim.training import train_local
+from fs_gmfl.hosts.sim.runner import Simulation
+from fs_gmfl.hosts.sim.training import train_local
 
 
 # -- a toy model and a minimal host loop (spec §11, M0: 2-layer MLP, 3 clients, K = 3, r = 2, J = 2, T = 5) ------

@@ -16,7 +16,7 @@ from fs_gmfl.core.fedkrso.ops import (apply_update_, average_accumulators, expec
 from fs_gmfl.core.message import Message, samples_tensor
 from fs_gmfl.core.targets import TargetLayer, canonical_key, resolve_targets
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.sim.models import build_backbone
+from fs_gmfl.hosts.common.models import build_backbone
 
 KEY = "bert.encoder.layer.0.attention.self.query"
 HASH_SNIPPET = ("import hashlib; from fs_gmfl.core.fedkrso.ops import projection; "

@@ -15,7 +15,7 @@ from fs_gmfl.core.gmfl import GMFLConfig
 from fs_gmfl.errors import ConfigError
 from fs_gmfl.hosts.fs.config import (
     is_sim_data, is_sim_model, method_sections, owned_methods, plain, to_run_config)
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.sim.runner import Simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 BOTH_HOSTS = sorted((ROOT / "yaml_configs" / "fs").glob("*_both_hosts.yaml"))

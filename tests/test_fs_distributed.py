@@ -154,7 +154,7 @@ def smollm2_model_dir() -> Path:
     """The exported fp32 SmolLM2 directory: the cache if complete, else exported from the installed GGUF package
     (local, no download); skips with the install command when neither is there."""
     from fs_gmfl.errors import InputError
-    from fs_gmfl.sim import smollm2
+    from fs_gmfl.hosts.common import smollm2
 
     cached = smollm2.default_cache_dir()
     if smollm2.cache_problem(cached) is None:

@@ -19,8 +19,8 @@ from fs_gmfl.hosts.fs.eval_data import (ChoiceQuestion, gsm8k_record, gsm8k_reco
                                         parse_choice_question, train_and_test_rows, write_eval_data,
                                         write_human_eval, write_mmlu)
 from fs_gmfl.hosts.fs.evaluate import data_root_of, mmlu_subjects
-from fs_gmfl.sim.data import split_pool
-from fs_gmfl.sim.instructions import EVALS_MATH_TASKS, EVALS_WHEEL, InstructionRow
+from fs_gmfl.hosts.common.data import split_pool
+from fs_gmfl.hosts.common.instructions import EVALS_MATH_TASKS, EVALS_WHEEL, InstructionRow
 
 JEE_USER = "How many functions f : {1, 2} -> {1, 2} are there?\n(A) 1\n(B) 2\n(C) 4\n(D) 8\n"
 MED_USER = "Subject: Anatomy\n\nWhich bone is in the arm?\n\na) Femur\nb) Tibia\nc) Humerus\nd) Fibula"
@@ -130,7 +130,7 @@ def test_human_eval_subset_keeps_the_first_problems(tmp_path):
 
 def test_write_eval_data_end_to_end_from_fake_wheels(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_data, "search_dirs", lambda root: [Path(root)])
-    monkeypatch.setattr("fs_gmfl.sim.instructions.search_dirs", lambda root: [Path(root)])
+    monkeypatch.setattr("fs_gmfl.hosts.common.instructions.search_dirs", lambda root: [Path(root)])
     fake_wheels(tmp_path)
     written = write_eval_data(tmp_path / "data", root=str(tmp_path), gsm8k_questions=100, mmlu_questions=2,
                               humaneval_problems=1)

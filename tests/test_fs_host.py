@@ -34,8 +34,8 @@ from fs_gmfl.hosts.fs.config import set_command_line  # noqa: E402
 from fs_gmfl.hosts.fs.registration import KEY, RegistrationConflict, call_trainer  # noqa: E402
 from fs_gmfl.hosts.fs.trainer import Assignment, FsGmflTrainer, inner_model  # noqa: E402
 from fs_gmfl.hosts.fs.workers import FsGmflClient, FsGmflServer  # noqa: E402
-from fs_gmfl.sim.models import build_backbone  # noqa: E402
-from fs_gmfl.sim.runner import Simulation  # noqa: E402
+from fs_gmfl.hosts.common.models import build_backbone  # noqa: E402
+from fs_gmfl.hosts.sim.runner import Simulation  # noqa: E402
 
 pytestmark = pytest.mark.fs_host
 

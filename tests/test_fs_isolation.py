@@ -44,7 +44,7 @@ def test_everything_but_the_fs_adapter_works_without_federatedscope():
     """federatedscope unimportable: cores, simulator, config, CLI and the FS-free host modules import, and
     `fs-gmfl fs-run` prints one line saying how to install FederatedScope, exit code 2."""
     modules = ["fs_gmfl.core.gmfl", "fs_gmfl.core.fedavg", "fs_gmfl.core", "fs_gmfl.config", "fs_gmfl.methods",
-               "fs_gmfl.sim.runner", "fs_gmfl.cli", *FS_FREE_HOST_MODULES]
+               "fs_gmfl.hosts.sim.runner", "fs_gmfl.cli", *FS_FREE_HOST_MODULES]
     code = ("import importlib, io, contextlib\n"
             + "".join(f"importlib.import_module({m!r})\n" for m in modules)
             + "assert not any(m.startswith('federatedscope') for m in sys.modules)\n"

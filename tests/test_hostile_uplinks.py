@@ -263,7 +263,7 @@ def test_bad_uplink_bound_keys_exit_2_with_one_line(key, value, allowed, tmp_pat
 def test_a_hostile_client_in_a_real_run_is_rejected_every_round_and_counted(tiny):
     """Client uplinks inflated to 9,999 per entry (odd calls) or claiming 2^40 samples (every fourth call from the
     second) are rejected each time with their reason, counted in summary.json; the run ends normally."""
-    from fs_gmfl.sim.runner import Simulation
+    from fs_gmfl.hosts.sim.runner import Simulation
 
     cfg = tiny()
     sim = Simulation(cfg, quiet=True)

@@ -18,7 +18,7 @@ from fs_gmfl.comm_estimate import estimate
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.registry import method_specs, register_method, spec_of, unregister_method
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.sim.runner import Simulation
 from tests.conftest import tiny_config
 from tests.toy_method.spec import TOY
 

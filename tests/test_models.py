@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.sim.models import build_backbone, minilm_path
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.common.models import build_backbone, minilm_path
+from fs_gmfl.hosts.sim.runner import Simulation
 from tests.conftest import has_module
 
 

@@ -15,8 +15,10 @@ import torch
 from fs_gmfl.config import load_config
 from fs_gmfl.core.adapter import LORA_A, LORA_B, kind_of
 from fs_gmfl.core.message import Reply
-from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, LATE, ON_TIME, FaultsConfig, client_fate, round_fates
-from fs_gmfl.sim.runner import Simulation, sample_clients
+from fs_gmfl.config.faults import FaultsConfig
+from fs_gmfl.hosts.common.batches import sample_clients
+from fs_gmfl.hosts.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, LATE, ON_TIME, client_fate, round_fates
+from fs_gmfl.hosts.sim.runner import Simulation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,10 +10,10 @@ import torch
 from fs_gmfl.core.adapter import LORA_A, adapter_parameters, kind_of
 from fs_gmfl.core.fedavg import LoraClient
 from fs_gmfl.core.message import Message, pack_bits
-from fs_gmfl.sim.models import build_backbone
-from fs_gmfl.sim.runner import Simulation
-from fs_gmfl.sim.data import build_federated_data, HashTokenizer
-from fs_gmfl.sim.training import train_local
+from fs_gmfl.hosts.common.models import build_backbone
+from fs_gmfl.hosts.sim.runner import Simulation
+from fs_gmfl.hosts.common.data import build_federated_data, HashTokenizer
+from fs_gmfl.hosts.sim.training import train_local
 
 # tiny_bert, hidden 16, 2 layers, LoRA r=4 on query,value: each A is 4x16 and each B 16x4 (64 params);
 # 2 layers x 2 modules x 2 factors = 8 tensors = 512 params; head 2x16 + 2 = 34 params.

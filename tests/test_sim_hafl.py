@@ -15,10 +15,10 @@ from fs_gmfl.core.hafl import HAFLClient, HAFLStrategy, truncated_factors
 from fs_gmfl.core.hafl.wire import INDICES
 from fs_gmfl.core.message import Reply
 from fs_gmfl.methods import MethodContext, build_method
-from fs_gmfl.sim.data import HashTokenizer, build_federated_data
-from fs_gmfl.sim.models import AdapterVariants, build_backbone
-from fs_gmfl.sim.runner import Simulation
-from fs_gmfl.sim.training import train_local
+from fs_gmfl.hosts.common.data import HashTokenizer, build_federated_data
+from fs_gmfl.hosts.common.models import AdapterVariants, build_backbone
+from fs_gmfl.hosts.sim.runner import Simulation
+from fs_gmfl.hosts.sim.training import train_local
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from fs_gmfl.errors import InputError
-from fs_gmfl.sim import smollm2
-from fs_gmfl.sim.smollm2 import MANIFEST_NAME, REQUIRED_FILES, cache_problem, default_cache_dir, smollm2_dir
+from fs_gmfl.hosts.common import smollm2
+from fs_gmfl.hosts.common.smollm2 import MANIFEST_NAME, REQUIRED_FILES, cache_problem, default_cache_dir, smollm2_dir
 
 
 class FakeExporter:

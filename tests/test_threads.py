@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.sim import threads
-from fs_gmfl.sim.threads import (cgroup_cpu_quota, quota_from_cgroup_v1, quota_from_cgroup_v2, threads_from_env,
+from fs_gmfl.hosts.common import threads
+from fs_gmfl.hosts.common.threads import (cgroup_cpu_quota, quota_from_cgroup_v1, quota_from_cgroup_v2, threads_from_env,
                                  usable_cpus)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_bad_override_is_one_line_naming_the_variable(value):
 def test_a_process_pinned_to_one_cpu_runs_one_torch_thread():
     """torch alone would keep its core-count default; the run's choice follows the affinity mask."""
     code = ("import os, torch; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-            "from fs_gmfl.sim.threads import set_torch_threads; print(set_torch_threads(), torch.get_num_threads())")
+            "from fs_gmfl.hosts.common.threads import set_torch_threads; print(set_torch_threads(), torch.get_num_threads())")
     env = {k: v for k, v in os.environ.items() if k not in ("FS_GMFL_THREADS", "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == ["1", "1"]

@@ -14,7 +14,7 @@ import pytest
 from fs_gmfl.comm_estimate import estimate
 from fs_gmfl.core import registry
 from fs_gmfl.hosts.fs.config import owned_methods
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.sim.runner import Simulation
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -80,7 +80,7 @@ real = importlib.metadata.entry_points
 importlib.metadata.entry_points = lambda **kw: [entry] if kw.get("group") == "fs_gmfl.methods" else real(**kw)
 from fs_gmfl.cli import main
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.sim.runner import Simulation
 from tests.conftest import tiny_config
 cfg = tiny_config(sys.argv[1], "federate.method", "toy_head_tuned", "toy_head_tuned.server_lr", "0.5",
                   "federate.total_round_num", "1")

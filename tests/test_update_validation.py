@@ -19,7 +19,7 @@ from fs_gmfl.core.fedkrso.wire import SLOTS
 from fs_gmfl.core.hafl.wire import INDICES
 from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply, pack_bits, unpack_bits
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.sim.runner import Simulation
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -9,7 +9,7 @@ import pytest
 
 from fs_gmfl.cli import main
 from fs_gmfl.config import load_config
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.sim.runner import Simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "yaml_configs").glob("*.yaml"))

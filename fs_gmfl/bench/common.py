@@ -16,8 +16,8 @@ import torch
 
 from fs_gmfl.config import load_config
 from fs_gmfl.plots import MIB
-from fs_gmfl.sim.data import majority_rate_of_test_split
-from fs_gmfl.sim.runner import Simulation
+from fs_gmfl.hosts.common.data import majority_rate_of_test_split
+from fs_gmfl.hosts.sim.runner import Simulation
 
 
 def machine() -> dict[str, Any]:

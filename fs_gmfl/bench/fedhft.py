@@ -45,7 +45,7 @@ from fs_gmfl.bench.common import MAJORITY_LABEL
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.fedhft import assign_levels
 from fs_gmfl.core.seeding import derive_seed
-from fs_gmfl.sim.data import majority_class_rate
+from fs_gmfl.hosts.common.data import majority_class_rate
 
 MIB = 2**20
 LEVEL_SHARES = [1 / 3, 1 / 3, 1 / 3]
@@ -100,8 +100,8 @@ def client_levels(cfg: RunConfig) -> list[int]:
 
 def personalised_results(sim: Any, metrics: dict[str, float]) -> dict[int, tuple[int, float]]:
     """``client -> (val size, accuracy)``: FedHFT's ``client:<id>`` models, or the global model for FedIT."""
-    from fs_gmfl.sim.runner import temporarily_loaded
-    from fs_gmfl.sim.training import evaluate
+    from fs_gmfl.hosts.sim.runner import temporarily_loaded
+    from fs_gmfl.hosts.sim.training import evaluate
 
     out: dict[int, tuple[int, float]] = {}
     for cid in range(sim.cfg.federate.client_num):
@@ -156,7 +156,7 @@ def bytes_by_level(sim: Any, levels: Sequence[int]) -> dict[str, float]:
 
 def run_once(args: argparse.Namespace, dataset: str, seed: int, method: str) -> dict[str, Any]:
     """Train ``method`` on ``dataset`` with ``seed``; evaluate once at the end; return the record."""
-    from fs_gmfl.sim.runner import Simulation
+    from fs_gmfl.hosts.sim.runner import Simulation
 
     cfg = run_config(args, dataset, seed, method)
     start = time.time()
@@ -206,9 +206,9 @@ def probe(kind: str, steps: int, batch_size: int) -> dict[str, Any]:
     from fs_gmfl.core.fedhft import FedHFTClient, downlink_message
     from fs_gmfl.core.protocol import LocalPlan
     from fs_gmfl.core.adapter import adapter_state
-    from fs_gmfl.sim.data import build_federated_data
-    from fs_gmfl.sim.models import build_backbone, load_tokenizer, minilm_path, set_threads_from_env
-    from fs_gmfl.sim.training import train_local
+    from fs_gmfl.hosts.common.data import build_federated_data
+    from fs_gmfl.hosts.common.models import build_backbone, load_tokenizer, minilm_path, set_threads_from_env
+    from fs_gmfl.hosts.sim.training import train_local
 
     set_threads_from_env()
     cfg = load_config(None, ["model.type", "minilm", "data.type", "news_articles", "data.subsample", "0.1",

@@ -112,8 +112,8 @@ def run_overrides(args: argparse.Namespace, method: str, split: str, seed: int) 
 def accuracy_run(args: argparse.Namespace, method: str, split: str, seed: int) -> dict[str, Any]:
     """One federated run; its accuracy curve, bytes per round and step times."""
     from fs_gmfl.config import load_config
-    from fs_gmfl.sim.data import majority_rate_of_test_split
-    from fs_gmfl.sim.runner import Simulation
+    from fs_gmfl.hosts.common.data import majority_rate_of_test_split
+    from fs_gmfl.hosts.sim.runner import Simulation
 
     cfg = load_config(None, run_overrides(args, method, split, seed))
     summary = Simulation(cfg, quiet=True, overwrite=True).run()  # a benchmark re-run replaces its runs
@@ -181,8 +181,8 @@ def probe(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
     from fs_gmfl.config import load_config
     from fs_gmfl.core.adapter import adapter_parameters
-    from fs_gmfl.sim.runner import Simulation
-    from fs_gmfl.sim.training import train_local
+    from fs_gmfl.hosts.sim.runner import Simulation
+    from fs_gmfl.hosts.sim.training import train_local
 
     overrides = run_overrides(args, method, "iid", 0)
     cfg = load_config(None, overrides + ["train.local_update_steps", str(args.probe_steps + 2)])

@@ -88,7 +88,7 @@ def model_dir(arg: str) -> Path:
     """The model directory: ``--model`` or the exported SmolLM2 (built from the installed package once)."""
     if arg:
         return Path(arg).resolve()
-    from fs_gmfl.sim import smollm2
+    from fs_gmfl.hosts.common import smollm2
 
     return Path(smollm2.smollm2_dir())
 
@@ -245,7 +245,7 @@ def simulator_scores(out: Path, checkpoints: dict[str, str | None]) -> dict[str,
 
     from fs_gmfl.config import load_config
     from fs_gmfl.core.adapter import adapter_key
-    from fs_gmfl.sim.runner import Simulation, temporarily_loaded
+    from fs_gmfl.hosts.sim.runner import Simulation, temporarily_loaded
 
     cfg = load_config(str(SIM_CFG), ["outdir", str(out / "sim_eval"), "expname", "scores"])
     sim = Simulation(cfg, quiet=True, overwrite=True)

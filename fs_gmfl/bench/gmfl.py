@@ -31,9 +31,9 @@ from fs_gmfl.core.fedavg import LoraClient, mask_candidate_keys
 from fs_gmfl.core.gmfl import select_frozen
 from fs_gmfl.core.message import Message, pack_bits
 from fs_gmfl.plots import MIB, plot_runs
-from fs_gmfl.sim.data import federated_data_for
-from fs_gmfl.sim.models import build_backbone, load_tokenizer
-from fs_gmfl.sim.training import train_local
+from fs_gmfl.hosts.common.data import federated_data_for
+from fs_gmfl.hosts.common.models import build_backbone, load_tokenizer
+from fs_gmfl.hosts.sim.training import train_local
 
 METHODS = [
     ("FedIT", ["federate.method", "fedit"]),

@@ -38,7 +38,7 @@ from fs_gmfl.bench.common import (fmt_pm, machine, markdown_table, mean_curve, p
                                   write_json)
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.plots import MIB, plot_runs
-from fs_gmfl.sim.runner import Simulation, precision_of
+from fs_gmfl.hosts.sim.runner import Simulation, precision_of
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "yaml_configs" / "llm"
 BASE_CONFIG = CONFIG_DIR / "smollm2_fedit.yaml"
@@ -188,9 +188,9 @@ def precision_timing(overrides: Sequence[str], *, steps: int, repeats: int) -> d
     """
     from fs_gmfl.core.adapter import adapter_parameters
     from fs_gmfl.core.protocol import LocalPlan
-    from fs_gmfl.sim.data import federated_data_for
-    from fs_gmfl.sim.models import build_backbone, prepare_for_training
-    from fs_gmfl.sim.training import train_local
+    from fs_gmfl.hosts.common.data import federated_data_for
+    from fs_gmfl.hosts.common.models import build_backbone, prepare_for_training
+    from fs_gmfl.hosts.sim.training import train_local
 
     variants = {"fp32": ["train.autocast", "none", "train.is_enable_half", "False"],
                 "bf16 weights (is_enable_half)": ["train.autocast", "none", "train.is_enable_half", "True"],

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 from fs_gmfl.bench.common import machine, markdown_table, progress, write_json
 from fs_gmfl.config import load_config
-from fs_gmfl.sim.runner import Simulation
-from fs_gmfl.sim.training import autocast_context, evaluate
+from fs_gmfl.hosts.sim.runner import Simulation
+from fs_gmfl.hosts.sim.training import autocast_context, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CFG = ROOT / "yaml_configs" / "quickstart.yaml"

@@ -19,11 +19,11 @@ from fs_gmfl.config.fields import fail, opt
 from fs_gmfl.core.gmfl.config import GMFLConfig
 from fs_gmfl.core.registry import MethodNames, canonical_name, gmfl_bases, method_specs, spec_of
 from fs_gmfl.core.uplinks import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_RATIO, DEFAULT_UPDATE_RMS_FLOOR
-from fs_gmfl.sim.faults import FaultsConfig
+from fs_gmfl.config.faults import FaultsConfig
 
 #: every ``federate.method`` value (names and aliases of the registered methods, :mod:`fs_gmfl.core.registry`).
 METHODS = MethodNames()
-#: packaged instruction datasets (causal-LM instruction tuning; rows read by ``fs_gmfl.sim.instructions``).
+#: packaged instruction datasets (causal-LM instruction tuning; rows read by ``fs_gmfl.hosts.common.instructions``).
 PACKAGED_INSTRUCTION_DATA = ("evals_math", "chatterbot_en")
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from fs_gmfl.core.message import Message, Reply
@@ -61,6 +62,26 @@ class LocalPlan:
     weight_decay_mask_via_loss: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     on_optimizer: Callable[[Any], None] | None = None
+
+    def masked_l2_penalty(self, weight_decay: float) -> Tensor:
+        """``wd/2 * sum ||mask * p||^2`` over the trainable tensors: weight decay on trained entries only.
+
+        The loss term a host adds when ``weight_decay_mask_via_loss`` is set
+        (its optimiser then runs without weight decay).
+        """
+        total = torch.zeros(())
+        for key, p in self.trainable.items():
+            mask = self.grad_masks.get(key)
+            total = total + ((p * mask) if mask is not None else p).pow(2).sum()
+        return 0.5 * weight_decay * total
+
+    @torch.no_grad()
+    def restore_frozen_values(self) -> None:
+        """Put back the frozen entries (``grad_masks == 0``) after an optimiser step; every host calls it."""
+        for key, frozen in self.frozen_values.items():
+            p = self.trainable[key]
+            keep = self.grad_masks[key].to(torch.bool)
+            p.copy_(torch.where(keep, p, frozen))
 
 
 @dataclass

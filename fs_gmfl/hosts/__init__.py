@@ -1,5 +1,7 @@
 """Hosts: runtimes that move :class:`~fs_gmfl.core.message.Message` objects for the algorithm cores.
 
-The embedded simulator lives in :mod:`fs_gmfl.sim`; :mod:`fs_gmfl.hosts.fs` adapts
-FederatedScope-LLM and is the only code of the package that imports ``federatedscope``.
+Two peers: :mod:`fs_gmfl.hosts.sim` (the embedded simulator) and :mod:`fs_gmfl.hosts.fs`, which adapts
+FederatedScope-LLM and is the only code of the package that imports ``federatedscope``. What both use
+(datasets, models, evaluation, client and batch sampling, state files, thread counts) is
+:mod:`fs_gmfl.hosts.common`; neither imports the other.
 """

@@ -6,7 +6,7 @@ With ``data.type`` one of fs_gmfl's datasets (``rotten_tomatoes``,
 FederatedScope trains exactly the simulator's model on the simulator's data:
 the same tokenisation, split and client partition, the same initial adapter,
 and each round's batches in the simulator's order (a round-aware batch
-sampler plays :func:`fs_gmfl.sim.training.batch_schedule`;
+sampler plays :func:`fs_gmfl.hosts.common.batches.batch_schedule`;
 ``dataloader.shuffle`` does not apply). This is what makes the two hosts
 comparable to float tolerance.
 
@@ -33,9 +33,9 @@ from fs_gmfl.config.fields import build, to_dict
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.errors import InputError
 from fs_gmfl.hosts.fs.config import BACKBONE_KEY, is_sim_data, is_sim_model, owned_methods, to_run_config
-from fs_gmfl.sim.data import Encoded, federated_data_for
-from fs_gmfl.sim.models import build_backbone, load_tokenizer
-from fs_gmfl.sim.training import batch_schedule
+from fs_gmfl.hosts.common.data import Encoded, federated_data_for
+from fs_gmfl.hosts.common.models import build_backbone, load_tokenizer
+from fs_gmfl.hosts.common.batches import batch_schedule
 
 
 class EncodedRows(Dataset):

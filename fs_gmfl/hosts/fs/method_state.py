@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from fs_gmfl.errors import InputError
-from fs_gmfl.sim.checkpoint import flatten_state, unflatten_state
+from fs_gmfl.hosts.common.state_tree import flatten_state, unflatten_state
 
 SUFFIX = ".fs_gmfl.safetensors"
 FORMAT_VERSION = 1

@@ -49,7 +49,6 @@ from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.errors import InputError
 from fs_gmfl.hosts.fs import wire
-from fs_gmfl.sim.training import masked_l2_penalty, restore_frozen_values
 
 logger = logging.getLogger("federatedscope." + __name__)
 
@@ -212,7 +211,7 @@ class FsGmflTrainer(LLMTrainer):
         plan = ctx.fs_gmfl_fit.plan
         wd = float(ctx.cfg.train.optimizer.get("weight_decay", 0.0))
         if plan.weight_decay_mask_via_loss and wd > 0 and plan.trainable:
-            ctx.loss_batch = CtxVar(ctx.loss_batch + masked_l2_penalty(plan, wd).to(ctx.loss_batch.device),
+            ctx.loss_batch = CtxVar(ctx.loss_batch + plan.masked_l2_penalty(wd).to(ctx.loss_batch.device),
                                     LIFECYCLE.BATCH)
         if not plan.trainable or not bool(torch.isfinite(ctx.loss_batch)):
             ctx.skip_this_batch = CtxVar(True, LIFECYCLE.BATCH)
@@ -222,7 +221,7 @@ class FsGmflTrainer(LLMTrainer):
         if ctx.skip_this_batch:
             return
         fit = ctx.fs_gmfl_fit
-        restore_frozen_values(fit.plan)
+        fit.plan.restore_frozen_values()
         if fit.plan.after_step is not None:
             fit.plan.after_step(fit.batch)
 

@@ -1,7 +1,7 @@
 """Instruction tuning data for causal LMs: prompt template, tokenisation, response-only labels.
 
 Rows are FederatedScope-LLM records (``instruction``, ``input``, ``output``,
-``category``; see :mod:`fs_gmfl.sim.instructions`). Each becomes
+``category``; see :mod:`fs_gmfl.hosts.common.instructions`). Each becomes
 
 * the prompt: FederatedScope-LLM's Alpaca template (with or without the
   ``### Input:`` block), tokenised with the tokenizer's default special
@@ -35,8 +35,8 @@ from torch import Tensor
 from fs_gmfl.config.schema import DataConfig, is_instruction_data_type
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.errors import ConfigError, InputError
-from fs_gmfl.sim.data import Encoded, HashTokenizer, TextCorpus, read_corpus, synthetic_dataset
-from fs_gmfl.sim.instructions import InstructionRow, read_instruction_set
+from fs_gmfl.hosts.common.data import Encoded, HashTokenizer, TextCorpus, read_corpus, synthetic_dataset
+from fs_gmfl.hosts.common.instructions import InstructionRow, read_instruction_set
 
 logger = logging.getLogger(__name__)
 

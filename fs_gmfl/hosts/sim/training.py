@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,10 @@ from torch import Tensor, nn
 from fs_gmfl.config.schema import OptimizerConfig, RunConfig, SchedulerConfig
 from fs_gmfl.core.adapter import adapter_parameters
 from fs_gmfl.core.protocol import LocalPlan, TrainStats
-from fs_gmfl.core.seeding import derive_seed, generator
-from fs_gmfl.sim.data import Encoded
-from fs_gmfl.sim.llm_eval import length_sorted_batches
+from fs_gmfl.core.seeding import derive_seed
+from fs_gmfl.hosts.common.batches import batch_schedule, count_batches
+from fs_gmfl.hosts.common.data import Encoded
+from fs_gmfl.hosts.common.llm_eval import length_sorted_batches
 
 
 def make_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter], lr: float, *,
@@ -60,54 +60,11 @@ def step_lr_factor(step: int, total: int, sched: SchedulerConfig, base_lr: float
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def batch_schedule(n: int, cfg: RunConfig, *, rnd: int, client_id: int) -> Iterator[Tensor]:
-    """Row indices of each local batch: ``local_update_steps`` batches, or that many epochs."""
-    bs = min(cfg.dataloader.batch_size, n)
-    g = generator(cfg.seed, "batches", rnd, client_id)
-    if cfg.train.batch_or_epoch == "epoch":
-        for _ in range(cfg.train.local_update_steps):
-            order = torch.randperm(n, generator=g)
-            yield from torch.split(order, bs)
-        return
-    order = torch.randperm(n, generator=g)
-    pos = 0
-    for _ in range(cfg.train.local_update_steps):
-        if pos + bs > n:
-            order, pos = torch.randperm(n, generator=g), 0
-        yield order[pos:pos + bs]
-        pos += bs
-
-
-def count_batches(n: int, cfg: RunConfig) -> int:
-    """Number of batches :func:`batch_schedule` yields."""
-    if cfg.train.batch_or_epoch == "epoch":
-        return cfg.train.local_update_steps * math.ceil(n / min(cfg.dataloader.batch_size, n))
-    return cfg.train.local_update_steps
-
-
 def _set_trainable(plan: LocalPlan) -> None:
     for key, p in adapter_parameters(plan.model).items():
         p.requires_grad_(key in plan.trainable)
     for p in plan.trainable.values():
         p.requires_grad_(True)
-
-
-def masked_l2_penalty(plan: LocalPlan, weight_decay: float) -> Tensor:
-    """``wd/2 * sum ||mask * p||^2`` over the plan's tensors: weight decay on trained entries only."""
-    total = torch.zeros(())
-    for key, p in plan.trainable.items():
-        mask = plan.grad_masks.get(key)
-        total = total + ((p * mask) if mask is not None else p).pow(2).sum()
-    return 0.5 * weight_decay * total
-
-
-@torch.no_grad()
-def restore_frozen_values(plan: LocalPlan) -> None:
-    """Put back the plan's frozen entries (``grad_masks == 0``) after an optimizer step."""
-    for key, frozen in plan.frozen_values.items():
-        p = plan.trainable[key]
-        keep = plan.grad_masks[key].to(torch.bool)
-        p.copy_(torch.where(keep, p, frozen))
 
 
 def loss_scaler(cfg: RunConfig, device: torch.device | str) -> torch.amp.GradScaler | None:
@@ -175,11 +132,11 @@ def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, cli
             with autocast_context(cfg, device):
                 loss = plan.model(**batch).loss
             if plan.weight_decay_mask_via_loss and wd > 0:
-                loss = loss + masked_l2_penalty(plan, wd)
+                loss = loss + plan.masked_l2_penalty(wd)
             if not torch.isfinite(loss):
                 continue
             backward_and_step(loss, optimizer, scaler, list(plan.trainable.values()), cfg.grad.grad_clip)
-            restore_frozen_values(plan)
+            plan.restore_frozen_values()
             if plan.after_step is not None:
                 plan.after_step(step)
             losses.append(float(loss.detach()))

@@ -22,11 +22,9 @@ in [0, 1).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 
-from fs_gmfl.config.fields import fail, opt
+from fs_gmfl.config.faults import FaultsConfig
 from fs_gmfl.core.seeding import generator
 
 ON_TIME = "on_time"
@@ -34,34 +32,6 @@ DROPPED_BEFORE = "dropped_before"
 DROPPED_AFTER = "dropped_after"
 LATE = "late"
 FATES = (ON_TIME, DROPPED_BEFORE, DROPPED_AFTER, LATE)
-
-
-@dataclass
-class FaultsConfig:
-    """Client dropout and stragglers with a deadline (embedded simulator only)."""
-
-    dropout_before: float = opt(0.0, "Probability that a sampled client drops out after receiving its downlink "
-                                "and before training (it never replies).", ge=0.0, le=1.0)
-    dropout_after: float = opt(0.0, "Probability that a client that trained loses its uplink (the server never "
-                               "receives it).", ge=0.0, le=1.0)
-    straggler_fraction: float = opt(0.0, "Probability that a replying client is a straggler.", ge=0.0, le=1.0)
-    straggler_delay: float = opt(0.0, "A straggler's extra simulated seconds are uniform in [0, this).", ge=0.0)
-    client_seconds: float = opt(1.0, "Simulated seconds every client needs to train and reply.", gt=0.0)
-    deadline: float = opt(0.0, "Simulated seconds after which the server closes a round and ignores later "
-                          "replies; 0 waits for every reply.", ge=0.0)
-
-    def __post_init__(self) -> None:
-        if 0.0 < self.deadline < self.client_seconds:
-            fail(self, "deadline", self.deadline, f"0 (no deadline) or at least faults.client_seconds "
-                 f"({self.client_seconds}); every client would miss it")
-        if self.straggler_fraction > 0 and self.straggler_delay == 0:
-            fail(self, "straggler_delay", self.straggler_delay, "a number > 0 when faults.straggler_fraction > 0 "
-                 "(a straggler without delay is an ordinary client)")
-
-    @property
-    def active(self) -> bool:
-        """Whether any fault can happen."""
-        return self.dropout_before > 0 or self.dropout_after > 0 or self.straggler_fraction > 0
 
 
 def client_fate(cfg: FaultsConfig, *, seed: int, rnd: int, client_id: int) -> tuple[str, float]:

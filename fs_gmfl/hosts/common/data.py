@@ -44,7 +44,7 @@ from torch import Tensor
 from fs_gmfl.config.schema import DataConfig, RunConfig
 from fs_gmfl.core.seeding import derive_seed, generator
 from fs_gmfl.errors import ConfigError, InputError
-from fs_gmfl.sim.sanity import check_partition_size, check_rows
+from fs_gmfl.hosts.common.sanity import check_partition_size, check_rows
 
 csv.field_size_limit(sys.maxsize)
 
@@ -393,7 +393,7 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, tokenizer: object
                          min_response_fraction: float = 0.25) -> FederatedData:
     """Read, tokenise, split and partition the dataset of ``cfg`` (instruction rows for ``task == 'causal_lm'``)."""
     if task == "causal_lm":
-        from fs_gmfl.sim.causal_data import instruction_pool
+        from fs_gmfl.hosts.common.causal_data import instruction_pool
 
         pool, label_names, truncation = instruction_pool(cfg, tokenizer, max_length=max_length, seed=seed,
                                                          min_response_fraction=min_response_fraction)
@@ -423,7 +423,7 @@ def _split_and_partition(cfg: DataConfig, pool: Encoded, label_names: list[str],
         shards = lda_partition(train.groups, num_clients, alpha=cfg.lda_alpha(), min_size=cfg.lda_min_size(),
                                seed=seed)
     elif cfg.splitter == "meta":
-        from fs_gmfl.sim.causal_data import meta_partition
+        from fs_gmfl.hosts.common.causal_data import meta_partition
 
         shards = meta_partition(train.groups, num_clients, seed=seed)
     else:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from fs_gmfl.core.seeding import generator
-from fs_gmfl.sim.causal_data import IGNORE_INDEX, CausalEncoded, special_ids
+from fs_gmfl.hosts.common.causal_data import IGNORE_INDEX, CausalEncoded, special_ids
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)

