@@ -17,6 +17,7 @@ from fs_gmfl.hosts.common.llm_eval import (EvalSettings, exact_match, greedy_ans
                                   response_losses)
 from fs_gmfl.hosts.common.models import build_backbone
 from fs_gmfl.hosts.sim.runner import Simulation
+from method_cases import registered_cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -217,9 +218,7 @@ def test_exact_match_counts_rows_whose_answer_equals_the_reference():
 
 
 # -- whole runs ---------------------------------------------------------------------------------------------------
-METHODS = {
-    "fedit": [],
-    "ffa_lora": ["federate.method", "ffa_lora"],
+METHODS = registered_cases(variants={
     "gmfl_fedit": ["gmfl.use", "True", "gmfl.c", "0.5", "gmfl.period", "1"],
     "gmfl_ffa_lora": ["federate.method", "ffa_lora", "gmfl.use", "True", "gmfl.c", "0.5", "gmfl.period", "1"],
     "hafl_italora": ["federate.method", "hafl", "hafl.scheme", "truncation", "hafl.profiles",
@@ -230,10 +229,7 @@ METHODS = {
                      "hafl.profiles", "[{clients: [0], rank: 1}, {clients: [1, 2], rank: 4}]"],
     "hafl_homlora": ["federate.method", "hafl", "hafl.scheme", "truncation", "hafl.profiles",
                      "[{clients: [0, 1, 2], rank: 4}]"],
-    "fedhft": ["federate.method", "fedhft", "fedhft.eval", "global"],
-    "fedkrso": ["federate.method", "fedkrso", "fedkrso.num_seeds", "2", "fedkrso.interval", "1"],
-    "fft": ["federate.method", "fft"],
-}
+})
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -15,20 +15,20 @@ from fs_gmfl.hosts.sim import checkpoint as ckpt_mod
 from fs_gmfl.hosts.common.state_tree import flatten_state, unflatten_state
 from fs_gmfl.hosts.sim.checkpoint import latest_checkpoint_dir
 from fs_gmfl.hosts.sim.runner import Simulation
+from method_cases import registered_cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-METHODS = {
-    "fedit": ["faults.dropout_before", "0.3", "faults.straggler_fraction", "0.5", "faults.straggler_delay", "2",
-              "faults.deadline", "2"],
-    "gmfl": ["gmfl.use", "True", "gmfl.c", "0.5", "gmfl.period", "1", "gmfl.downlink", "stateful_sync"],
-    "ffa_lora": ["federate.method", "ffa_lora"],
-    "hafl": ["federate.method", "hafl", "hafl.scheme", "truncation",
-             "hafl.profiles", "[{clients: [0, 1], rank: 1}, {clients: [2, 3], rank: 4}]"],
-    "fedkrso": ["federate.method", "fedkrso", "fedkrso.num_seeds", "2", "fedkrso.interval", "2"],
-    "fft": ["federate.method", "fft"],
-    "fedhft": ["federate.method", "fedhft", "data.client_val_fraction", "0.25"],
-}
+METHODS = registered_cases(
+    adjust={
+        "fedit": ["faults.dropout_before", "0.3", "faults.straggler_fraction", "0.5", "faults.straggler_delay", "2",
+                  "faults.deadline", "2"],
+        "hafl": ["hafl.scheme", "truncation",
+                 "hafl.profiles", "[{clients: [0, 1], rank: 1}, {clients: [2, 3], rank: 4}]"],
+        "fedkrso": ["fedkrso.num_seeds", "2", "fedkrso.interval", "2"],
+        "fedhft": ["fedhft.eval", "personalised", "data.client_val_fraction", "0.25"],
+    },
+    variants={"gmfl": ["gmfl.use", "True", "gmfl.c", "0.5", "gmfl.period", "1", "gmfl.downlink", "stateful_sync"]})
 #: per-round keys that measure time, not results.
 TIMING_KEYS = {"median_step_seconds", "train_seconds", "eval_seconds"}
 

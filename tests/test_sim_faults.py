@@ -19,21 +19,18 @@ from fs_gmfl.config.faults import FaultsConfig
 from fs_gmfl.hosts.common.batches import sample_clients
 from fs_gmfl.hosts.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, LATE, ON_TIME, client_fate, round_fates
 from fs_gmfl.hosts.sim.runner import Simulation
+from method_cases import registered_cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FAULTS = ["faults.dropout_before", "0.4", "faults.dropout_after", "0.2", "faults.straggler_fraction", "0.5",
           "faults.straggler_delay", "2", "faults.deadline", "2"]
-METHODS = {
-    "fedit": [],
-    "ffa_lora": ["federate.method", "ffa_lora"],
-    "gmfl": ["gmfl.use", "True", "gmfl.c", "0.5", "gmfl.period", "1"],
-    "gmfl_stateful": ["gmfl.use", "True", "gmfl.c", "0.5", "gmfl.period", "1", "gmfl.downlink", "stateful_sync"],
-    "hafl": ["federate.method", "hafl"],
-    "fedkrso": ["federate.method", "fedkrso", "fedkrso.num_seeds", "2", "fedkrso.interval", "2"],
-    "fft": ["federate.method", "fft"],
-    "fedhft": ["federate.method", "fedhft", "fedhft.eval", "global"],
-}
+METHODS = registered_cases(
+    adjust={"fedkrso": ["fedkrso.interval", "2"]},
+    variants={
+        "gmfl": ["gmfl.use", "True", "gmfl.c", "0.5", "gmfl.period", "1"],
+        "gmfl_stateful": ["gmfl.use", "True", "gmfl.c", "0.5", "gmfl.period", "1", "gmfl.downlink", "stateful_sync"],
+    })
 
 
 def draws(cfg, seed: int) -> dict[int, dict[int, tuple[str, float]]]:

@@ -124,3 +124,16 @@ def test_unknown_method_in_build_names_the_known_ones():
     """spec_of: a KeyError listing the registered methods."""
     with pytest.raises(KeyError, match=r"no method registered as 'nope' \(known: \['fedhft'"):
         registry.spec_of("nope")
+
+
+def test_scenario_tables_cover_a_plugin_method(toy_from_entry_point):
+    """The fault, checkpoint, validation and causal-LM scenario tables are built from the registry, so a
+    method registered by a plug-in gets a case with its declared example overrides, without editing them."""
+    from tests.method_cases import registered_cases
+
+    cases = registered_cases(adjust={"fedkrso": ["fedkrso.interval", "2"]}, variants={"gmfl": ["gmfl.use", "True"]})
+    toy = next(spec for spec in registry.method_specs() if spec.name == "toy_head")
+    assert cases["toy_head"] == list(toy.example_overrides) and toy.example_overrides
+    assert cases["fedkrso"][-2:] == ["fedkrso.interval", "2"] and cases["gmfl"] == ["gmfl.use", "True"]
+    with pytest.raises(KeyError, match="unregistered"):
+        registered_cases(adjust={"no_such_method": []})

@@ -21,18 +21,13 @@ from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply, pack_bits, unpack_
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
 from fs_gmfl.hosts.sim.runner import Simulation
 from tests.conftest import tiny_config
+from method_cases import registered_cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-METHODS = {
-    "fedit": [],
-    "ffa_lora": ["federate.method", "ffa_lora"],
-    "gmfl": ["gmfl.use", "True", "gmfl.c", "0.5", "gmfl.period", "1"],
-    "hafl": ["federate.method", "hafl"],
-    "fedkrso": ["federate.method", "fedkrso", "fedkrso.num_seeds", "3", "fedkrso.interval", "1"],
-    "fft": ["federate.method", "fft"],
-    "fedhft": ["federate.method", "fedhft", "fedhft.eval", "global"],
-}
+METHODS = registered_cases(
+    adjust={"fedkrso": ["fedkrso.num_seeds", "3"]},
+    variants={"gmfl": ["gmfl.use", "True", "gmfl.c", "0.5", "gmfl.period", "1"]})
 GOOD, BAD = 0, 1
 
 
