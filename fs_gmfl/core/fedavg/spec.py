@@ -18,12 +18,13 @@ def build_lora_fedavg(ctx: MethodContext) -> Method:
 
 
 FEDIT = MethodSpec(
-    name="fedit", aliases=("fedavg",), build=build_lora_fedavg, gmfl_base=True,
+    name="fedit", aliases=("fedavg",), build=build_lora_fedavg, gmfl_base=True, gmfl_stateful_sync=True,
+    client_weighting=True,
     summary="FedAvg of the LoRA factors A and B (FedIT); 'fedavg' is an alias",
     estimate="fs_gmfl.comm_estimate:estimate_lora_fedavg",
     example_overrides=("federate.method", "fedit"))
 FFA_LORA = MethodSpec(
-    name="ffa_lora", build=build_lora_fedavg, gmfl_base=True,
+    name="ffa_lora", build=build_lora_fedavg, gmfl_base=True, gmfl_stateful_sync=True, client_weighting=True,
     summary="FedAvg of the LoRA B factors, A frozen at its initial value (FFA-LoRA)",
     estimate="fs_gmfl.comm_estimate:estimate_lora_fedavg",
     example_overrides=("federate.method", "ffa_lora"))
