@@ -155,7 +155,8 @@ def estimate_fedhft(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any
         kept = {m: fedhft_ops.kept_row_count(ratio, shape[0]) for m, shape in layout.shapes.items()}
 
         def uplink(pairs: tuple[Any, ...], kept: dict[str, int] = kept) -> Message:
-            return fedhft_uplink(dataclasses.replace(layout, pairs=pairs), {p.a_key: initial[p.a_key] for p in pairs},
+            a = {p.a_key: initial[p.a_key] for p in pairs}
+            return fedhft_uplink(dataclasses.replace(layout, pairs=pairs), a,
                                  {p.b_key: initial[p.b_key][: kept[p.module]] for p in pairs},
                                  {p.module: torch.arange(kept[p.module]) for p in pairs}, head, 1)
 
@@ -168,7 +169,8 @@ def estimate_fedhft(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any
             "first_round_downlink": breakdown(fedhft_downlink(head, None, level=0, seed=0))}
 
 
-def _unit_savings(cfg: RunConfig, pairs: Sequence[Any], uplink: Callable[[tuple[Any, ...]], Message]) -> dict[str, Any]:
+def _unit_savings(cfg: RunConfig, pairs: Sequence[Any],
+                  uplink: Callable[[tuple[Any, ...]], Message]) -> dict[str, Any]:
     """Under GMFL with one module per mask unit: the bytes each frozen module saves a client and the schedule.
 
     ``uplink(pairs)`` builds the client's real uplink with only ``pairs``
@@ -202,7 +204,8 @@ def estimate_hafl(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
         factors = {**downlink.tensors, **{k: initial[k] for k in strategy.head_keys}}
         selected = strategy.pending[cid]
 
-        def uplink(pairs: tuple[Any, ...], factors: dict[str, Tensor] = factors, selected: Tensor = selected) -> Message:
+        def uplink(pairs: tuple[Any, ...], factors: dict[str, Tensor] = factors,
+                   selected: Tensor = selected) -> Message:
             rows = [strategy.pairs.index(p) for p in pairs]
             return build_uplink(factors, pairs, selected[rows], rank=strategy.rank, num_samples=1,
                                 truncated=cfg.hafl.scheme == "truncation")

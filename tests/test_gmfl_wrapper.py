@@ -204,3 +204,20 @@ def test_comm_estimate_equals_the_counted_uplink_of_every_client_and_round(name,
             assert reply.message.nbytes == expected
             checked += 1
     assert checked == 8
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["hafl_truncation", "fedhft"])
+def test_resume_of_a_composition_equals_an_uninterrupted_run(name, tiny, single_thread):
+    """GMFL + HAFL / FedHFT: 2 rounds, stop, resume to 4 == 4 rounds straight (adapter bit for bit, masks, bytes)."""
+    overrides = [*COMPOSITIONS[name], *GMFL_GROWING, "federate.save_freq", "1"]
+    straight = Simulation(tiny(*overrides, "expname", "straight"), quiet=True)
+    expected = straight.run()
+    Simulation(tiny(*overrides, "expname", "resumed", "federate.total_round_num", "2"), quiet=True).run()
+    resumed = Simulation(tiny(*overrides, "expname", "resumed"), quiet=True, resume=True)
+    got = resumed.run()
+    assert resumed.checkpoint.round == 2
+    want, have = straight.method.strategy.global_adapter(), resumed.method.strategy.global_adapter()
+    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
+    assert resumed.method.strategy.masking.frozen == straight.method.strategy.masking.frozen
+    assert got["comm"] == expected["comm"] and got["final"] == expected["final"]

@@ -1,4 +1,4 @@
-"""``fs-gmfl bench gmfl``: FedIT vs FedIT+GMFL and FFA-LoRA vs FFA-LoRA+GMFL (also HAFL and FedHFT with and without GMFL).
+"""``fs-gmfl bench gmfl``: FedIT, FFA-LoRA, HAFL and FedHFT, each with and without GMFL.
 
 Pre-trained MiniLM classifier on real data (16-class health tweets by default),
 20 clients, 2 per round,
@@ -38,7 +38,8 @@ from fs_gmfl.hosts.sim.training import train_local
 #: HAFL's IFALoRA (freezing scheme, adaptive rank-1 aggregation) with the paper's 33/33/34 clients training 1/8,
 #: 1/4 and all of the rank-r components, and a trained head (FedIT trains its head too).
 HAFL_IFALORA = ["federate.method", "hafl", "hafl.scheme", "freezing", "hafl.train_head", "True", "hafl.profiles",
-                "[{share: 0.33, freeze_ratio: 0.875}, {share: 0.33, freeze_ratio: 0.75}, {share: 0.34, freeze_ratio: 0}]"]
+                "[{share: 0.33, freeze_ratio: 0.875}, {share: 0.33, freeze_ratio: 0.75}, "
+                "{share: 0.34, freeze_ratio: 0}]"]
 #: FedHFT with its default levels and one cluster, evaluated as the global model (no local validation shards).
 FEDHFT_GLOBAL = ["federate.method", "fedhft", "fedhft.eval", "global"]
 METHODS = [

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from fs_gmfl.core.gmfl import ops
 from fs_gmfl.core.gmfl.base import UnitValue

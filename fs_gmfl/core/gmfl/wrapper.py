@@ -187,8 +187,9 @@ class GMFLClient(ClientAlgorithm):
         frozen = frozenset(self._frozen_keys(message, client_state))
         base_message = Message(message.tensors, {k: v for k, v in message.control.items() if k != MASK})
         plan = self.base.prepare_excluding(model, base_message, client_state, frozen)
-        if frozen & set(plan.trainable):
-            raise RuntimeError(f"{type(self.base).__name__} would train frozen keys {sorted(frozen & set(plan.trainable))[:2]}")
+        trained_frozen = sorted(frozen & set(plan.trainable))
+        if trained_frozen:
+            raise RuntimeError(f"{type(self.base).__name__} would train frozen keys {trained_frozen[:2]}")
         plan.info[FROZEN_INFO] = frozen
         return plan
 
