@@ -25,7 +25,8 @@ BYTE_KEYS = ("uplink_bytes", "uplink_payload_bytes", "uplink_control_bytes", "do
              "downlink_payload_bytes", "downlink_control_bytes", "frozen_fraction", "frozen_numel_fraction")
 COMPOSITIONS = [
     pytest.param(["federate.method", "hafl", "hafl.scheme", "freezing", "hafl.train_head", "True", "hafl.profiles",
-                  "[{share: 0.34, freeze_ratio: 0.5}, {share: 0.66, freeze_ratio: 0}]"], id="hafl+gmfl"),
+                  "[{'share': 0.34, 'freeze_ratio': 0.5}, {'share': 0.66, 'freeze_ratio': 0.0}]"],
+                 id="hafl+gmfl"),
     pytest.param(["federate.method", "fedhft", "fedhft.eval", "global"], id="fedhft+gmfl"),
 ]
 
