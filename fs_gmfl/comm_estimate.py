@@ -10,7 +10,8 @@ Each method's spec names its estimator (:attr:`MethodSpec.estimate`); the result
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -104,18 +105,24 @@ def estimate_lora_fedavg(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str
     out: dict[str, Any] = {"profiles": profiles,
                            "per_round": per_round_totals(profiles, cfg.federate.clients_per_round())}
     if cfg.gmfl.use:
-        out["gmfl"] = gmfl_schedule_bytes(cfg, initial, uplink["bytes"])
+        candidates = mask_candidate_keys(list(initial), cfg.method)
+        out["gmfl"] = gmfl_schedule_bytes(cfg, [tensor_bytes(initial[k]) for k in candidates], uplink["bytes"])
     return out
 
 
-def gmfl_schedule_bytes(cfg: RunConfig, initial: dict[str, Tensor], base_up: int) -> dict[str, Any]:
-    """GMFL freeze schedule with per-client uplink bounds per block and the time-averaged saving."""
+def gmfl_schedule_bytes(cfg: RunConfig, unit_bytes: list[int], base_up: int) -> dict[str, Any]:
+    """GMFL freeze schedule with per-client uplink bounds per block and the time-averaged saving.
+
+    Args:
+        cfg: the run configuration (``gmfl`` section, rounds).
+        unit_bytes: the uplink bytes each mask unit costs a client (what freezing it saves).
+        base_up: the client's uplink bytes with nothing frozen.
+    """
     g = cfg.gmfl
-    candidates = mask_candidate_keys(list(initial), cfg.method)
-    sizes = sorted(tensor_bytes(initial[k]) for k in candidates)
+    sizes = sorted(unit_bytes)
     rows = gmfl_ops.schedule(cfg.federate.total_round_num, period=g.period, c=g.c, beta=g.beta,
-                             max_ratio=g.max_ratio, n=len(candidates))
-    mask_bytes = (len(candidates) + 7) // 8
+                             max_ratio=g.max_ratio, n=len(sizes))
+    mask_bytes = (len(sizes) + 7) // 8
     weighted_min = weighted_max = 0.0
     for row in rows:
         k = int(row["frozen"])
@@ -125,7 +132,7 @@ def gmfl_schedule_bytes(cfg: RunConfig, initial: dict[str, Tensor], base_up: int
         weighted_min += span * row["uplink_bytes_min"]
         weighted_max += span * row["uplink_bytes_max"]
     total_rounds = cfg.federate.total_round_num
-    return {"candidates": len(candidates), "mask_bytes": mask_bytes, "schedule": rows,
+    return {"candidates": len(sizes), "mask_bytes": mask_bytes, "schedule": rows,
             "mean_uplink_saving_min": 1 - weighted_max / (total_rounds * base_up),
             "mean_uplink_saving_max": 1 - weighted_min / (total_rounds * base_up)}
 
@@ -146,15 +153,34 @@ def estimate_fedhft(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any
     profiles: dict[str, dict[str, Any]] = {}
     for level, ratio in enumerate(cfg.fedhft.keep_ratios):
         kept = {m: fedhft_ops.kept_row_count(ratio, shape[0]) for m, shape in layout.shapes.items()}
-        uplink = fedhft_uplink(layout, {p.a_key: initial[p.a_key] for p in layout.pairs},
-                               {p.b_key: initial[p.b_key][: kept[p.module]] for p in layout.pairs},
-                               {m: torch.arange(k) for m, k in kept.items()}, head, 1)
+
+        def uplink(pairs: tuple[Any, ...], kept: dict[str, int] = kept) -> Message:
+            a = {p.a_key: initial[p.a_key] for p in pairs}
+            return fedhft_uplink(dataclasses.replace(layout, pairs=pairs), a,
+                                 {p.b_key: initial[p.b_key][: kept[p.module]] for p in pairs},
+                                 {p.module: torch.arange(kept[p.module]) for p in pairs}, head, 1)
+
         profiles[f"level_{level}"] = {
             "clients_share": levels.count(level) / len(levels), "keep_ratio": ratio,
-            "kept_rows": sum(kept.values()), "uplink": breakdown(uplink),
-            "downlink": breakdown(fedhft_downlink(head, factors, level=level, seed=0))}
+            "kept_rows": sum(kept.values()), "uplink": breakdown(uplink(layout.pairs)),
+            "downlink": breakdown(fedhft_downlink(head, factors, level=level, seed=0)),
+            **_unit_savings(cfg, layout.pairs, uplink)}
     return {"profiles": profiles, "per_round": per_round_totals(profiles, cfg.federate.clients_per_round()),
             "first_round_downlink": breakdown(fedhft_downlink(head, None, level=0, seed=0))}
+
+
+def _unit_savings(cfg: RunConfig, pairs: Sequence[Any],
+                  uplink: Callable[[tuple[Any, ...]], Message]) -> dict[str, Any]:
+    """Under GMFL with one module per mask unit: the bytes each frozen module saves a client and the schedule.
+
+    ``uplink(pairs)`` builds the client's real uplink with only ``pairs``
+    (modules) in it; a module's saving is the difference it makes.
+    """
+    if not cfg.gmfl.use:
+        return {}
+    full = uplink(tuple(pairs)).nbytes
+    unit_bytes = [full - uplink(tuple(p for p in pairs if p != frozen)).nbytes for frozen in pairs]
+    return {"gmfl_unit_uplink_bytes": unit_bytes, "gmfl": gmfl_schedule_bytes(cfg, unit_bytes, full)}
 
 
 def estimate_hafl(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
@@ -167,7 +193,7 @@ def estimate_hafl(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
     from fs_gmfl.core.hafl import HAFLStrategy, build_uplink
 
     method = build_method(MethodContext(cfg, initial))
-    strategy = method.strategy
+    strategy = getattr(method.strategy, "base", method.strategy)  # the HAFL strategy, also when GMFL wraps it
     assert isinstance(strategy, HAFLStrategy)
     profiles: dict[str, dict[str, Any]] = {}
     for row in method.info["profiles"]:
@@ -176,11 +202,18 @@ def estimate_hafl(cfg: RunConfig, initial: dict[str, Tensor]) -> dict[str, Any]:
         cid = row["client_ids"][0]
         downlink = strategy.configure_round(1, [cid])[cid]
         factors = {**downlink.tensors, **{k: initial[k] for k in strategy.head_keys}}
-        uplink = build_uplink(factors, strategy.pairs, strategy.pending[cid], rank=strategy.rank, num_samples=1,
-                              truncated=cfg.hafl.scheme == "truncation")
+        selected = strategy.pending[cid]
+
+        def uplink(pairs: tuple[Any, ...], factors: dict[str, Tensor] = factors,
+                   selected: Tensor = selected) -> Message:
+            rows = [strategy.pairs.index(p) for p in pairs]
+            return build_uplink(factors, pairs, selected[rows], rank=strategy.rank, num_samples=1,
+                                truncated=cfg.hafl.scheme == "truncation")
+
         profiles[row["name"]] = {"clients_share": row["clients"] / cfg.federate.client_num,
                                  "trained_components": row["trained_components"],
-                                 "uplink": breakdown(uplink), "downlink": breakdown(downlink)}
+                                 "uplink": breakdown(uplink(tuple(strategy.pairs))), "downlink": breakdown(downlink),
+                                 **_unit_savings(cfg, strategy.pairs, uplink)}
     return {"scheme": cfg.hafl.scheme, "aggregation": cfg.hafl.aggregation, "profiles": profiles,
             "per_round": per_round_totals(profiles, cfg.federate.clients_per_round())}
 

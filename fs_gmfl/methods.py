@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fs_gmfl.config.schema import RunConfig
+from fs_gmfl.core.gmfl.wrapper import wrap_method
 from fs_gmfl.core.protocol import Strategy
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec, method_specs, register_method, spec_of
 from fs_gmfl.core.uplinks import UplinkPolicy
@@ -24,8 +25,10 @@ def registered_methods() -> list[str]:
 
 
 def build_method(ctx: MethodContext) -> Method:
-    """Build the method selected by ``ctx.cfg``."""
+    """Build the method selected by ``ctx.cfg``, wrapped by GMFL when ``gmfl.use`` is set."""
     method = spec_of(ctx.cfg.method).builder()(ctx)
+    if ctx.cfg.gmfl.use:
+        method = wrap_method(method, ctx.cfg)
     configure_uplinks(method.strategy, ctx.cfg)
     return method
 

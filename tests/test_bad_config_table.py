@@ -58,8 +58,10 @@ TABLE = [
     (["gmfl.ema_decay", "1.0"], "gmfl.ema_decay", "(0.0, 1.0)"),
     (["gmfl.downlink", "push"], "gmfl.downlink", "'stateless', 'stateful_sync'"),
     (["gmfl.selection", "smallest"], "gmfl.selection", "'magnitude', 'random'"),
-    (["gmfl.use", "True", "federate.method", "fedhft"], "gmfl.use", "only with federate.method in"),
-    (["gmfl.use", "True", *HAFL], "gmfl.use", "False with federate.method 'hafl'"),
+    (["gmfl.use", "True", *KRSO], "gmfl.use", "False with federate.method 'fedkrso'"),
+    (["gmfl.use", "True", "federate.method", "fft"], "gmfl.use", "False with federate.method 'fft'"),
+    (["gmfl.use", "True", "gmfl.downlink", "stateful_sync", *HAFL], "gmfl.downlink",
+     "'stateless' with federate.method 'hafl'"),
     # hafl
     ([*HAFL, "hafl.scheme", "sliced"], "hafl.scheme", "'truncation', 'freezing'"),
     ([*HAFL, "hafl.beta1", "1.0"], "hafl.beta1", "(0.0, 1.0)"),

@@ -70,3 +70,16 @@ def test_methods_option_selects_in_benchmark_order_and_refuses_an_unknown_name(c
     with pytest.raises(SystemExit) as exc:
         parse_args(["--methods", "FedIT,GMFL"])
     assert exc.value.code == 2 and "unknown method 'GMFL'" in capsys.readouterr().err
+
+
+def test_predicted_saving_of_a_profiled_base_is_the_share_and_bytes_weighted_expectation(monkeypatch):
+    """Two profiles, shares 0.5 / 0.5, uplinks 100 / 300 bytes, schedule savings 20 % / 10 %: the clients keep
+    0.5 * 100 * 0.8 + 0.5 * 300 * 0.9 = 175 of 200 expected bytes, a 12.5 % saving (HAFL / FedHFT + GMFL)."""
+    import fs_gmfl.bench.gmfl as bench
+
+    def profile(up: int, saving: float) -> dict:
+        return {"clients_share": 0.5, "uplink": {"bytes": up},
+                "gmfl": {"mean_uplink_saving_min": saving, "mean_uplink_saving_max": saving}}
+
+    monkeypatch.setattr(bench, "estimate", lambda cfg: {"profiles": {"a": profile(100, 0.2), "b": profile(300, 0.1)}})
+    assert bench.predicted_saving(None) == (pytest.approx(0.125), pytest.approx(0.125))

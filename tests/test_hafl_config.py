@@ -40,7 +40,8 @@ def hafl(*overrides: str):
     (["hafl.profiles", PAPER_FREEZING, "hafl.aggregation", "fedavg"], "hafl.aggregation", "rho0.875, rho0.75"),
     (["hafl.aggregation", "zero_padding", "hafl.norm_scope", "rank1"], "hafl.norm_scope", "one weight per client"),
     (["hafl.beta1", "1.0"], "hafl.beta1", "(0.0, 1.0)"),
-    (["gmfl.use", "True"], "gmfl.use", "not supported"),
+    (["gmfl.use", "True", "gmfl.downlink", "stateful_sync"], "gmfl.downlink",
+     "'stateless' with federate.method 'hafl'"),
 ])
 def test_invalid_hafl_settings_are_rejected_at_load(overrides, key, allowed):
     """Each bad setting raises ConfigError naming the exact key and what is allowed."""

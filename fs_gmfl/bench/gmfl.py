@@ -1,4 +1,4 @@
-"""``fs-gmfl bench gmfl``: FedIT vs FedIT+GMFL and FFA-LoRA vs FFA-LoRA+GMFL.
+"""``fs-gmfl bench gmfl``: FedIT, FFA-LoRA, HAFL and FedHFT, each with and without GMFL.
 
 Pre-trained MiniLM classifier on real data (16-class health tweets by default),
 20 clients, 2 per round,
@@ -35,16 +35,29 @@ from fs_gmfl.hosts.common.data import federated_data_for
 from fs_gmfl.hosts.common.models import build_backbone, load_tokenizer
 from fs_gmfl.hosts.sim.training import train_local
 
+#: HAFL's IFALoRA (freezing scheme, adaptive rank-1 aggregation) with the paper's 33/33/34 clients training 1/8,
+#: 1/4 and all of the rank-r components, and a trained head (FedIT trains its head too).
+HAFL_IFALORA = ["federate.method", "hafl", "hafl.scheme", "freezing", "hafl.train_head", "True", "hafl.profiles",
+                "[{share: 0.33, freeze_ratio: 0.875}, {share: 0.33, freeze_ratio: 0.75}, "
+                "{share: 0.34, freeze_ratio: 0}]"]
+#: FedHFT with its default levels and one cluster, evaluated as the global model (no local validation shards).
+FEDHFT_GLOBAL = ["federate.method", "fedhft", "fedhft.eval", "global"]
 METHODS = [
     ("FedIT", ["federate.method", "fedit"]),
     ("FedIT+GMFL", ["federate.method", "fedit", "gmfl.use", "True"]),
     ("FFA-LoRA", ["federate.method", "ffa_lora"]),
     ("FFA-LoRA+GMFL", ["federate.method", "ffa_lora", "gmfl.use", "True"]),
     ("FedIT+GMFL(random)", ["federate.method", "fedit", "gmfl.use", "True", "gmfl.selection", "random"]),
+    ("HAFL", HAFL_IFALORA),
+    ("HAFL+GMFL", [*HAFL_IFALORA, "gmfl.use", "True"]),
+    ("FedHFT", FEDHFT_GLOBAL),
+    ("FedHFT+GMFL", [*FEDHFT_GLOBAL, "gmfl.use", "True"]),
 ]
-#: the methods run by default (the random-selection ablation is opt-in through ``--methods``).
+#: the methods run by default (the random-selection ablation and the HAFL / FedHFT compositions are opt-in
+#: through ``--methods``).
 DEFAULT_METHODS = ("FedIT", "FedIT+GMFL", "FFA-LoRA", "FFA-LoRA+GMFL")
-BASE_OF = {"FedIT+GMFL": "FedIT", "FFA-LoRA+GMFL": "FFA-LoRA", "FedIT+GMFL(random)": "FedIT"}
+BASE_OF = {"FedIT+GMFL": "FedIT", "FFA-LoRA+GMFL": "FFA-LoRA", "FedIT+GMFL(random)": "FedIT", "HAFL+GMFL": "HAFL",
+           "FedHFT+GMFL": "FedHFT"}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -73,7 +86,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--tok-len", type=int, default=48)
     p.add_argument("--eval-freq", type=int, default=4)
     p.add_argument("--timing-steps", type=int, default=12, help="steps per timing block")
-    p.add_argument("--timing-repeats", type=int, default=5, help="interleaved timing blocks per variant")
+    p.add_argument("--timing-repeats", type=int, default=5,
+                   help="interleaved timing blocks per variant (0 skips the step-time micro-benchmark)")
     p.add_argument("--out", default="bench_out/gmfl")
     p.add_argument("--quick", action="store_true", help="a small smoke version (8 rounds, 1 seed)")
     args = p.parse_args(list(argv))
@@ -109,9 +123,22 @@ def common_overrides(args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def predicted_saving(cfg: RunConfig) -> tuple[float, float]:
-    """Time-averaged uplink saving the freeze schedule predicts (bounds; equal when tensors have equal sizes)."""
-    gm = estimate(cfg)["gmfl"]
-    return gm["mean_uplink_saving_min"], gm["mean_uplink_saving_max"]
+    """Time-averaged uplink saving the freeze schedule predicts (bounds; equal when units have equal sizes).
+
+    For methods with client profiles (HAFL, FedHFT) the saving is the expectation over the profiles' shares:
+    ``1 - sum_p share_p up_p (1 - s_p) / sum_p share_p up_p``.
+    """
+    result = estimate(cfg)
+    if "gmfl" in result:
+        gm = result["gmfl"]
+        return gm["mean_uplink_saving_min"], gm["mean_uplink_saving_max"]
+    profiles = result["profiles"].values()
+    total = sum(p["clients_share"] * p["uplink"]["bytes"] for p in profiles)
+    bounds = []
+    for key in ("mean_uplink_saving_min", "mean_uplink_saving_max"):
+        kept = sum(p["clients_share"] * p["uplink"]["bytes"] * (1 - p["gmfl"][key]) for p in profiles)
+        bounds.append(1 - kept / total)
+    return bounds[0], bounds[1]
 
 
 def step_time_benchmark(overrides: Sequence[str], *, steps: int, repeats: int,
@@ -188,8 +215,10 @@ def main(argv: Sequence[str]) -> int:
                                             log=progress))
     predicted = {name: predicted_saving(load_config(None, [*common, *extra]))
                  for name, extra in methods if name in BASE_OF}
-    progress("[bench gmfl] step-time micro-benchmark")
-    timing = step_time_benchmark(common, steps=args.timing_steps, repeats=args.timing_repeats)
+    timing = {}
+    if args.timing_repeats > 0:
+        progress("[bench gmfl] step-time micro-benchmark")
+        timing = step_time_benchmark(common, steps=args.timing_steps, repeats=args.timing_repeats)
     header = ["method", "final test acc % (mean ± std)", "best test acc %", "uplink MiB (total)",
               "uplink saving (measured)", "saving predicted by schedule", "frozen fraction at end",
               "median step ms (runs)"]
@@ -208,7 +237,9 @@ def main(argv: Sequence[str]) -> int:
                                       "timing": timing, "runs": {n: [{k: s[k] for k in ("final", "comm", "timing",
                                                                                          "per_round")}
                                                                      for s in v] for n, v in results.items()}})
-    text = f"{table}\n\nLocal step time with and without masks (interleaved, one model):\n\n{timing_table}\n"
+    text = f"{table}\n"
+    if timing:
+        text += f"\nLocal step time with and without masks (interleaved, one model):\n\n{timing_table}\n"
     (out / "table.md").write_text(text, encoding="utf-8")
     print(text)
     progress(f"[bench gmfl] wrote {out / 'results.json'}, {out / 'table.md'}, {plot}")

@@ -17,7 +17,7 @@ from typing import Any
 
 from fs_gmfl.config.fields import fail, opt
 from fs_gmfl.core.gmfl.config import GMFLConfig
-from fs_gmfl.core.registry import MethodNames, canonical_name, gmfl_bases, method_specs, spec_of
+from fs_gmfl.core.registry import MethodNames, canonical_name, gmfl_bases, method_specs, methods_where, spec_of
 from fs_gmfl.core.uplinks import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_RATIO, DEFAULT_UPDATE_RMS_FLOOR
 from fs_gmfl.config.faults import FaultsConfig
 
@@ -313,9 +313,14 @@ class _RunConfigBase:
         if self.gmfl.use and not spec.gmfl_base:
             fail(self, "gmfl.use", True, spec.gmfl_refusal or f"only with federate.method in {bases} "
                  f"(got '{self.federate.method}')")
-        if self.federate.client_weight != "shard_size" and not spec.gmfl_base:
+        if self.gmfl.use and self.gmfl.downlink == "stateful_sync" and not spec.gmfl_stateful_sync:
+            fail(self, "gmfl.downlink", "stateful_sync", f"'stateless' with federate.method '{self.federate.method}' "
+                 f"(only {methods_where('gmfl_stateful_sync')} clients cache the adapter; this method's downlinks "
+                 "are rebuilt every round)")
+        if self.federate.client_weight != "shard_size" and not spec.client_weighting:
             fail(self, "federate.client_weight", self.federate.client_weight,
-                 f"'shard_size' with federate.method '{self.federate.method}' (the rule applies to {bases})")
+                 f"'shard_size' with federate.method '{self.federate.method}' (the rule applies to "
+                 f"{methods_where('client_weighting')})")
         if not self.llm.adapter.use:
             fail(self, "llm.adapter.use", False, f"True for federate.method '{self.federate.method}'")
         if spec.config_section is not None and not hasattr(self, spec.config_section):

@@ -139,9 +139,13 @@ class MethodSpec:
         estimate: the ``fs-gmfl comm`` estimator (``None``: not supported).
         hosts: hosts that can run it (``"sim"``, ``"fs"``).
         trains_backbone: trains full backbone weights (not an adapter).
-        gmfl_base: ``gmfl.use`` may wrap it (GMFL masks whole adapter tensors).
+        gmfl_base: ``gmfl.use`` may wrap it: its strategy and client implement
+            :mod:`fs_gmfl.core.gmfl.base` (mask units, exclusion of frozen units).
         gmfl_refusal: why ``gmfl.use`` is refused with this method, if the
             generic "only with federate.method in ..." says too little.
+        gmfl_stateful_sync: its clients can cache the adapter, so
+            ``gmfl.downlink: stateful_sync`` may send only changed tensors.
+        client_weighting: its FedAvg weight follows ``federate.client_weight``.
         host_defaults: FederatedScope defaults that differ from the schema's, by key.
         check_host_config: extra checks on a FederatedScope config.
         example_overrides: ``KEY VALUE`` overrides that select the method in a
@@ -160,6 +164,8 @@ class MethodSpec:
     trains_backbone: bool = False
     gmfl_base: bool = False
     gmfl_refusal: str = ""
+    gmfl_stateful_sync: bool = False
+    client_weighting: bool = False
     host_defaults: Mapping[str, Any] = field(default_factory=dict)
     check_host_config: HostCheck | str | None = None
     example_overrides: tuple[str, ...] = ()
@@ -313,3 +319,8 @@ class MethodNames(Sequence[str]):
 def gmfl_bases() -> tuple[str, ...]:
     """``federate.method`` values GMFL can wrap (names and aliases)."""
     return tuple(label for spec in method_specs() if spec.gmfl_base for label in spec.names)
+
+
+def methods_where(flag: str) -> tuple[str, ...]:
+    """``federate.method`` values (names and aliases) whose spec sets the boolean field ``flag``."""
+    return tuple(label for spec in method_specs() if getattr(spec, flag) for label in spec.names)

@@ -1,4 +1,4 @@
-"""Client side of FedIT / FFA-LoRA (+GMFL): load, freeze, train, upload the trainable tensors."""
+"""Client side of FedIT / FFA-LoRA (a GMFL base): load, train the trainable tensors, upload them."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ from torch import nn
 
 from fs_gmfl.core.adapter import adapter_parameters, load_adapter_tensors
 from fs_gmfl.core.fedavg.strategy import base_trainable_keys
-from fs_gmfl.core.fedavg.wire import MASK
-from fs_gmfl.core.message import NUM_SAMPLES, Message, samples_tensor, unpack_bits
+from fs_gmfl.core.message import NUM_SAMPLES, Message, samples_tensor
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats
 from fs_gmfl.errors import InputError
 
 ADAPTER_CACHE = "adapter"
-MASK_CACHE = "mask"
 
 
 def processed_samples_cap(rule: str, *, batch_size: int, local_steps: int, batch_or_epoch: str) -> int | None:
@@ -35,15 +33,17 @@ def processed_samples_cap(rule: str, *, batch_size: int, local_steps: int, batch
 
 
 class LoraClient(ClientAlgorithm):
-    """Trains the base-trainable adapter tensors the server's mask leaves trainable.
+    """Trains the base-trainable adapter tensors that are not frozen, and uploads exactly those.
 
-    Frozen tensors are excluded from the plan, so the host gives them no
-    gradient and no optimiser state, they stay bit-identical and they are not
-    uploaded.
+    Frozen tensors (GMFL, :meth:`prepare_excluding`) are left out of the plan,
+    so the host gives them no gradient and no optimiser state, they stay
+    bit-identical and they are not uploaded.
 
     Args:
         variant: ``"fedit"`` or ``"ffa_lora"``.
-        candidate_keys: the mask's key order (empty when GMFL is off).
+        candidate_keys: kept for callers of the pre-wrapper API: non-empty,
+            the constructor returns ``GMFLClient(LoraClient(...), {k: (k,)})``
+            reading the mask over these keys.
         stateful: the client caches the adapter between rounds
             (``gmfl.downlink: stateful_sync``).
         samples_cap: the reported sample count (the FedAvg weight) is
@@ -51,15 +51,28 @@ class LoraClient(ClientAlgorithm):
             (see :func:`processed_samples_cap`).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        candidate_keys = args[1] if len(args) > 1 else kwargs.pop("candidate_keys", ())
+        if not candidate_keys:
+            return super().__new__(cls)
+        from fs_gmfl.core.gmfl.wrapper import GMFLClient
+
+        return GMFLClient(cls(args[0], **kwargs), {k: (k,) for k in candidate_keys},
+                          cache_mask=bool(kwargs.get("stateful")))
+
     def __init__(self, variant: str, candidate_keys: Sequence[str] = (), *, stateful: bool = False,
                  samples_cap: int | None = None) -> None:
         self.variant = variant
-        self.candidate_keys = list(candidate_keys)
         self.stateful = stateful
         self.samples_cap = samples_cap
 
     def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
-        """Load the (cached + received) adapter, read the mask, list the trainable parameters."""
+        """Load the (cached + received) adapter and list the trainable parameters."""
+        return self.prepare_excluding(model, message, client_state, frozenset())
+
+    def prepare_excluding(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any],
+                          frozen: frozenset[str]) -> LocalPlan:
+        """:meth:`prepare` with the keys ``frozen`` neither trained nor uploaded (GMFL base interface)."""
         params = adapter_parameters(model)
         tensors = dict(message.tensors)
         if self.stateful:
@@ -70,20 +83,8 @@ class LoraClient(ClientAlgorithm):
         if missing:
             raise InputError(f"downlink lacks {len(missing)} adapter tensors, e.g. '{missing[0]}'")
         load_adapter_tensors(model, tensors)
-        frozen = self._frozen_keys(message, client_state)
         keys = [k for k in base_trainable_keys(list(params), self.variant) if k not in frozen]
         return LocalPlan(model=model, trainable={k: params[k] for k in keys})
-
-    def _frozen_keys(self, message: Message, client_state: MutableMapping[str, Any]) -> set[str]:
-        if MASK in message.control:
-            flags = unpack_bits(message.control[MASK], len(self.candidate_keys)).tolist()
-            if self.stateful:
-                client_state[MASK_CACHE] = flags
-        elif self.stateful and MASK_CACHE in client_state:
-            flags = client_state[MASK_CACHE]
-        else:
-            return set()
-        return {k for k, trainable in zip(self.candidate_keys, flags) if not trainable}
 
     def finish(self, plan: LocalPlan, stats: TrainStats, client_state: MutableMapping[str, Any]) -> Message:
         """Upload the trained tensors and the sample count (capped by ``samples_cap``)."""

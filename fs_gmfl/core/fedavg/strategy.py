@@ -1,31 +1,33 @@
-"""FedIT / FFA-LoRA server strategy, optionally wrapped by GMFL global masking.
+"""FedIT / FFA-LoRA server strategy, a GMFL base.
 
 * FedIT (Zhang et al., "Towards Building the Federated GPT", ICASSP 2024):
   sample-weighted FedAvg of every LoRA factor and the head.
 * FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated
   Learning", ICLR 2024): ``lora_A`` stays at its shared initial value; only
   ``lora_B`` and the head are trained and averaged.
-* + GMFL (Huang et al., ACL 2026): candidate LoRA tensors (all LoRA tensors
-  for FedIT, ``lora_B`` for FFA-LoRA) frozen by :class:`GlobalMasking` are not
-  trained, not uploaded and keep their global value.
+* As a GMFL base (:mod:`fs_gmfl.core.gmfl.base`): every candidate LoRA tensor
+  is its own mask unit (all LoRA tensors for FedIT, ``lora_B`` for FFA-LoRA;
+  FedAvg averages each tensor on its own, as the GMFL reference code masks
+  them); frozen tensors are not expected in uplinks and keep their global value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from fs_gmfl.core.adapter import LORA_A, LORA_B, kind_of
 from fs_gmfl.core.fedavg.ops import weighted_average
-from fs_gmfl.core.fedavg.wire import MASK
-from fs_gmfl.core.gmfl.strategy import GlobalMasking
-from fs_gmfl.core.message import Message, Reply, pack_bits
+from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import RoundReport
 from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, like_on_wire
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_tensors
+
+if TYPE_CHECKING:
+    from fs_gmfl.core.gmfl.strategy import GlobalMasking
 
 VARIANTS = ("fedit", "ffa_lora")
 
@@ -44,69 +46,85 @@ def mask_candidate_keys(keys: Sequence[str], variant: str) -> list[str]:
 
 
 class LoraFedAvg(ScreenedStrategy):
-    """Sample-weighted FedAvg of LoRA adapters, with optional GMFL masks.
+    """Sample-weighted FedAvg of LoRA adapters; a GMFL base (one tensor per mask unit).
 
     Args:
         initial: the initial global adapter (LoRA factors and head).
         variant: ``"fedit"`` or ``"ffa_lora"``.
-        masking: a :class:`GlobalMasking` to enable GMFL, or ``None``.
         downlink: ``"stateless"`` (full adapter to every sampled client) or
-            ``"stateful_sync"`` (only tensors changed since the client's last sync).
+            ``"stateful_sync"`` (only tensors changed since the client's last
+            sync; clients cache the adapter, ``gmfl.downlink``).
         max_abs: uploads with a larger absolute entry are rejected (``policy.max_abs``).
+        masking: kept for callers of the pre-wrapper API: with a
+            :class:`~fs_gmfl.core.gmfl.strategy.GlobalMasking` the constructor
+            returns ``GMFLStrategy(LoraFedAvg(...), masking)``.
 
     Attributes:
         policy: the uplink bounds (:class:`~fs_gmfl.core.uplinks.UplinkPolicy`).
+        frozen: keys GMFL froze (:meth:`set_frozen`).
     """
+
+    def __new__(cls, *args: Any, masking: GlobalMasking | None = None, **kwargs: Any) -> Any:
+        if masking is None:
+            return super().__new__(cls)
+        from fs_gmfl.core.gmfl.wrapper import GMFLStrategy
+
+        sync = "stateful_sync" if kwargs.get("downlink") == "stateful_sync" else "stateless"
+        return GMFLStrategy(cls(*args, **kwargs), masking, mask_sync=sync)
 
     def __init__(
         self,
         initial: Mapping[str, Tensor],
         *,
         variant: str = "fedit",
-        masking: GlobalMasking | None = None,
         downlink: str = "stateless",
         max_abs: float = DEFAULT_MAX_ABS,
+        masking: None = None,
     ) -> None:
-        self.name = variant + ("+gmfl" if masking is not None else "")
+        self.name = variant
         self.variant = variant
         self.global_state = {k: v.detach().clone() for k, v in initial.items()}
         self.keys = list(self.global_state)
         self.base_trainable = base_trainable_keys(self.keys, variant)
-        self.masking = masking
         self.downlink = downlink
         self.policy = UplinkPolicy(max_abs=max_abs)
         self.gate = ReplyGate()
+        self.frozen: frozenset[str] = frozenset()
         self.changed_at = {k: 0 for k in self.keys}
-        self.client_sync: dict[int, tuple[int, int]] = {}
+        self.client_sync: dict[int, int] = {}
 
     def trainable_keys(self) -> list[str]:
         """Keys clients train this round (base-trainable and not frozen)."""
-        if self.masking is None:
-            return list(self.base_trainable)
-        return [k for k in self.base_trainable if self.masking.is_trainable(k)]
+        return [k for k in self.base_trainable if k not in self.frozen]
+
+    # -- GMFL base (fs_gmfl.core.gmfl.base) ----------------------------------------------------
+    def mask_units(self) -> dict[str, tuple[str, ...]]:
+        """Every candidate LoRA tensor is its own unit, named by its key (FedAvg averages tensors independently)."""
+        return {k: (k,) for k in mask_candidate_keys(self.keys, self.variant)}
+
+    def unit_values(self) -> dict[str, Tensor]:
+        """Each unit's global tensor (replaced, never modified in place, by aggregation)."""
+        return {k: self.global_state[k] for k in mask_candidate_keys(self.keys, self.variant)}
+
+    def set_frozen(self, keys: frozenset[str]) -> None:
+        """Frozen tensors are not expected in uplinks and keep their global value."""
+        self.frozen = frozenset(keys)
 
     # -- downlink ----------------------------------------------------------------------------
     def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
-        """Full adapter (stateless) or the stale tensors (stateful), plus the mask when one exists."""
+        """Full adapter (stateless) or the tensors changed since the client's last sync (stateful)."""
         self.gate.open(rnd, clients)
         return {cid: self._downlink(rnd, cid) for cid in clients}
 
     def _downlink(self, rnd: int, cid: int) -> Message:
-        mask_version = self.masking.version if self.masking is not None else 0
         synced = self.client_sync.get(cid) if self.downlink == "stateful_sync" else None
-        if synced is None:
-            keys = self.keys
-            send_mask = self.masking is not None and self.masking.refreshes > 0
-        else:
-            keys = [k for k in self.keys if self.changed_at[k] > synced[0]]
-            send_mask = self.masking is not None and mask_version != synced[1]
-        self.client_sync[cid] = (rnd - 1, mask_version)
-        control = {MASK: pack_bits(self.masking.trainable_flags())} if send_mask else {}
-        return Message({k: self.global_state[k].clone() for k in keys}, control)
+        keys = self.keys if synced is None else [k for k in self.keys if self.changed_at[k] > synced]
+        self.client_sync[cid] = rnd - 1
+        return Message({k: self.global_state[k].clone() for k in keys})
 
     # -- aggregation -------------------------------------------------------------------------
     def fold(self, rnd: int, screened: list[tuple[Reply, None]], report: RoundReport) -> None:
-        """FedAvg over trainable keys; frozen keys keep their value; then maybe refresh the mask."""
+        """FedAvg over trainable keys; frozen keys keep their value."""
         trainable = self.trainable_keys()
         accepted = [reply for reply, _ in screened]
         old = self.global_state
@@ -118,9 +136,6 @@ class LoraFedAvg(ScreenedStrategy):
                 if not torch.equal(new[k], old[k]):
                     self.changed_at[k] = rnd
             self.global_state = new
-        if self.masking is not None:
-            updated = bool(accepted)
-            self.masking.observe(rnd, old if updated else None, self.global_state if updated else None)
 
     def check_reply(self, reply: Reply) -> str | None:
         """Why an uplink is unacceptable: its tensors (exactly the trainable keys, wire dtype) or their change."""
@@ -138,22 +153,15 @@ class LoraFedAvg(ScreenedStrategy):
         return {k: v.clone() for k, v in self.global_state.items()}
 
     def round_metrics(self) -> dict[str, float]:
-        """Frozen fraction of mask candidates (by count and by elements)."""
-        if self.masking is None:
-            return {"frozen_fraction": 0.0, "frozen_numel_fraction": 0.0}
-        cand = self.masking.candidate_keys
-        total = sum(self.global_state[k].numel() for k in cand)
-        frozen = sum(self.global_state[k].numel() for k in cand if k in self.masking.frozen)
-        return {"frozen_fraction": self.masking.frozen_fraction, "frozen_numel_fraction": frozen / total,
-                "freeze_ratio": self.masking.ratio}
+        """Nothing frozen (the GMFL wrapper reports its own fractions)."""
+        return {"frozen_fraction": 0.0, "frozen_numel_fraction": 0.0}
 
     def state_dict(self) -> dict[str, Any]:
-        """Global tensors, change rounds, client sync table and the masking state."""
+        """Global tensors, change rounds and the client sync table (the round of each client's last sync)."""
         return {
             "global": self.global_adapter(),
             "changed_at": dict(self.changed_at),
-            "client_sync": {int(c): list(v) for c, v in self.client_sync.items()},
-            "masking": self.masking.state_dict() if self.masking is not None else None,
+            "client_sync": {int(c): int(v) for c, v in self.client_sync.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -162,6 +170,4 @@ class LoraFedAvg(ScreenedStrategy):
             raise ValueError("checkpoint adapter keys do not match this model")
         self.global_state = {k: state["global"][k].clone() for k in self.keys}
         self.changed_at = {k: int(state["changed_at"][k]) for k in self.keys}
-        self.client_sync = {int(c): (int(v[0]), int(v[1])) for c, v in state["client_sync"].items()}
-        if self.masking is not None:
-            self.masking.load_state_dict(state["masking"])
+        self.client_sync = {int(c): int(v) for c, v in state["client_sync"].items()}

@@ -14,6 +14,7 @@ restores what :meth:`FedHFTClient.prepare` changed (backbone weights, swapped
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_adapter
 from fs_gmfl.core.fedhft.layers import RowSubsetLinear
 from fs_gmfl.core.fedhft.wire import LEVEL, SEED, AdapterLayout, uplink_message
 from fs_gmfl.core.fedhft.ops import kept_row_count, row_energies, top_rows
+from fs_gmfl.core.gmfl.base import whole_units
 from fs_gmfl.core.message import Message
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats
 from fs_gmfl.errors import InputError
@@ -37,7 +39,10 @@ SESSION = "fedhft_session"
 
 @dataclass
 class _Session:
-    """What :meth:`FedHFTClient.prepare` changed on the shared model, undone by :meth:`restore`."""
+    """What :meth:`FedHFTClient.prepare` changed on the shared model, undone by :meth:`restore`.
+
+    ``layout`` lists the modules this client trains and uploads (all but GMFL's frozen ones).
+    """
 
     layout: AdapterLayout
     keep: dict[str, int]
@@ -81,11 +86,24 @@ class FedHFTClient(ClientAlgorithm):
     # -- prepare -------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
         """Merge the personalised start, load the head, re-initialise the LoRA; list what to train."""
+        return self.prepare_excluding(model, message, client_state, frozenset())
+
+    def prepare_excluding(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any],
+                          frozen: frozenset[str]) -> LocalPlan:
+        """:meth:`prepare` without the modules whose ``A`` and ``B`` are in ``frozen`` (GMFL base interface).
+
+        A frozen module still gets its personalised start merged and a fresh
+        LoRA with ``B = 0``; untrained, that LoRA adds nothing, and the uplink
+        leaves out its ``A``, ``B`` rows and row encoding.
+        """
         layout = AdapterLayout.of(adapter_state(model))
         keep_ratio = self._keep_ratio(message)
         factors = self._check_downlink(message, layout)
         gen = torch.Generator().manual_seed(int(message.control[SEED]))
-        session = _Session(layout, {p.module: kept_row_count(keep_ratio, layout.shapes[p.module][0])
+        frozen_modules = set(whole_units([(p.a_key, p.b_key) for p in layout.pairs], frozen, method="FedHFT"))
+        trained = dataclasses.replace(layout, pairs=tuple(p for i, p in enumerate(layout.pairs)
+                                                          if i not in frozen_modules))
+        session = _Session(trained, {p.module: kept_row_count(keep_ratio, layout.shapes[p.module][0])
                                     for p in layout.pairs},
                            {p.module: float(model.get_submodule(p.module).scaling[ADAPTER]) for p in layout.pairs})
         try:
@@ -96,7 +114,7 @@ class FedHFTClient(ClientAlgorithm):
         params = adapter_parameters(model)
         if self.mask_score == "fisher":
             self._track_fisher(params, session)
-        trainable = [k for p in layout.pairs for k in (p.a_key, p.b_key)] + list(layout.head_keys)
+        trainable = [k for p in trained.pairs for k in (p.a_key, p.b_key)] + list(layout.head_keys)
         return LocalPlan(model=model, trainable={k: params[k] for k in trainable}, info={SESSION: session})
 
     def _keep_ratio(self, message: Message) -> float:

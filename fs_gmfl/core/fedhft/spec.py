@@ -75,6 +75,7 @@ def check_fs_run(lookup: Callable[[str], Any]) -> None:
 
 FEDHFT = MethodSpec(
     name="fedhft", build=build_fedhft, config_section="fedhft", config_class=FedHFTConfig, check_config=check_run,
+    gmfl_base=True,
     summary="clustered, resource-masked LoRA with per-cluster cumulative updates (FedHFT)",
     estimate="fs_gmfl.comm_estimate:estimate_fedhft",
     host_defaults={"fedhft.eval": "global"}, check_host_config=check_fs_run,

@@ -16,10 +16,20 @@ Per round (spec §4, with the released code's defects fixed, §10):
 * after round ``r > cluster_warmup_rounds`` (K > 1): a Gaussian mixture on
   the participants' uploaded heads (or LoRA factors, optionally PCA-reduced)
   gives their new memberships, aligned to the previous cluster numbering.
+
+As a GMFL base (:mod:`fs_gmfl.core.gmfl.base`) a mask unit is one adapted
+module: FedHFT merges ``B A`` into the backbone, masks rows of ``ΔW = s B A``
+and re-factorises per-module cluster updates, so ``A``, ``B`` and the row
+encoding of a module only mean something together. GMFL's statistic for a
+module is the L1 change of its cumulative updates ``G_j`` summed over the
+clusters; a frozen module is still sent in the personalised downlink, is not
+trained or uploaded (no ``A``, ``B`` rows or row encoding) and its ``G_j``
+keep their value. Heads are never units.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +40,7 @@ from torch import Tensor
 from fs_gmfl.core.fedhft import ops
 from fs_gmfl.core.fedhft.config import FedHFTConfig
 from fs_gmfl.core.fedhft.wire import AdapterLayout, ParsedUplink, downlink_message, parse_uplink
+from fs_gmfl.core.gmfl.base import whole_units
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import RoundReport
 from fs_gmfl.core.seeding import derive_seed
@@ -72,6 +83,7 @@ class FedHFTStrategy(ScreenedStrategy):
                  seed: int = 0, max_abs: float = DEFAULT_MAX_ABS) -> None:
         self.config = config
         self.layout = AdapterLayout.of(initial)
+        self.upload_layout = self.layout  # the modules clients upload: all but those GMFL froze
         self.num_clients = num_clients
         self.scaling = float(scaling)
         self.seed = seed
@@ -87,6 +99,22 @@ class FedHFTStrategy(ScreenedStrategy):
         self.levels = ops.assign_levels(num_clients, config.levels.client_share, seed=derive_seed(seed, "levels"))
         self.rounds_aggregated = 0
         self.last_metrics: dict[str, float] = {}
+
+    # -- GMFL base (fs_gmfl.core.gmfl.base) ----------------------------------------------------
+    def mask_units(self) -> dict[str, tuple[str, ...]]:
+        """One unit per adapted module: its ``A`` and ``B`` (and with them its row encoding)."""
+        return {p.module: (p.a_key, p.b_key) for p in self.layout.pairs}
+
+    def unit_values(self) -> dict[str, tuple[Tensor, ...]]:
+        """Each module's cumulative update in every cluster (copies: aggregation adds in place)."""
+        return {p.module: tuple(c[p.module].clone() for c in self.cumulative) for p in self.layout.pairs}
+
+    def set_frozen(self, keys: frozenset[str]) -> None:
+        """Modules whose ``A`` and ``B`` are in ``keys`` are no longer uploaded or folded into the clusters."""
+        pairs = self.layout.pairs
+        frozen = set(whole_units([(p.a_key, p.b_key) for p in pairs], keys, method="FedHFT"))
+        self.upload_layout = dataclasses.replace(self.layout, pairs=tuple(p for i, p in enumerate(pairs)
+                                                                          if i not in frozen))
 
     # -- personalised models -------------------------------------------------------------------
     def kept_rows(self, client_id: int) -> dict[str, int]:
@@ -158,7 +186,7 @@ class FedHFTStrategy(ScreenedStrategy):
         """The parsed upload, or why it is unacceptable (client id, format, then the update-norm bound)."""
         if not 0 <= reply.client_id < self.num_clients:
             return f"unknown client id {reply.client_id}"
-        parsed = parse_uplink(reply.message, self.layout, self.kept_rows(reply.client_id),
+        parsed = parse_uplink(reply.message, self.upload_layout, self.kept_rows(reply.client_id),
                               max_abs=self.policy.max_abs, wire_dtype=self.policy.wire_dtype)
         if isinstance(parsed, str):
             return parsed
@@ -173,7 +201,7 @@ class FedHFTStrategy(ScreenedStrategy):
         policy = self.policy
         if policy.max_update_ratio <= 0:
             return None
-        for pair in self.layout.pairs:
+        for pair in self.upload_layout.pairs:
             a = upload.a[pair.a_key].to(torch.float64)
             b = upload.b_rows[pair.b_key].to(torch.float64)
             delta = self.scaling * float(((b @ (a @ a.T)) * b).sum().clamp_min(0.0)) ** 0.5
@@ -194,7 +222,7 @@ class FedHFTStrategy(ScreenedStrategy):
     def _fold(self, accepted: Sequence[_Accepted]) -> None:
         pi = self.memberships[[a.client_id for a in accepted]]
         weights = self._weights(accepted)
-        for pair in self.layout.pairs:
+        for pair in self.upload_layout.pairs:
             averages = self._module_average(pair.module, pair.a_key, pair.b_key, accepted, pi, weights)
             for cluster, average in zip(self.cumulative, averages):
                 cluster[pair.module] += average.to(cluster[pair.module].dtype)
@@ -247,7 +275,7 @@ class FedHFTStrategy(ScreenedStrategy):
         if self.config.feature_source == "head":
             return torch.cat([upload.head[k].flatten().to(torch.float64) for k in self.layout.head_keys])
         parts = []
-        for pair in self.layout.pairs:
+        for pair in self.upload_layout.pairs:
             d_out, _, r = self.layout.shapes[pair.module]
             b = torch.zeros(d_out, r, dtype=torch.float64)
             b[upload.rows[pair.module]] = upload.b_rows[pair.b_key].to(torch.float64)

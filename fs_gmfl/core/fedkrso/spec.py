@@ -38,5 +38,7 @@ FEDKRSO = MethodSpec(
     name="fedkrso", build=build_fedkrso, config_section="fedkrso", config_class=FedKRSOConfig, trains_backbone=True,
     summary="full fine-tuning in shared random low-rank subspaces, sent as seeds and accumulators (FedKRSO)",
     estimate="fs_gmfl.comm_estimate:estimate_fedkrso",
+    gmfl_refusal="False with federate.method 'fedkrso': FedKRSO trains full weights through per-round random "
+                 "subspaces, so there is no persistent adapter tensor whose global update GMFL could rank and freeze",
     example_overrides=("federate.method", "fedkrso", "fedkrso.num_seeds", "2", "fedkrso.interval", "1"))
 SPECS = [FEDKRSO]

@@ -28,5 +28,7 @@ FFT = MethodSpec(
     name="fft", build=build_fft, config_section="fft", config_class=FFTConfig, trains_backbone=True,
     summary="federated full fine-tuning of the targeted weights and the head (baseline)",
     estimate="fs_gmfl.comm_estimate:estimate_fft",
+    gmfl_refusal="False with federate.method 'fft': GMFL freezes LoRA adapter units and full fine-tuning has "
+                 "none (its wrapper interface is not implemented for whole weight matrices)",
     example_overrides=("federate.method", "fft"))
 SPECS = [FFT]

@@ -23,7 +23,9 @@ class GMFLConfig:
     fraction ``min(c + k * beta, max_ratio)`` of them (k = refresh index).
     """
 
-    use: bool = opt(False, "Enable GMFL masking on top of the base method (federate.method).")
+    use: bool = opt(False, "Wrap the base method (federate.method: fedit/fedavg, ffa_lora, hafl or fedhft) in GMFL "
+                    "masking; the mask unit is one LoRA tensor (fedit, ffa_lora: lora_B only) or one adapted "
+                    "module, A and B together (hafl, fedhft).")
     c: float = opt(0.1, "Initial freeze ratio c (paper/code default 0.1).", ge=0.0, le=1.0)
     beta: float = opt(0.05, "Freeze-ratio increment per refresh (code: beta/tau, default 0.05).", ge=0.0, le=1.0)
     period: int = opt(20, "Refresh period T in rounds; masks are recomputed after rounds T, 2T, ...", ge=1)
@@ -46,8 +48,8 @@ class GMFLConfig:
         choices=SELECTIONS, inferred=True)
     downlink: str = opt(
         "stateless", "'stateless': the full adapter is sent to every sampled client (reference); "
-        "'stateful_sync': clients cache the adapter and receive trainable tensors plus frozen tensors that "
-        "changed since their last sync.", choices=DOWNLINK_MODES, inferred=True)
+        "'stateful_sync' (fedit, ffa_lora only): clients cache the adapter and receive trainable tensors plus "
+        "frozen tensors that changed since their last sync.", choices=DOWNLINK_MODES, inferred=True)
 
     def __post_init__(self) -> None:
         if self.use and self.c > self.max_ratio:

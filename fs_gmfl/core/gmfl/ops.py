@@ -45,6 +45,34 @@ def update_l1(
     return out
 
 
+def unit_update_l1(
+    new: Mapping[str, Tensor | Sequence[Tensor]],
+    old: Mapping[str, Tensor | Sequence[Tensor]],
+    units: Sequence[str],
+    *,
+    normalize: str = "none",
+) -> dict[str, float]:
+    """GMFL's statistic per mask unit: ``u = sum over the unit's tensors of sum |new - old|``.
+
+    A unit given as one tensor is measured exactly as :func:`update_l1` measures
+    a tensor (FedIT's and FFA-LoRA's units), so the wrapper reproduces the
+    per-tensor statistic bit for bit. ``normalize="relative"`` divides by the
+    unit's ``sum |old|`` (0 if the old unit is all zeros).
+    """
+    out: dict[str, float] = {}
+    for unit in units:
+        if isinstance(new[unit], Tensor):
+            out.update(update_l1(new, old, [unit], normalize=normalize))
+            continue
+        parts = list(zip(new[unit], old[unit]))
+        diff = sum(float((n.to(torch.float64) - o.to(torch.float64)).abs().sum()) for n, o in parts)
+        if normalize == "relative":
+            base = sum(float(o.to(torch.float64).abs().sum()) for _, o in parts)
+            diff = diff / base if base > 0 else 0.0
+        out[unit] = diff
+    return out
+
+
 def freeze_ratio(refresh_index: int, *, c: float, beta: float, max_ratio: float) -> float:
     """Freeze ratio after refresh ``k`` (1-based): ``min(c + k * beta, max_ratio)``; 0 before the first."""
     if refresh_index <= 0:

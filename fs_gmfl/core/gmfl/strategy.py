@@ -1,10 +1,13 @@
 """GMFL's server-side state: the mask and its periodic refresh.
 
-:class:`GlobalMasking` is host-agnostic. A base-method strategy asks it which
-tensors are trainable, and calls :meth:`GlobalMasking.observe` after each
-aggregation with the old and new global tensors; every ``period`` rounds it
-recomputes the mask (Huang et al., GMFL, ACL 2026; reference ``fed/GMFL.py``).
-Freezing is monotone: a frozen tensor stays frozen.
+:class:`GlobalMasking` is host-agnostic. It ranks *mask units* (named; a unit
+is one LoRA tensor for FedIT / FFA-LoRA, one adapted module for HAFL and
+FedHFT, see :mod:`fs_gmfl.core.gmfl.base`). The wrapper
+(:class:`~fs_gmfl.core.gmfl.wrapper.GMFLStrategy`) calls
+:meth:`GlobalMasking.observe` after each aggregation with the old and new
+global values of every unit; every ``period`` rounds it recomputes the mask
+(Huang et al., GMFL, ACL 2026; reference ``fed/GMFL.py``). Freezing is
+monotone: a frozen unit stays frozen.
 """
 
 from __future__ import annotations
@@ -13,20 +16,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from fs_gmfl.core.gmfl import ops
+from fs_gmfl.core.gmfl.base import UnitValue
 from fs_gmfl.core.gmfl.config import GMFLConfig
 
 
 class GlobalMasking:
-    """Tensor-level freezing masks refreshed from global update magnitudes.
+    """Unit-level freezing masks refreshed from global update magnitudes.
 
     Args:
         config: the ``gmfl`` configuration.
-        candidate_keys: the tensors that may be frozen, in canonical order
-            (all LoRA tensors for FedIT; only ``lora_B`` for FFA-LoRA). Heads
-            are never candidates.
+        candidate_keys: the names of the mask units, in canonical order (for
+            FedIT every LoRA tensor key, for FFA-LoRA the ``lora_B`` keys, for
+            HAFL and FedHFT the adapted modules). Heads are never candidates.
         seed: seed of the generator used by the ``random`` selection ablation.
     """
 
@@ -63,12 +66,14 @@ class GlobalMasking:
         return ops.freeze_ratio(self.refreshes, c=c.c, beta=c.beta, max_ratio=c.max_ratio)
 
     # -- updates -------------------------------------------------------------------------------
-    def observe(self, rnd: int, old: Mapping[str, Tensor] | None, new: Mapping[str, Tensor] | None) -> bool:
+    def observe(self, rnd: int, old: Mapping[str, UnitValue] | None, new: Mapping[str, UnitValue] | None) -> bool:
         """Record round ``rnd``'s global update; refresh the mask after rounds ``period, 2*period, ...``.
 
         Args:
             rnd: the round just aggregated (1-based).
-            old, new: global tensors before and after; ``None`` for a round
+            old, new: global values of every unit before and after (a tensor
+                per unit, or a sequence of tensors whose L1 changes are
+                summed; :func:`~fs_gmfl.core.gmfl.ops.unit_update_l1`); ``None`` for a round
                 without any accepted update, which adds nothing to the
                 statistic (a refresh then uses the statistic gathered so far).
 
@@ -76,7 +81,7 @@ class GlobalMasking:
             True if the mask was refreshed in this call.
         """
         if old is not None and new is not None:
-            self._accumulate(ops.update_l1(new, old, self.candidate_keys, normalize=self.config.normalize))
+            self._accumulate(ops.unit_update_l1(new, old, self.candidate_keys, normalize=self.config.normalize))
         if rnd % self.config.period != 0:
             return False
         self._refresh()

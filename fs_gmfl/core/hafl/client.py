@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fs_gmfl.core.adapter import HEAD, LoraPair, adapter_parameters, kind_of, load_adapter_tensors, lora_pairs
+from fs_gmfl.core.gmfl.base import whole_units
 from fs_gmfl.core.hafl import ops
 from fs_gmfl.core.hafl.wire import N_TRAIN, SCORES, build_uplink
 from fs_gmfl.core.message import Message
@@ -69,9 +70,18 @@ class HAFLClient(ClientAlgorithm):
     # -- prepare -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
         """Select the top-n_k components, load them (truncated model or full model) and list what to train."""
-        pairs = lora_pairs(adapter_parameters(model))
-        n = self._trained_count(message, pairs)
-        selected = self._select(message, pairs, n)
+        return self.prepare_excluding(model, message, client_state, frozenset())
+
+    def prepare_excluding(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any],
+                          frozen: frozenset[str]) -> LocalPlan:
+        """:meth:`prepare` without the modules whose ``A`` and ``B`` are in ``frozen`` (GMFL base interface):
+        they stay in the model, untrained, and the uplink leaves out their factors and index rows."""
+        all_pairs = lora_pairs(adapter_parameters(model))
+        n = self._trained_count(message, all_pairs)
+        frozen_rows = set(whole_units([(p.a_key, p.b_key) for p in all_pairs], frozen, method="HAFL"))
+        active = [row for row in range(len(all_pairs)) if row not in frozen_rows]
+        pairs = [all_pairs[row] for row in active]
+        selected = self._select(message, all_pairs, n)[active]
         model, adapter = self._local_model(model, n)
         params = adapter_parameters(model, adapter)
         load_adapter_tensors(model, message.tensors, adapter)

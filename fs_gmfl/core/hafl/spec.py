@@ -34,9 +34,7 @@ def check_run(cfg: RunConfig) -> None:
 
 HAFL = MethodSpec(
     name="hafl", build=build_hafl, config_section="hafl", config_class=HAFLConfig, check_config=check_run,
-    gmfl_refusal="False with federate.method 'hafl': HAFL already decides per rank-1 component what each client "
-                 "trains and uploads, and GMFL's whole-tensor masks would cut components in half (an A row frozen, "
-                 "its B column trained); combining them is not supported",
+    gmfl_base=True,
     summary="heterogeneous rank-1 truncation or freezing with adaptive rank-1 aggregation (HAFL)",
     estimate="fs_gmfl.comm_estimate:estimate_hafl",
     example_overrides=("federate.method", "hafl"))

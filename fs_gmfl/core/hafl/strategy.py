@@ -4,6 +4,14 @@ Su, Yan, Deng, "Federated LLMs Fine-tuned with Adaptive Importance-Aware
 LoRA" (HAFL, arXiv 2411.06581, ICC 2025); spec ``../shared/specs/HAFL.md``.
 
 Wire format: :mod:`fs_gmfl.core.hafl.wire`.
+
+As a GMFL base (:mod:`fs_gmfl.core.gmfl.base`) a mask unit is one adapted
+module, its ``A`` and ``B`` together: HAFL's unit of aggregation and of
+truncation is the rank-1 component ``b_i a_i``, which lives in both factors,
+so freezing one factor alone would cut every component of the module in half.
+A frozen module is still sent (clients need it in the forward pass) but is
+neither trained nor uploaded (no factors, no index row) and keeps its value;
+HAFL's component selection and aggregation of the other modules are unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from torch import Tensor
 
 from fs_gmfl.core.adapter import HEAD, LoraPair, kind_of, lora_pairs
 from fs_gmfl.core.fedavg.ops import weighted_average
+from fs_gmfl.core.gmfl.base import whole_units
 from fs_gmfl.core.hafl import ops
 from fs_gmfl.core.hafl.config import HAFLConfig
 from fs_gmfl.core.hafl.importance import ImportanceTracker
@@ -55,6 +64,22 @@ class HAFLStrategy(ScreenedStrategy):
         self.tracker = ImportanceTracker(self.pairs, self.rank, lr=lr, beta1=config.beta1, beta2=config.beta2,
                                          reduce=config.score_reduce)
         self.pending: dict[int, Tensor] = {}
+        self.active_rows: list[int] = list(range(len(self.pairs)))
+
+    # -- GMFL base (fs_gmfl.core.gmfl.base) ----------------------------------------------------
+    def mask_units(self) -> dict[str, tuple[str, ...]]:
+        """One unit per adapted module: its ``A`` and ``B`` (a rank-1 component spans both)."""
+        return {pair.module: (pair.a_key, pair.b_key) for pair in self.pairs}
+
+    def unit_values(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each module's global ``A`` and ``B``."""
+        return {p.module: (self.global_state[p.a_key].clone(), self.global_state[p.b_key].clone())
+                for p in self.pairs}
+
+    def set_frozen(self, keys: frozenset[str]) -> None:
+        """Modules whose ``A`` and ``B`` are in ``keys`` are no longer uploaded or aggregated."""
+        frozen = set(whole_units([(p.a_key, p.b_key) for p in self.pairs], keys, method="HAFL"))
+        self.active_rows = [row for row in range(len(self.pairs)) if row not in frozen]
 
     # -- selection and downlink ----------------------------------------------------------------
     def selection(self, n: int, scores: Tensor | None = None) -> Tensor:
@@ -100,7 +125,7 @@ class HAFLStrategy(ScreenedStrategy):
         extra = set(msg.control) - {NUM_SAMPLES, INDICES}
         if extra:
             return f"unexpected control entries {sorted(extra)}"
-        reason = self._check_indices(msg.control.get(INDICES), selected)
+        reason = self._check_indices(msg.control.get(INDICES), selected[self.active_rows])
         if reason:
             return reason
         expected = self._expected_shapes(selected.shape[1])
@@ -108,12 +133,12 @@ class HAFLStrategy(ScreenedStrategy):
                 or self.policy.check_deltas(self._deltas(msg)))
 
     def _deltas(self, msg: Message) -> list[tuple[str, Tensor, Tensor]]:
-        """``(key, uploaded, global counterpart)``: each module's components (by index) and the head."""
+        """``(key, uploaded, global counterpart)``: each unfrozen module's components (by index) and the head."""
         indices = msg.control[INDICES].to(torch.long)
         out = []
         if indices.shape[1]:
-            for row, pair in enumerate(self.pairs):
-                a, b = ops.take_components(self.global_state[pair.a_key], self.global_state[pair.b_key], indices[row])
+            for i, pair in enumerate(self._active_pairs()):
+                a, b = ops.take_components(self.global_state[pair.a_key], self.global_state[pair.b_key], indices[i])
                 out += [(pair.a_key, msg.tensors[pair.a_key], a), (pair.b_key, msg.tensors[pair.b_key], b)]
         return out + [(k, msg.tensors[k], self.global_state[k]) for k in self.head_keys]
 
@@ -121,7 +146,7 @@ class HAFLStrategy(ScreenedStrategy):
         if not isinstance(indices, Tensor) or indices.dtype not in INDEX_DTYPES:
             return "indices: missing or not an integer tensor"
         if tuple(indices.shape) != tuple(selected.shape):
-            return f"indices: shape {tuple(indices.shape)}, expected {tuple(selected.shape)} (modules x n_k)"
+            return f"indices: shape {tuple(indices.shape)}, expected {tuple(selected.shape)} (unfrozen modules x n_k)"
         idx = indices.to(torch.long)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.rank):
             return f"indices: values outside [0, {self.rank})"
@@ -136,7 +161,7 @@ class HAFLStrategy(ScreenedStrategy):
     def _expected_shapes(self, n: int) -> dict[str, Tensor]:
         shapes: dict[str, Tensor] = {}
         if n:
-            for pair in self.pairs:
+            for pair in self._active_pairs():
                 a, b = self.global_state[pair.a_key], self.global_state[pair.b_key]
                 shapes[pair.a_key] = torch.empty(n, a.shape[1], dtype=expected_float_dtype(a, self.policy),
                                                  device="meta")
@@ -161,10 +186,11 @@ class HAFLStrategy(ScreenedStrategy):
         if contributors:
             updates = [self._component_updates(r.message) for r in contributors]
             weights = self._weights(updates, [r.message.num_samples for r in contributors])
-            for row, pair in enumerate(self.pairs):
-                column = [u[row] for u in updates]
+            for i, row in enumerate(self.active_rows):
+                pair = self.pairs[row]
+                column = [u[i] for u in updates]
                 new[pair.a_key], new[pair.b_key] = self._aggregate_module(old[pair.a_key], old[pair.b_key], column,
-                                                                          [w[row] for w in weights])
+                                                                          [w[i] for w in weights])
                 for u in column:
                     updated[row, u.indices.to(torch.long)] = True
         if self.head_keys:
@@ -178,8 +204,12 @@ class HAFLStrategy(ScreenedStrategy):
 
     def _component_updates(self, msg: Message) -> list[ops.ComponentUpdate]:
         indices = msg.control[INDICES].to(torch.long)
-        return [ops.ComponentUpdate(indices[row], msg.tensors[p.a_key], msg.tensors[p.b_key])
-                for row, p in enumerate(self.pairs)]
+        return [ops.ComponentUpdate(indices[i], msg.tensors[p.a_key], msg.tensors[p.b_key])
+                for i, p in enumerate(self._active_pairs())]
+
+    def _active_pairs(self) -> list[LoraPair]:
+        """The modules GMFL has not frozen (all of them without GMFL), in module order."""
+        return [self.pairs[row] for row in self.active_rows]
 
     def _aggregate_module(self, a: Tensor, b: Tensor, updates: list[ops.ComponentUpdate],
                           weights: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -188,13 +218,13 @@ class HAFLStrategy(ScreenedStrategy):
         return ops.adaptive_rank1_average(a, b, updates, weights)
 
     def _weights(self, updates: list[list[ops.ComponentUpdate]], samples: list[int]) -> list[list[Tensor]]:
-        """Per client and module, one weight per uploaded component (spec eq. 14 and its options)."""
+        """Per client and unfrozen module, one weight per uploaded component (spec eq. 14 and its options)."""
         cfg = self.config
         mode = "datasize" if cfg.aggregation == "fedavg" else cfg.weighting
         out = []
         for client_updates, n_samples in zip(updates, samples):
             if mode == "norm":
-                per_module = [self._norm_weights(row, u) for row, u in enumerate(client_updates)]
+                per_module = [self._norm_weights(row, u) for row, u in zip(self.active_rows, client_updates)]
                 if cfg.norm_granularity == "model":
                     total = sum(float(w.sum()) if cfg.norm_scope == "rank1" else float(w[0]) for w in per_module)
                     per_module = [torch.full((u.indices.numel(),), total, dtype=ops.F64) for u in client_updates]
