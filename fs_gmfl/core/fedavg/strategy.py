@@ -19,12 +19,12 @@ import torch
 from torch import Tensor
 
 from fs_gmfl.core.adapter import LORA_A, LORA_B, kind_of
-from fs_gmfl.core.fedavg.ops import weighted_average
+from fs_gmfl.core.fedavg.ops import WeightedSum
 from fs_gmfl.core.fedavg.wire import MASK
 from fs_gmfl.core.gmfl.strategy import GlobalMasking
 from fs_gmfl.core.message import Message, Reply, pack_bits
 from fs_gmfl.core.protocol import RoundReport
-from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, like_on_wire
+from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, expected_float_dtype, like_on_wire
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_tensors
 
 VARIANTS = ("fedit", "ffa_lora")
@@ -78,6 +78,7 @@ class LoraFedAvg(ScreenedStrategy):
         self.gate = ReplyGate()
         self.changed_at = {k: 0 for k in self.keys}
         self.client_sync: dict[int, tuple[int, int]] = {}
+        self._sums: WeightedSum | None = None  # the open round's running sums
 
     def trainable_keys(self) -> list[str]:
         """Keys clients train this round (base-trainable and not frozen)."""
@@ -105,21 +106,28 @@ class LoraFedAvg(ScreenedStrategy):
         return Message({k: self.global_state[k].clone() for k in keys}, control)
 
     # -- aggregation -------------------------------------------------------------------------
-    def fold(self, rnd: int, screened: list[tuple[Reply, None]], report: RoundReport) -> None:
+    def begin_fold(self, rnd: int) -> None:
+        """Empty running sums over this round's trainable keys."""
+        self._sums = WeightedSum(self.trainable_keys())
+
+    def fold_reply(self, reply: Reply, parsed: None) -> None:
+        """Add one accepted uplink, weighted by its sample count."""
+        self._sums.add(reply.message.tensors, reply.message.num_samples)
+
+    def end_fold(self, rnd: int, report: RoundReport) -> None:
         """FedAvg over trainable keys; frozen keys keep their value; then maybe refresh the mask."""
-        trainable = self.trainable_keys()
-        accepted = [reply for reply, _ in screened]
+        sums, self._sums = self._sums, None
+        trainable = sums.keys
         old = self.global_state
-        if accepted and trainable:
-            avg = weighted_average([r.message.tensors for r in accepted],
-                                   [r.message.num_samples for r in accepted], keys=trainable)
+        if sums.count and trainable:
+            avg = sums.average({k: expected_float_dtype(old[k], self.policy) for k in trainable})  # as uploaded
             new = {k: avg[k].to(old[k].dtype) if k in avg else old[k] for k in self.keys}
             for k in trainable:
                 if not torch.equal(new[k], old[k]):
                     self.changed_at[k] = rnd
             self.global_state = new
         if self.masking is not None:
-            updated = bool(accepted)
+            updated = bool(sums.count)
             self.masking.observe(rnd, old if updated else None, self.global_state if updated else None)
 
     def check_reply(self, reply: Reply) -> str | None:
