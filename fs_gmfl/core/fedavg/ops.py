@@ -83,8 +83,9 @@ class WeightedSum:
     (``|difference| <= (n + 2) * 2**-53 * sum_i w_i |x_i| / sum_i w_i``), so
     after the cast to float32 an entry is either identical or one float32
     ulp apart when the float64 value lies that close to a rounding midpoint
-    (measured: none of 10^7 random entries). With one client, or integer
-    weights and identical updates, the result is exact.
+    (measured: 36 of 10^7 random entries, 10 clients with integer weights).
+    With one client, or integer weights and identical updates, the result
+    is exact.
 
     Args:
         keys: the keys to sum (every :meth:`add` must supply them).
