@@ -56,7 +56,8 @@ def test_weighted_sum_matches_weighted_average_in_float64():
     g = gen(0)
     states = [{"a": torch.randn(50, 7, generator=g, dtype=F64), "b": torch.randn(3, generator=g, dtype=F64)}
               for _ in range(9)]
-    for weights in ([float(w) for w in torch.randint(1, 1000, (9,), generator=g)], torch.rand(9, generator=g).tolist()):
+    integer = [float(w) for w in torch.randint(1, 1000, (9,), generator=g)]
+    for weights in (integer, torch.rand(9, generator=g).tolist()):
         ref, out = weighted_average(states, weights), weighted_sum_average(states, weights)
         for k in ref:
             torch.testing.assert_close(out[k], ref[k], rtol=1e-14, atol=1e-15)
