@@ -165,7 +165,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def reset_peak_rss() -> None:
-    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux >= 4.0): the next peak is the aggregation's."""
+    """Reset the peak RSS (``VmHWM``) to the current RSS (Linux >= 4.0): the next peak is the aggregation's."""
     with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
         fh.write("5")
 
