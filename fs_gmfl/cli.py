@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--markdown", action="store_true", help="print a markdown table (as in the docs; without "
                       "a section: the top-level keys)")
     keys.set_defaults(func=_cmd_keys)
-    bench = sub.add_parser("bench", help="run a benchmark (gmfl, hafl, fedkrso, fedhft, fshost, fseval, llm, perf)")
+    bench = sub.add_parser("bench", help="run a benchmark (aggregate, gmfl, hafl, fedkrso, fedhft, fshost, fseval, "
+                                         "llm, perf)")
     bench.add_argument("name", help="benchmark name")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="benchmark options (see --help of each)")
     bench.set_defaults(func=_cmd_bench)

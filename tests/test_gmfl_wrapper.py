@@ -59,8 +59,9 @@ def spy_rounds(sim: Simulation) -> list[dict]:
     def aggregate(rnd, replies):
         frozen = set(strategy.masking.frozen)
         before, adapter_before = strategy.base.unit_values(), strategy.global_adapter()
-        report = original(rnd, replies)
-        log.append({"frozen": frozen, "replies": list(replies), "before": before, "after": strategy.base.unit_values(),
+        seen = []  # the replies as they stream past (the simulator passes a one-shot generator)
+        report = original(rnd, (seen.append(reply) or reply for reply in replies))
+        log.append({"frozen": frozen, "replies": seen, "before": before, "after": strategy.base.unit_values(),
                     "adapter_before": adapter_before, "adapter_after": strategy.global_adapter(),
                     "statistic": dict(strategy.masking.statistic), "accepted": report.accepted})
         return report

@@ -72,8 +72,9 @@ def recording(sim: Simulation) -> list[dict]:
             masking = getattr(strategy, "masking", None)
             frozen = set(masking.frozen) if masking is not None else set()
             before = strategy.global_adapter()
-            report = aggregate(rnd, replies)
-            calls.append({"round": rnd, "clients": [r.client_id for r in replies], "before": before,
+            clients: list[int] = []  # replies arrive as a one-shot stream: record them as they pass
+            report = aggregate(rnd, (clients.append(r.client_id) or r for r in replies))
+            calls.append({"round": rnd, "clients": clients, "before": before,
                           "after": strategy.global_adapter(), "frozen": frozen, "report": report})
             return report
 

@@ -38,11 +38,15 @@ def _load(name: str) -> BenchFn:
         from fs_gmfl.bench.perf import main
 
         return main
+    if name == "aggregate":
+        from fs_gmfl.bench.aggregate import main
+
+        return main
     if name == "llm":
         from fs_gmfl.bench.llm import main
 
         return main
-    raise ConfigError("bench", name, "one of: gmfl, hafl, fedkrso, fedhft, fshost, fseval, llm, perf")
+    raise ConfigError("bench", name, "one of: aggregate, gmfl, hafl, fedkrso, fedhft, fshost, fseval, llm, perf")
 
 
 def run_benchmark(name: str, args: Sequence[str]) -> int:

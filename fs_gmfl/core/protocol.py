@@ -19,7 +19,7 @@ Neither side knows which host it runs in.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +133,28 @@ class RoundReport:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class RoundAggregation(abc.ABC):
+    """One round's aggregation in progress: replies are pushed in one at a time as they arrive.
+
+    A host that receives uplinks one by one (the FederatedScope server folds
+    each ``model_para`` message on arrival) drives this directly; everything
+    else calls :meth:`Strategy.aggregate`, which is this loop over an iterable.
+    """
+
+    @abc.abstractmethod
+    def add(self, reply: Reply) -> str | None:
+        """Screen ``reply`` and fold it in if accepted; the reason if rejected, else ``None``.
+
+        The aggregation keeps no reference to ``reply`` or its tensors
+        afterwards (only running sums of global-state size and, where a
+        method needs them, small per-client values its docstring names).
+        """
+
+    @abc.abstractmethod
+    def finish(self) -> RoundReport:
+        """Turn the running sums into the new global state and report the round (call once)."""
+
+
 class Strategy(abc.ABC):
     """Server side of a method."""
 
@@ -143,14 +165,29 @@ class Strategy(abc.ABC):
         """Downlink message for each sampled client of round ``rnd`` (1-based)."""
 
     @abc.abstractmethod
-    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
-        """Fold the uplinks of round ``rnd`` into the global state.
+    def start_aggregation(self, rnd: int) -> RoundAggregation:
+        """Begin folding the uplinks of round ``rnd`` (:class:`RoundAggregation`).
 
-        A reply that fails validation is rejected (listed in the report) and
-        changes nothing; with no accepted reply the global state is unchanged.
         :class:`~fs_gmfl.core.uplinks.ScreenedStrategy` implements this once
-        (screen, then fold the accepted replies).
+        (screen each reply as it arrives, then hand it to the method's running sums).
         """
+
+    def aggregate(self, rnd: int, replies: Iterable[Reply]) -> RoundReport:
+        """Fold the uplinks of round ``rnd`` into the global state, one at a time (a streaming fold).
+
+        ``replies`` is consumed lazily, in order, exactly once: a generator
+        that trains a client and yields its reply keeps one uplink alive at a
+        time, and server memory stays the global state plus one reply's
+        worth of running sums, whatever the number of clients. A reply that
+        fails validation is rejected (listed in the report) and changes
+        nothing; with no accepted reply the global state is unchanged. The
+        result is the same whether ``replies`` is a list or a generator.
+        """
+        aggregation = self.start_aggregation(rnd)
+        for reply in replies:
+            aggregation.add(reply)
+            del reply  # otherwise the loop variable keeps this uplink alive while the iterable makes the next one
+        return aggregation.finish()
 
     @abc.abstractmethod
     def global_adapter(self) -> dict[str, Tensor]:

@@ -1,8 +1,8 @@
 """The server's gate for uplinks: who may reply, with what sample count, and how large an update may be.
 
-Every strategy's ``aggregate`` runs its replies through :func:`screen_replies`
-before folding any of them in (:class:`ScreenedStrategy` is that template). A reply is judged in this order, and the first
-failure is its rejection reason:
+Every strategy's aggregation runs each reply through :func:`screen_reply` as
+it arrives, before folding it in (:class:`ScreenedStrategy` is that template). A
+reply is judged in this order, and the first failure is its rejection reason:
 
 1. **Sampled** -- the client was sampled for this round (the strategy opened
    the round with :meth:`ReplyGate.open` in ``configure_round``).
@@ -15,8 +15,9 @@ failure is its rejection reason:
    :attr:`UplinkPolicy.wire_dtype`), finiteness, per-entry magnitude and the
    update-norm bound (:meth:`UplinkPolicy.check_update`).
 
-A rejected reply contributes nothing: the strategy only ever sees the
-accepted ones, so a rejection leaves the global model bit for bit as it was.
+A rejected reply contributes nothing: the strategy's running sums only ever
+see the accepted ones, and the global state changes only when the round is
+finished, so a rejection leaves the global model bit for bit as it was.
 
 **The update-norm rule** (:meth:`UplinkPolicy.update_bound`). For every
 uploaded tensor ``k`` with ``n`` entries, the change it asks for must satisfy::
@@ -49,7 +50,7 @@ import torch
 from torch import Tensor
 
 from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply
-from fs_gmfl.core.protocol import RoundReport, Strategy
+from fs_gmfl.core.protocol import RoundAggregation, RoundReport, Strategy
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
 
 #: default of ``federate.max_sample_count``: the largest sample count a client may claim when its shard is unknown.
@@ -169,17 +170,35 @@ class ReplyGate:
         return None
 
 
-def screen_replies(rnd: int, replies: Sequence[Reply], *, gate: ReplyGate, policy: UplinkPolicy,
-                   check: Callable[[Reply], T | str | None]) -> tuple[RoundReport, list[tuple[Reply, T | None]]]:
-    """Judge every reply of round ``rnd`` (module docstring) and close the round.
+def screen_reply(rnd: int, reply: Reply, seen: set[int], *, gate: ReplyGate, policy: UplinkPolicy,
+                 check: Callable[[Reply], T | str | None]) -> tuple[str | None, T | None]:
+    """Judge one reply of round ``rnd`` (the module docstring's order): ``(reason, None)`` or ``(None, parsed)``.
 
     Args:
         rnd: the round being aggregated.
-        replies: the uplinks, in arrival order.
+        reply: the uplink.
+        seen: the clients that already replied in this round (updated).
         gate: the strategy's gate, opened by its ``configure_round``.
         policy: the strategy's bounds.
         check: the strategy's own validation of one reply: a reason string to
             reject it, else anything (``None`` or a parsed form) to keep with it.
+    """
+    cid = reply.client_id
+    reason = gate.admit(rnd, cid, seen) or policy.check_samples(cid, reply.message)
+    if reason:
+        return reason, None
+    parsed = check(reply)
+    if isinstance(parsed, str):
+        return parsed, None
+    return None, parsed
+
+
+def screen_replies(rnd: int, replies: Iterable[Reply], *, gate: ReplyGate, policy: UplinkPolicy,
+                   check: Callable[[Reply], T | str | None]) -> tuple[RoundReport, list[tuple[Reply, T | None]]]:
+    """:func:`screen_reply` over every reply of round ``rnd``, then close the round.
+
+    Keeps every accepted reply (for inspection and tests); strategies screen
+    one reply at a time instead (:class:`ScreenedRound`).
 
     Returns:
         The report (accepted ids in order, rejected ids with their first
@@ -189,46 +208,97 @@ def screen_replies(rnd: int, replies: Sequence[Reply], *, gate: ReplyGate, polic
     accepted: list[tuple[Reply, T | None]] = []
     seen: set[int] = set()
     for reply in replies:
-        cid = reply.client_id
-        reason = gate.admit(rnd, cid, seen) or policy.check_samples(cid, reply.message)
-        parsed = None if reason else check(reply)
-        if isinstance(parsed, str):
-            reason = parsed
+        reason, parsed = screen_reply(rnd, reply, seen, gate=gate, policy=policy, check=check)
         if reason:
-            report.rejected.setdefault(cid, reason)
+            report.rejected.setdefault(reply.client_id, reason)
             continue
         accepted.append((reply, parsed))
-        report.accepted.append(cid)
+        report.accepted.append(reply.client_id)
     gate.close()
     return report, accepted
 
 
-class ScreenedStrategy(Strategy):
-    """A :class:`Strategy` whose :meth:`aggregate` is the template: screen every reply, then fold the accepted ones.
+class ScreenedRound(RoundAggregation):
+    """A :class:`ScreenedStrategy`'s round in progress: screen each reply as it arrives, fold the accepted ones.
 
-    The accept/reject loop is :func:`screen_replies`, written once; a method
-    supplies its own check of one reply and what to do with the accepted
-    ones. Subclasses set ``gate`` (opened in ``configure_round``) and ``policy``.
+    Holds the report and the ids seen so far; the running sums belong to the
+    strategy (opened by :meth:`ScreenedStrategy.begin_fold`). No reply is kept.
+    """
+
+    def __init__(self, strategy: ScreenedStrategy, rnd: int) -> None:
+        self.strategy = strategy
+        self.rnd = rnd
+        self.report = RoundReport()
+        self.seen: set[int] = set()
+        self.finished = False
+        strategy.begin_fold(rnd)
+
+    def add(self, reply: Reply) -> str | None:
+        """Screen ``reply``; fold it in when accepted, else record why not (the first reason per client)."""
+        if self.finished:
+            raise RuntimeError(f"round {self.rnd} is already aggregated")
+        s = self.strategy
+        reason, parsed = screen_reply(self.rnd, reply, self.seen, gate=s.gate, policy=s.policy, check=s.check_reply)
+        if reason:
+            self.report.rejected.setdefault(reply.client_id, reason)
+            return reason
+        s.fold_reply(reply, parsed)
+        self.report.accepted.append(reply.client_id)
+        return None
+
+    def finish(self) -> RoundReport:
+        """Close the gate and let the strategy turn its running sums into the new global state."""
+        if self.finished:
+            raise RuntimeError(f"round {self.rnd} is already aggregated")
+        self.finished = True
+        self.strategy.gate.close()
+        self.strategy.end_fold(self.rnd, self.report)
+        return self.report
+
+
+class ScreenedStrategy(Strategy):
+    """A :class:`Strategy` whose aggregation is the template: screen each reply as it arrives, fold it, finish.
+
+    The accept/reject rule is :func:`screen_reply`, written once. A method
+    supplies its own check of one reply and three steps of a streaming fold:
+    :meth:`begin_fold` (start empty running sums), :meth:`fold_reply` (add one
+    accepted reply, then forget it) and :meth:`end_fold` (turn the sums into
+    the new global state). Subclasses set ``gate`` (opened in
+    ``configure_round``) and ``policy``.
     """
 
     gate: ReplyGate
     policy: UplinkPolicy
 
-    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
-        """Screen every reply (the module docstring's order), then :meth:`fold` the accepted ones."""
-        report, accepted = screen_replies(rnd, replies, gate=self.gate, policy=self.policy, check=self.check_reply)
-        self.fold(rnd, accepted, report)
-        return report
+    def start_aggregation(self, rnd: int) -> ScreenedRound:
+        """A :class:`ScreenedRound` for round ``rnd`` (opens the method's running sums)."""
+        return ScreenedRound(self, rnd)
 
     @abc.abstractmethod
     def check_reply(self, reply: Reply) -> Any:
-        """Why ``reply`` is unacceptable (a string), else ``None`` or a parsed form that :meth:`fold` receives."""
+        """Why ``reply`` is unacceptable (a string), else ``None`` or a parsed form that :meth:`fold_reply` receives.
+
+        Runs against the global state of the start of the round (the fold
+        changes only running sums until :meth:`end_fold`).
+        """
 
     @abc.abstractmethod
-    def fold(self, rnd: int, accepted: list[tuple[Reply, Any]], report: RoundReport) -> None:
-        """Fold the accepted replies (maybe none) and what :meth:`check_reply` returned into the global state.
+    def begin_fold(self, rnd: int) -> None:
+        """Start round ``rnd``'s running sums (empty)."""
 
-        Rejected replies never reach this method. Round metrics go into ``report.metrics``.
+    @abc.abstractmethod
+    def fold_reply(self, reply: Reply, parsed: Any) -> None:
+        """Add one accepted reply (and what :meth:`check_reply` returned) to the running sums.
+
+        Must not keep a reference to ``reply``, its tensors or ``parsed``
+        (rejected replies never reach this method).
+        """
+
+    @abc.abstractmethod
+    def end_fold(self, rnd: int, report: RoundReport) -> None:
+        """Turn the running sums (maybe of no reply) into the new global state and drop them.
+
+        ``report.accepted`` lists the folded clients in order; round metrics go into ``report.metrics``.
         """
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from fs_gmfl.core.adapter import HEAD, kind_of
+from fs_gmfl.core.fedavg.ops import WeightedSum
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import RoundReport
 from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, like_on_wire
@@ -39,16 +40,24 @@ class HeadAverage(ScreenedStrategy):
                               max_abs=self.policy.max_abs)
                 or self.policy.check_deltas((k, tensors[k], reference[k]) for k in self.head_keys))
 
-    def fold(self, rnd: int, screened: list[tuple[Reply, None]], report: RoundReport) -> None:
+    def begin_fold(self, rnd: int) -> None:
+        """Empty running sums of the heads."""
+        self._sums = WeightedSum(self.head_keys)
+
+    def fold_reply(self, reply: Reply, parsed: None) -> None:
+        """Add one accepted head, weighted by its sample count."""
+        self._sums.add(reply.message.tensors, reply.message.num_samples)
+
+    def end_fold(self, rnd: int, report: RoundReport) -> None:
         """Sample-weighted mean of the accepted heads; nothing changes without one."""
-        accepted = [reply.message for reply, _ in screened]
-        if accepted:
-            total = sum(m.num_samples for m in accepted)
-            for key in self.head_keys:
-                old = self.global_state[key]
-                mean = sum(m.tensors[key].double() * (m.num_samples / total) for m in accepted)
-                step = mean if self.server_lr == 1.0 else old.double() + self.server_lr * (mean - old.double())
-                self.global_state[key] = step.to(old.dtype)
+        sums, self._sums = self._sums, None
+        if not sums.count:
+            return
+        for key in self.head_keys:
+            old = self.global_state[key]
+            mean = sums.sums[key] / sums.total
+            step = mean if self.server_lr == 1.0 else old.double() + self.server_lr * (mean - old.double())
+            self.global_state[key] = step.to(old.dtype)
 
     def global_adapter(self) -> dict[str, Tensor]:
         """The global adapter (a copy)."""

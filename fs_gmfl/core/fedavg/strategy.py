@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from fs_gmfl.core.adapter import LORA_A, LORA_B, kind_of
-from fs_gmfl.core.fedavg.ops import weighted_average
+from fs_gmfl.core.fedavg.ops import WeightedSum
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import RoundReport
-from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, like_on_wire
+from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, expected_float_dtype, like_on_wire
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_tensors
 
 if TYPE_CHECKING:
@@ -92,6 +92,7 @@ class LoraFedAvg(ScreenedStrategy):
         self.frozen: frozenset[str] = frozenset()
         self.changed_at = {k: 0 for k in self.keys}
         self.client_sync: dict[int, int] = {}
+        self._sums: WeightedSum | None = None  # the open round's running sums
 
     def trainable_keys(self) -> list[str]:
         """Keys clients train this round (base-trainable and not frozen)."""
@@ -123,14 +124,21 @@ class LoraFedAvg(ScreenedStrategy):
         return Message({k: self.global_state[k].clone() for k in keys})
 
     # -- aggregation -------------------------------------------------------------------------
-    def fold(self, rnd: int, screened: list[tuple[Reply, None]], report: RoundReport) -> None:
+    def begin_fold(self, rnd: int) -> None:
+        """Empty running sums over this round's trainable keys."""
+        self._sums = WeightedSum(self.trainable_keys())
+
+    def fold_reply(self, reply: Reply, parsed: None) -> None:
+        """Add one accepted uplink, weighted by its sample count."""
+        self._sums.add(reply.message.tensors, reply.message.num_samples)
+
+    def end_fold(self, rnd: int, report: RoundReport) -> None:
         """FedAvg over trainable keys; frozen keys keep their value."""
-        trainable = self.trainable_keys()
-        accepted = [reply for reply, _ in screened]
+        sums, self._sums = self._sums, None
+        trainable = sums.keys
         old = self.global_state
-        if accepted and trainable:
-            avg = weighted_average([r.message.tensors for r in accepted],
-                                   [r.message.num_samples for r in accepted], keys=trainable)
+        if sums.count and trainable:
+            avg = sums.average({k: expected_float_dtype(old[k], self.policy) for k in trainable})  # as uploaded
             new = {k: avg[k].to(old[k].dtype) if k in avg else old[k] for k in self.keys}
             for k in trainable:
                 if not torch.equal(new[k], old[k]):

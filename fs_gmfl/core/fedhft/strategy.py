@@ -9,10 +9,19 @@ Per round (spec §4, with the released code's defects fixed, §10):
 * downlink: ``SVD_r(Σ_j π_ij G_j)`` and ``Σ_j π_ij C_j`` (the dense mixture
   is built, factorised and freed module by module; clients with the same
   memberships share one factorisation);
-* aggregation, streamed: module by module, each client's kept rows of
-  ``ΔW_i = s B_i A_i`` are formed in turn and folded into every cluster's
-  sum with weight ``ω_i π_ij``, so at most one client's (partial) dense
-  update is alive; ``G_j += Σ / n`` (count or soft normalisation);
+* aggregation, streamed (a reply is folded in as it arrives, then dropped):
+  module by module, the client's kept rows of ``ΔW_i = s B_i A_i`` are
+  formed and folded into every cluster's float64 sum with weight
+  ``ω_i π_ij``, so at most one client's (partial) dense update is alive;
+  at the round's end ``G_j += Σ / n`` (count or soft normalisation). The
+  running sums are K float64 copies of every module's ``d_out × d_in``
+  update (twice the size of the float32 ``G``), plus K head sums. Per
+  client the round keeps only its id, its weight and, in rounds that refit
+  the memberships, its clustering features in the wire dtype: its head
+  (``cluster_features: head``, the default: ``num_labels × (hidden + 1)``
+  values, a few kB) or its LoRA factors with the kept
+  ``B`` rows scattered to full size (``cluster_features: lora``: the size of
+  a full-rank uplink per client, so O(clients) in those rounds);
 * after round ``r > cluster_warmup_rounds`` (K > 1): a Gaussian mixture on
   the participants' uploaded heads (or LoRA factors, optionally PCA-reduced)
   gives their new memberships, aligned to the previous cluster numbering.
@@ -31,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,11 +62,21 @@ _Personal = tuple[dict[str, Tensor] | None, dict[str, Tensor]]
 
 
 @dataclass
-class _Accepted:
-    """A validated upload with its sender."""
+class _RoundSums:
+    """The open round's running sums and the small per-client values the round's end needs.
 
-    client_id: int
-    upload: ParsedUplink
+    Per client only its id, its weight ``ω_i`` and, in rounds that refit the
+    memberships, its clustering features (the head's, or the LoRA factors'
+    values with ``feature_source: lora``; kept in the wire dtype).
+    """
+
+    modules: dict[str, list[Tensor]]
+    denominators: dict[str, Tensor]
+    heads: list[dict[str, Tensor]]
+    keeps_features: bool
+    client_ids: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    features: list[Tensor] = field(default_factory=list)
 
 
 class FedHFTStrategy(ScreenedStrategy):
@@ -99,6 +118,7 @@ class FedHFTStrategy(ScreenedStrategy):
         self.levels = ops.assign_levels(num_clients, config.levels.client_share, seed=derive_seed(seed, "levels"))
         self.rounds_aggregated = 0
         self.last_metrics: dict[str, float] = {}
+        self._sums: _RoundSums | None = None
 
     # -- GMFL base (fs_gmfl.core.gmfl.base) ----------------------------------------------------
     def mask_units(self) -> dict[str, tuple[str, ...]]:
@@ -172,15 +192,75 @@ class FedHFTStrategy(ScreenedStrategy):
                                         seed=derive_seed(self.seed, "fedhft-client", rnd, cid))
         return out
 
-    # -- aggregation ---------------------------------------------------------------------------
-    def fold(self, rnd: int, screened: list[tuple[Reply, ParsedUplink]], report: RoundReport) -> None:
-        """Fold the accepted uploads into each cluster, then refit memberships."""
-        accepted = [_Accepted(reply.client_id, parsed) for reply, parsed in screened if parsed is not None]
-        if accepted:
-            self._fold(accepted)
+    # -- aggregation (a streaming fold, client by client) ------------------------------------------
+    def begin_fold(self, rnd: int) -> None:
+        """Empty running sums: per module and cluster ``Σ ω_i π_ij M_i ⊙ ΔW_i`` and its row denominators."""
+        k = self.config.num_clusters
+        clusters = k > 1 and rnd > self.config.cluster_warmup_rounds
+        shapes = {p.module: self.layout.shapes[p.module] for p in self.upload_layout.pairs}  # GMFL-frozen: none
+        self._sums = _RoundSums(
+            modules={m: [torch.zeros(shape[:2], dtype=torch.float64) for _ in range(k)] for m, shape in shapes.items()},
+            denominators={m: torch.zeros(k, shape[0], dtype=torch.float64) for m, shape in shapes.items()},
+            heads=[{h: torch.zeros(self.heads[0][h].shape, dtype=torch.float64) for h in self.layout.head_keys}
+                   for _ in range(k)],
+            keeps_features=clusters)
+
+    @torch.no_grad()
+    def fold_reply(self, reply: Reply, upload: ParsedUplink) -> None:
+        """Add one client's masked update to every cluster's sums (one dense ``ΔW_i`` module at a time)."""
+        sums = self._sums
+        pi = self.memberships[reply.client_id]
+        w = float(upload.num_samples) if self.config.client_weighting == "samples" else 1.0
+        for pair in self.upload_layout.pairs:
+            self._fold_module(sums, pair.module, upload.rows[pair.module],
+                              upload.b_rows[pair.b_key], upload.a[pair.a_key], pi, w)
+        for j, head in enumerate(sums.heads):
+            coef = w * float(pi[j])
+            for key in self.layout.head_keys:
+                head[key] += coef * upload.head[key].to(torch.float64)
+        sums.client_ids.append(reply.client_id)
+        sums.weights.append(w)
+        if sums.keeps_features:  # wire-dtype values, exactly what the float64 features hold, at half the size
+            sums.features.append(self._features(upload).to(self.policy.wire_dtype))
+
+    def _fold_module(self, sums: _RoundSums, module: str, rows: Tensor, b_rows: Tensor, a: Tensor, pi: Tensor,
+                     w: float) -> None:
+        """Streaming form of :func:`ops.masked_mixture_average` for one client and module (float64)."""
+        kept_delta = self.scaling * (b_rows.to(torch.float64) @ a.to(torch.float64))  # the only dense part
+        for j, cluster_sum in enumerate(sums.modules[module]):
+            coef = w * float(pi[j])
+            if coef:
+                cluster_sum.index_add_(0, rows, kept_delta, alpha=coef)
+            sums.denominators[module][j, rows] += coef if self.config.norm == "soft" else w
+
+    @torch.no_grad()
+    def end_fold(self, rnd: int, report: RoundReport) -> None:
+        """Add each cluster's average to its cumulative update, replace the heads, then refit memberships."""
+        sums, self._sums = self._sums, None
+        if sums.client_ids:
+            for module, cluster_sums in sums.modules.items():
+                denominators = sums.denominators[module]
+                denominators[denominators == 0] = 1.0
+                for j, (cluster, total) in enumerate(zip(self.cumulative, cluster_sums)):
+                    cluster[module] += (total / denominators[j, :, None]).to(cluster[module].dtype)
+            self.heads = self._cluster_heads(sums)
             self.rounds_aggregated += 1
-        report.metrics.update(self._recluster(rnd, accepted))
+        report.metrics.update(self._recluster(rnd, sums.client_ids, sums.features))
         report.metrics.update(self.membership_metrics())
+
+    def _cluster_heads(self, sums: _RoundSums) -> list[dict[str, Tensor]]:
+        """:func:`ops.weighted_heads` from the running sums: ``C_j = Σ_i ω_i π_ij C_i / d_j``."""
+        w = torch.tensor(sums.weights, dtype=torch.float64)
+        pi = self.memberships[sums.client_ids]
+        out = []
+        for j, head_sum in enumerate(sums.heads):
+            coef = w * pi[:, j]
+            den = float(coef.sum() if self.config.norm == "soft" else w.sum())
+            if den <= 0 or float(coef.sum()) <= 0:
+                out.append({k: v.clone() for k, v in self.heads[j].items()})
+                continue
+            out.append({key: (head_sum[key] / den).to(self.heads[j][key].dtype) for key in self.heads[j]})
+        return out
 
     def check_reply(self, reply: Reply) -> ParsedUplink | str:
         """The parsed upload, or why it is unacceptable (client id, format, then the update-norm bound)."""
@@ -213,52 +293,15 @@ class FedHFTStrategy(ScreenedStrategy):
         personal = self.mixture_head(self.memberships[client_id].tolist())
         return policy.check_deltas((k, upload.head[k], personal[k]) for k in self.layout.head_keys)
 
-    def _weights(self, accepted: Sequence[_Accepted]) -> list[float]:
-        if self.config.client_weighting == "samples":
-            return [float(a.upload.num_samples) for a in accepted]
-        return [1.0] * len(accepted)
-
-    @torch.no_grad()
-    def _fold(self, accepted: Sequence[_Accepted]) -> None:
-        pi = self.memberships[[a.client_id for a in accepted]]
-        weights = self._weights(accepted)
-        for pair in self.upload_layout.pairs:
-            averages = self._module_average(pair.module, pair.a_key, pair.b_key, accepted, pi, weights)
-            for cluster, average in zip(self.cumulative, averages):
-                cluster[pair.module] += average.to(cluster[pair.module].dtype)
-        self.heads = ops.weighted_heads([a.upload.head for a in accepted], pi, weights=weights,
-                                        norm=self.config.norm, previous=self.heads)
-
-    def _module_average(self, module: str, a_key: str, b_key: str, accepted: Sequence[_Accepted], pi: Tensor,
-                        weights: Sequence[float]) -> list[Tensor]:
-        """Streaming form of :func:`ops.masked_mixture_average` for one module (float64)."""
-        d_out, d_in, _ = self.layout.shapes[module]
-        k = pi.shape[1]
-        sums = [torch.zeros(d_out, d_in, dtype=torch.float64) for _ in range(k)]
-        denominators = torch.zeros(k, d_out, dtype=torch.float64)
-        for row, (item, w) in enumerate(zip(accepted, weights)):
-            rows = item.upload.rows[module]
-            kept_delta = self.scaling * (item.upload.b_rows[b_key].to(torch.float64)
-                                         @ item.upload.a[a_key].to(torch.float64))  # the client's only dense part
-            for j in range(k):
-                coef = w * float(pi[row, j])
-                if coef:
-                    sums[j].index_add_(0, rows, kept_delta, alpha=coef)
-                denominators[j, rows] += coef if self.config.norm == "soft" else w
-            del kept_delta
-        denominators[denominators == 0] = 1.0
-        return [s / denominators[j, :, None] for j, s in enumerate(sums)]
-
     # -- clustering ----------------------------------------------------------------------------
-    def _recluster(self, rnd: int, accepted: Sequence[_Accepted]) -> dict[str, float]:
-        """Refit memberships of the participants after warm-up; keep them in degenerate rounds."""
+    def _recluster(self, rnd: int, ids: list[int], features: list[Tensor]) -> dict[str, float]:
+        """Refit memberships of the participants ``ids`` (with their clustering ``features``) after warm-up."""
         cfg = self.config
         if cfg.num_clusters == 1 or rnd <= cfg.cluster_warmup_rounds:
             return {}
-        if len(accepted) < max(2, cfg.num_clusters):
+        if len(ids) < max(2, cfg.num_clusters):
             return {"clustering_skipped": 1.0}
-        features = torch.stack([self._features(a.upload) for a in accepted])
-        ids = [a.client_id for a in accepted]
+        features = torch.stack(features).to(torch.float64)
         try:
             probs = ops.gmm_memberships(features, cfg.num_clusters, covariance=cfg.gmm_covariance,
                                         pca_dim=cfg.cluster_pca_dim if cfg.uses_pca else None,

@@ -121,6 +121,48 @@ def average_accumulators(
     return union, acc.to(first.dtype)
 
 
+class SeedSums:
+    """Running per-seed sums of one layer's accumulators: the streaming form of :func:`average_accumulators`.
+
+    :meth:`add` folds one client's accumulators into ``[num_seeds, d_out, r]``
+    float64 sums (weight ``w``, not yet normalised) and keeps no reference to
+    them; :meth:`average` divides by the total weight of every client added
+    (a client that did not use a seed counts as zero, spec §9.4). Equal to
+    :func:`average_accumulators` to float64 rounding (which normalises the
+    weights first).
+
+    Args:
+        num_seeds: ``K``.
+        d_out: the layer's output width.
+        rank: the layer's subspace rank.
+    """
+
+    def __init__(self, num_seeds: int, d_out: int, rank: int) -> None:
+        self.sums = torch.zeros((num_seeds, d_out, rank), dtype=torch.float64)
+        self.used: set[int] = set()
+        self.total = 0.0
+
+    def add(self, slots: Sequence[int], values: Tensor, weight: float) -> None:
+        """Fold ``weight * values[j]`` into slot ``slots[j]``'s sum (``values``: ``[len(slots), d_out, r]``)."""
+        w = float(weight)
+        if not math.isfinite(w) or w < 0:
+            raise AggregationError(f"weights must be finite and non-negative, got {weight}")
+        if values.shape[0] != len(slots) or tuple(values.shape[1:]) != tuple(self.sums.shape[1:]):
+            raise AggregationError(f"accumulators of shape {tuple(values.shape)} do not fit {len(slots)} slots of "
+                                   f"shape {tuple(self.sums.shape[1:])}")
+        for j, slot in enumerate(slots):
+            self.sums[int(slot)].add_(values[j].to(torch.float64), alpha=w)
+            self.used.add(int(slot))
+        self.total += w
+
+    def average(self, dtype: torch.dtype) -> tuple[list[int], Tensor]:
+        """The sorted union of slots used and ``Bbar`` (``[len(union), d_out, r]``) cast to ``dtype``."""
+        if self.total <= 0:
+            raise AggregationError("weights sum to zero")
+        union = sorted(self.used)
+        return union, (self.sums[union] / self.total).to(dtype)
+
+
 def round_seeds(master_seed: int, rnd: int, *, count: int, bits: int) -> list[int]:
     """The ``count`` distinct seeds of round ``rnd``, drawn from ``[1, 2^bits - 1]`` (spec §9.3)."""
     high = 2 ** bits - 1

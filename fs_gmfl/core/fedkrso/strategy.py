@@ -16,21 +16,32 @@ cheaper (``catchup``), so stateful clients reach ``W^t`` bit for bit.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fs_gmfl.core.fedavg.ops import normalised_weights, weighted_average
+from fs_gmfl.core.fedavg.ops import WeightedSum
 from fs_gmfl.core.fedkrso import wire
 from fs_gmfl.core.fedkrso.config import FedKRSOConfig
-from fs_gmfl.core.fedkrso.ops import apply_update_, average_accumulators, layer_rank, round_seeds
+from fs_gmfl.core.fedkrso.ops import SeedSums, apply_update_, layer_rank, round_seeds
 from fs_gmfl.core.message import Message, Reply, tensor_bytes
 from fs_gmfl.core.protocol import RoundReport
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.core.targets import TargetLayer
 from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, l2
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
+
+
+@dataclass
+class _RoundSums:
+    """The open round's running sums: per layer its :class:`~fs_gmfl.core.fedkrso.ops.SeedSums`, and the head."""
+
+    layers: dict[str, SeedSums]
+    head: WeightedSum
+    clients: int = 0
+    seeds_per_client: int = 0
 
 
 class FedKRSOStrategy(ScreenedStrategy):
@@ -64,6 +75,7 @@ class FedKRSOStrategy(ScreenedStrategy):
         self.log: list[wire.LogEntry] = []
         self.client_version: dict[int, int] = {}
         self.last_catchup: dict[int, str] = {}
+        self._sums: _RoundSums | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -110,14 +122,31 @@ class FedKRSOStrategy(ScreenedStrategy):
         return [e for e in self.log if e.round > since], None
 
     # -- aggregation -------------------------------------------------------------------------------------------
-    def fold(self, rnd: int, screened: list[tuple[Reply, list[int]]], report: RoundReport) -> None:
+    def begin_fold(self, rnd: int) -> None:
+        """Empty running sums: per layer one per seed slot, and the head's."""
+        k = self.config.num_seeds
+        self._sums = _RoundSums({layer.name: SeedSums(k, layer.d_out, layer_rank(layer, self.config.rank))
+                                 for layer in self.layers}, WeightedSum(list(self.head)))
+
+    def fold_reply(self, reply: Reply, slots: list[int]) -> None:
+        """Add one accepted uplink's accumulators (slot by slot) and head, with the client's weight."""
+        sums, msg = self._sums, reply.message
+        weight = 1.0 if self.config.weighting == "uniform" else float(msg.num_samples)
+        for layer in self.layers:
+            sums.layers[layer.name].add(slots, msg.tensors[wire.acc_key(layer.name)], weight)
+        if self.head:
+            sums.head.add(msg.tensors, weight)
+        sums.clients += 1
+        sums.seeds_per_client += len(slots)
+
+    def end_fold(self, rnd: int, report: RoundReport) -> None:
         """Average per seed, update ``W`` layer by layer and the head, log the round."""
-        accepted = [(reply, slots) for reply, slots in screened if slots is not None]
+        sums, self._sums = self._sums, None
         entry = self._empty_entry(rnd)
-        if accepted:
-            entry = self._apply(rnd, accepted)
+        if sums.clients:
+            entry = self._apply(rnd, sums)
             report.metrics.update({"seeds_used": float(len(entry.seeds)),
-                                   "mean_client_seeds": sum(len(s) for _, s in accepted) / len(accepted)})
+                                   "mean_client_seeds": sums.seeds_per_client / sums.clients})
         self.log.append(entry)
         self.version = rnd
         self._prune_log()
@@ -138,18 +167,10 @@ class FedKRSOStrategy(ScreenedStrategy):
                 return reason
         return policy.check_deltas((k, msg.tensors[k], v) for k, v in self.head.items()) or slots
 
-    def _weights_of(self, accepted: Sequence[tuple[Reply, list[int]]]) -> list[float]:
-        if self.config.weighting == "uniform":
-            return normalised_weights([1.0] * len(accepted))
-        return normalised_weights([r.message.num_samples for r, _ in accepted])
-
-    def _apply(self, rnd: int, accepted: Sequence[tuple[Reply, list[int]]]) -> wire.LogEntry:
-        weights = self._weights_of(accepted)
+    def _apply(self, rnd: int, sums: _RoundSums) -> wire.LogEntry:
         seeds = self.seeds_of(rnd)
-        averaged: dict[str, tuple[list[int], Tensor]] = {}
-        for layer in self.layers:
-            uploads = [(slots, r.message.tensors[wire.acc_key(layer.name)]) for r, slots in accepted]
-            averaged[layer.name] = average_accumulators(uploads, weights)
+        wire_dtype = self.policy.wire_dtype  # the averages pass through the uploads' dtype, as uploaded
+        averaged = {name: layer_sums.average(wire_dtype) for name, layer_sums in sums.layers.items()}
         union = next(iter(averaged.values()))[0] if averaged else []
         keep = [j for j in range(len(union)) if any(bool(avg[j].any()) for _, avg in averaged.values())]
         entry = wire.LogEntry(rnd, [seeds[union[j]] for j in keep])
@@ -158,7 +179,8 @@ class FedKRSOStrategy(ScreenedStrategy):
             apply_update_(self.weights[layer.name], avg, entry.seeds, layer=layer, rank=self.config.rank)
             entry.tensors[layer.name] = avg
         if self.head:
-            averaged_head = weighted_average([r.message.tensors for r, _ in accepted], weights, keys=list(self.head))
+            averaged_head = sums.head.average({k: wire_dtype if v.is_floating_point() else v.dtype
+                                               for k, v in self.head.items()})
             self.head = {k: v.to(self.head[k].dtype) for k, v in averaged_head.items()}
         return entry
 

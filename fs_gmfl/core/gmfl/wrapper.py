@@ -31,7 +31,7 @@ from fs_gmfl.core.gmfl.base import GMFLBase, GMFLBaseClient, frozen_keys
 from fs_gmfl.core.gmfl.strategy import GlobalMasking
 from fs_gmfl.core.gmfl.wire import MASK
 from fs_gmfl.core.message import Message, Reply, pack_bits, unpack_bits
-from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, RoundReport, Strategy, TrainStats
+from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, RoundAggregation, RoundReport, Strategy, TrainStats
 from fs_gmfl.core.registry import Method
 from fs_gmfl.core.seeding import derive_seed
 
@@ -110,16 +110,17 @@ class GMFLStrategy(Strategy):
         return send
 
     # -- aggregation ---------------------------------------------------------------------------
-    def aggregate(self, rnd: int, replies: Sequence[Reply]) -> RoundReport:
-        """The base aggregates the unfrozen units; GMFL measures the update and maybe refreshes the mask."""
+    def start_aggregation(self, rnd: int) -> RoundAggregation:
+        """The base's streaming aggregation of the unfrozen units; :meth:`after_round` runs when it finishes."""
         self._apply_mask()
-        old = self.base.unit_values()
-        report = self.base.aggregate(rnd, replies)
+        return _MeasuredRound(self, rnd, self.base.unit_values(), self.base.start_aggregation(rnd))
+
+    def after_round(self, rnd: int, old: Mapping[str, Any], report: RoundReport) -> None:
+        """Measure each unit's global update (spec GMFL.md section 4) and maybe refresh the mask (section 5)."""
         updated = bool(report.accepted)
         new = self.base.unit_values() if updated else None
         if self.masking.observe(rnd, old if updated else None, new):
             self._apply_mask()
-        return report
 
     # -- reporting -----------------------------------------------------------------------------
     def global_adapter(self) -> dict[str, Tensor]:
@@ -156,6 +157,23 @@ class GMFLStrategy(Strategy):
         self.masking.load_state_dict(state["masking"])
         self.mask_versions = {int(c): int(v) for c, v in state["mask_versions"].items()}
         self._apply_mask()
+
+
+class _MeasuredRound(RoundAggregation):
+    """The base's round aggregation, followed by GMFL's measurement of the global update when it finishes."""
+
+    def __init__(self, strategy: GMFLStrategy, rnd: int, old: Mapping[str, Any], base: RoundAggregation) -> None:
+        self.strategy, self.rnd, self.old, self.base = strategy, rnd, old, base
+
+    def add(self, reply: Reply) -> str | None:
+        """The base screens and folds the reply (GMFL keeps nothing of it)."""
+        return self.base.add(reply)
+
+    def finish(self) -> RoundReport:
+        """The base's new global state, then GMFL's statistic and refresh."""
+        report = self.base.finish()
+        self.strategy.after_round(self.rnd, self.old, report)
+        return report
 
 
 class GMFLClient(ClientAlgorithm):

@@ -265,3 +265,83 @@ def zero_padding_average(a: Tensor, b: Tensor, updates: Sequence[ComponentUpdate
         acc_a.index_add_(0, idx, u.a_rows.to(F64) * wk)
         acc_b.index_add_(1, idx, u.b_cols.to(F64) * wk)
     return acc_a.to(a.dtype), acc_b.to(b.dtype)
+
+
+class ComponentSums:
+    """Running sums of one module's uploaded components: the streaming form of both aggregations above.
+
+    :meth:`add` folds one client's components (with their weights) into
+    float64 sums and keeps no reference to them; :meth:`adaptive_average`
+    and :meth:`zero_padding_average` divide at the end, giving the results of
+    :func:`adaptive_rank1_average` and :func:`zero_padding_average` to
+    float64 rounding (those normalise the weights first). Memory: two
+    float64 copies of ``A`` and ``B`` plus per-component totals; components
+    uploaded with weight exactly 0 (the uniform fallback) get a third copy,
+    allocated only when one arrives.
+
+    Args:
+        a, b: the module's global factors (shapes only).
+    """
+
+    def __init__(self, a: Tensor, b: Tensor) -> None:
+        self.rank = a.shape[0]
+        self.weighted_a = torch.zeros(a.shape, dtype=F64)
+        self.weighted_b = torch.zeros(b.shape, dtype=F64)
+        self.weight = torch.zeros(self.rank, dtype=F64)
+        self.count = torch.zeros(self.rank, dtype=F64)
+        self.zero_weight_a: Tensor | None = None
+        self.zero_weight_b: Tensor | None = None
+        self.clients = 0
+        self.client_weight = 0.0
+        self._like = (a, b)
+
+    def add(self, update: ComponentUpdate, weights: Tensor) -> None:
+        """Fold one client's components, one weight each (zero padding: the client's weight repeated)."""
+        w64 = torch.as_tensor(weights, dtype=F64).reshape(-1)
+        _check_updates(*self._like, [update], [w64])
+        if w64.numel() != update.indices.numel() or not bool(torch.isfinite(w64).all()) or bool((w64 < 0).any()):
+            raise AggregationError(f"weights {w64.tolist()} must be finite, non-negative, one per component")
+        idx = update.indices.to(torch.long)
+        a_rows, b_cols = update.a_rows.to(F64), update.b_cols.to(F64)
+        self.weight.index_add_(0, idx, w64)
+        self.count.index_add_(0, idx, torch.ones_like(w64))
+        self.weighted_a.index_add_(0, idx, a_rows * w64[:, None])
+        self.weighted_b.index_add_(1, idx, b_cols * w64[None, :])
+        self._add_zero_weight(idx, a_rows, b_cols, w64 == 0)
+        self.clients += 1
+        self.client_weight += float(w64[0]) if w64.numel() else 0.0
+
+    def _add_zero_weight(self, idx: Tensor, a_rows: Tensor, b_cols: Tensor, zero: Tensor) -> None:
+        """Plain sums of the components uploaded with weight 0 (their average is the uniform fallback)."""
+        if not bool(zero.any()):
+            return
+        if self.zero_weight_a is None or self.zero_weight_b is None:
+            self.zero_weight_a = torch.zeros_like(self.weighted_a)
+            self.zero_weight_b = torch.zeros_like(self.weighted_b)
+        keep = zero.to(F64)
+        self.zero_weight_a.index_add_(0, idx, a_rows * keep[:, None])
+        self.zero_weight_b.index_add_(1, idx, b_cols * keep[None, :])
+
+    def adaptive_average(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`adaptive_rank1_average` of everything added: ``sum w b_i / Z_i``, uniform when ``Z_i = 0``."""
+        trained = self.count > 0
+        z = self.weight.clamp_min(1e-300)
+        value_a, value_b = self.weighted_a / z[:, None], self.weighted_b / z[None, :]
+        if self.zero_weight_a is not None and self.zero_weight_b is not None:
+            unweighted = (self.weight == 0) & trained
+            c = self.count.clamp_min(1.0)
+            value_a = torch.where(unweighted[:, None], self.zero_weight_a / c[:, None], value_a)
+            value_b = torch.where(unweighted[None, :], self.zero_weight_b / c[None, :], value_b)
+        return (torch.where(trained[:, None], value_a.to(a.dtype), a),
+                torch.where(trained[None, :], value_b.to(b.dtype), b))
+
+    def zero_padding_average(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`zero_padding_average` of everything added (client weights; uniform when they sum to 0)."""
+        if not self.clients:
+            raise AggregationError("zero-padding aggregation needs at least one update")
+        if self.client_weight > 0:
+            total = self.client_weight
+            return (self.weighted_a / total).to(a.dtype), (self.weighted_b / total).to(b.dtype)
+        zero_a = self.zero_weight_a if self.zero_weight_a is not None else torch.zeros_like(self.weighted_a)
+        zero_b = self.zero_weight_b if self.zero_weight_b is not None else torch.zeros_like(self.weighted_b)
+        return (zero_a / self.clients).to(a.dtype), (zero_b / self.clients).to(b.dtype)

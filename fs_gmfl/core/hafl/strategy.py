@@ -17,13 +17,14 @@ HAFL's component selection and aggregation of the other modules are unchanged.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fs_gmfl.core.adapter import HEAD, LoraPair, kind_of, lora_pairs
-from fs_gmfl.core.fedavg.ops import weighted_average
+from fs_gmfl.core.fedavg.ops import WeightedSum
 from fs_gmfl.core.gmfl.base import whole_units
 from fs_gmfl.core.hafl import ops
 from fs_gmfl.core.hafl.config import HAFLConfig
@@ -33,6 +34,16 @@ from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply
 from fs_gmfl.core.protocol import RoundReport
 from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, expected_float_dtype
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_tensors
+
+@dataclass
+class _RoundSums:
+    """The open round's running sums: one :class:`~fs_gmfl.core.hafl.ops.ComponentSums` per module, the heads."""
+
+    modules: list[ops.ComponentSums]
+    heads: WeightedSum
+    accepted: int = 0
+    contributors: int = 0
+
 
 class HAFLStrategy(ScreenedStrategy):
     """Server side of ITALoRA / IFALoRA / IFZLoRA / HomLoRA.
@@ -65,6 +76,7 @@ class HAFLStrategy(ScreenedStrategy):
                                          reduce=config.score_reduce)
         self.pending: dict[int, Tensor] = {}
         self.active_rows: list[int] = list(range(len(self.pairs)))
+        self._sums: _RoundSums | None = None
 
     # -- GMFL base (fs_gmfl.core.gmfl.base) ----------------------------------------------------
     def mask_units(self) -> dict[str, tuple[str, ...]]:
@@ -172,34 +184,48 @@ class HAFLStrategy(ScreenedStrategy):
                        for k in self.head_keys})
         return shapes
 
-    # -- aggregation -------------------------------------------------------------------------
-    def fold(self, rnd: int, screened: list[tuple[Reply, None]], report: RoundReport) -> None:
-        """Aggregate each module's components, FedAvg the head, update the scores."""
-        accepted = [reply for reply, _ in screened]
-        self.pending = {}
-        if not accepted:
+    # -- aggregation (a streaming fold: running sums per module, then one update) -------------
+    def begin_fold(self, rnd: int) -> None:
+        """Empty running sums: per module GMFL has not frozen its components' sums, and the heads'."""
+        self._sums = _RoundSums([ops.ComponentSums(self.global_state[p.a_key], self.global_state[p.b_key])
+                                 for p in self._active_pairs()], WeightedSum(self.head_keys))
+
+    def fold_reply(self, reply: Reply, parsed: None) -> None:
+        """Add one accepted uplink: its components (weighted per the options) and its head (by samples)."""
+        sums, msg = self._sums, reply.message
+        sums.accepted += 1
+        if self.head_keys:
+            sums.heads.add(msg.tensors, msg.num_samples)
+        if msg.control[INDICES].shape[1] == 0:
             return
-        contributors = [r for r in accepted if r.message.control[INDICES].shape[1] > 0]
+        sums.contributors += 1
+        updates = self._component_updates(msg)
+        zero_padding = self.config.aggregation == "zero_padding"
+        for module, update, w in zip(sums.modules, updates, self._client_weights(updates, msg.num_samples)):
+            module.add(update, torch.full_like(w, float(w[0])) if zero_padding else w)
+
+    def end_fold(self, rnd: int, report: RoundReport) -> None:
+        """Aggregate each module's components, FedAvg the head, update the scores."""
+        sums, self._sums = self._sums, None
+        self.pending = {}
+        if not sums.accepted:
+            return
         old = self.global_state
         new = dict(old)
-        updated = torch.zeros(len(self.pairs), self.rank, dtype=torch.bool)
-        if contributors:
-            updates = [self._component_updates(r.message) for r in contributors]
-            weights = self._weights(updates, [r.message.num_samples for r in contributors])
-            for i, row in enumerate(self.active_rows):
-                pair = self.pairs[row]
-                column = [u[i] for u in updates]
-                new[pair.a_key], new[pair.b_key] = self._aggregate_module(old[pair.a_key], old[pair.b_key], column,
-                                                                          [w[i] for w in weights])
-                for u in column:
-                    updated[row, u.indices.to(torch.long)] = True
+        if sums.contributors:
+            for pair, module in zip(self._active_pairs(), sums.modules):
+                average = module.zero_padding_average if self.config.aggregation == "zero_padding" \
+                    else module.adaptive_average
+                new[pair.a_key], new[pair.b_key] = average(old[pair.a_key], old[pair.b_key])
         if self.head_keys:
-            heads = weighted_average([r.message.tensors for r in accepted], [r.message.num_samples for r in accepted],
-                                     keys=self.head_keys)
+            heads = sums.heads.average({k: expected_float_dtype(old[k], self.policy) for k in self.head_keys})
             new.update({k: v.to(old[k].dtype) for k, v in heads.items()})
         self.global_state = new
-        if contributors:  # a round that changed no component carries no importance information
+        if sums.contributors:  # a round that changed no component carries no importance information
             self.tracker.observe(old, new)
+        updated = torch.zeros(len(self.pairs), self.rank, dtype=torch.bool)  # a frozen module is not updated
+        for row, module in zip(self.active_rows, sums.modules):
+            updated[row] = module.count > 0
         report.metrics["components_updated_fraction"] = float(updated.float().mean())
 
     def _component_updates(self, msg: Message) -> list[ops.ComponentUpdate]:
@@ -211,28 +237,18 @@ class HAFLStrategy(ScreenedStrategy):
         """The modules GMFL has not frozen (all of them without GMFL), in module order."""
         return [self.pairs[row] for row in self.active_rows]
 
-    def _aggregate_module(self, a: Tensor, b: Tensor, updates: list[ops.ComponentUpdate],
-                          weights: list[Tensor]) -> tuple[Tensor, Tensor]:
-        if self.config.aggregation == "zero_padding":
-            return ops.zero_padding_average(a, b, updates, [float(w[0]) for w in weights])
-        return ops.adaptive_rank1_average(a, b, updates, weights)
-
-    def _weights(self, updates: list[list[ops.ComponentUpdate]], samples: list[int]) -> list[list[Tensor]]:
-        """Per client and unfrozen module, one weight per uploaded component (spec eq. 14 and its options)."""
+    def _client_weights(self, client_updates: list[ops.ComponentUpdate], n_samples: int) -> list[Tensor]:
+        """One client's weights: per module, one per uploaded component (spec eq. 14 and its options)."""
         cfg = self.config
         mode = "datasize" if cfg.aggregation == "fedavg" else cfg.weighting
-        out = []
-        for client_updates, n_samples in zip(updates, samples):
-            if mode == "norm":
-                per_module = [self._norm_weights(row, u) for row, u in zip(self.active_rows, client_updates)]
-                if cfg.norm_granularity == "model":
-                    total = sum(float(w.sum()) if cfg.norm_scope == "rank1" else float(w[0]) for w in per_module)
-                    per_module = [torch.full((u.indices.numel(),), total, dtype=ops.F64) for u in client_updates]
-            else:
-                value = float(n_samples) if mode == "datasize" else 1.0
-                per_module = [torch.full((u.indices.numel(),), value, dtype=ops.F64) for u in client_updates]
-            out.append(per_module)
-        return out
+        if mode == "norm":
+            per_module = [self._norm_weights(row, u) for row, u in zip(self.active_rows, client_updates)]
+            if cfg.norm_granularity == "model":
+                total = sum(float(w.sum()) if cfg.norm_scope == "rank1" else float(w[0]) for w in per_module)
+                per_module = [torch.full((u.indices.numel(),), total, dtype=ops.F64) for u in client_updates]
+            return per_module
+        value = float(n_samples) if mode == "datasize" else 1.0
+        return [torch.full((u.indices.numel(),), value, dtype=ops.F64) for u in client_updates]
 
     def _norm_weights(self, row: int, u: ops.ComponentUpdate) -> Tensor:
         scope, n = self.config.norm_scope, u.indices.numel()

@@ -4,9 +4,14 @@ Selected by ``federate.method`` (``fedit``, ``ffa_lora`` and every other method
 registered in :mod:`fs_gmfl.methods`; FederatedScope's own ``fedavg`` stays
 its own). They only translate: the server asks the method's
 :class:`~fs_gmfl.core.protocol.Strategy` for one downlink per sampled client
-(``configure_round``) and folds the uplinks back in (``aggregate``, called by
-:class:`ProtocolAggregator`, installed as ``self.aggregator`` and
-``self.aggregators``); the client hands its downlink to the
+(``configure_round``) and folds each uplink into the strategy's streaming
+aggregation as its ``model_para`` message arrives
+(:meth:`FsGmflServer.callback_funcs_model_para`), leaving FederatedScope's
+buffer only a placeholder per client so that its round bookkeeping
+(``check_and_move_on``, staleness, evaluation) runs unchanged; FederatedScope's
+aggregation step (:class:`ProtocolAggregator`, installed as ``self.aggregator``
+and ``self.aggregators``) folds any stale message left and finishes the
+round. The client hands its downlink to the
 :class:`~fs_gmfl.hosts.fs.trainer.FsGmflTrainer`, which runs the method's
 :class:`~fs_gmfl.core.protocol.ClientAlgorithm` through hooks.
 
@@ -29,7 +34,8 @@ import logging
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +48,7 @@ from torch import Tensor, nn
 from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_model_tensors, model_tensor_map
 from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Reply, total_bytes
-from fs_gmfl.core.protocol import ClientAlgorithm, RoundReport
+from fs_gmfl.core.protocol import ClientAlgorithm, RoundAggregation, RoundReport
 from fs_gmfl.core.uplinks import UplinkPolicy
 from fs_gmfl.hosts.fs import wire
 from fs_gmfl.hosts.fs.builders import model_provider_for, trains_in_half
@@ -130,6 +136,7 @@ class FsGmflServer(Server):
         self.mostly_rejected_rounds: list[int] = []
         self.wire_dtype = wire_dtype_of(config, self.models[0])
         expect_global_dtype(self.method.strategy)
+        self.open_round: OpenRound | None = None
         self.evaluation = {"broadcasts": 0, "bytes": 0}
         _create_parent(config.federate.save_to)
         self._restore_method_state(config.federate.restore_from)
@@ -263,6 +270,48 @@ class FsGmflServer(Server):
         self.comm_manager.send(message)
         self._monitor.track_upload_bytes(message.count_bytes()[1])
 
+    # -- streaming aggregation -----------------------------------------------------------------
+    def callback_funcs_model_para(self, message: FsMessage) -> Any:
+        """Fold an uplink of the current round into the strategy on arrival, then let FederatedScope buffer a
+        placeholder in its place (``(sample count, FOLDED)``) and do its bookkeeping as usual.
+
+        So the server holds the global state, the strategy's running sums and
+        the one message being handled, whatever the number of clients. A
+        stale message (from an earlier round, within
+        ``federate.staleness_toleration``) is left to FederatedScope's buffer
+        and folded when the round is aggregated, as before.
+        """
+        if not self.is_finish and message.state == self.state:
+            message.content = self.fold_on_arrival(int(message.sender) - 1, message.content)
+        return super().callback_funcs_model_para(message)
+
+    def aggregation_of(self, rnd: int) -> OpenRound:
+        """The streaming aggregation of round ``rnd``, opened on first use."""
+        if self.open_round is None or self.open_round.rnd != rnd:
+            strategy = self.method.strategy
+            dtypes = {k: v.dtype for k, v in strategy.global_adapter().items()}
+            self.open_round = OpenRound(rnd, strategy.start_aggregation(rnd), dtypes)
+        return self.open_round
+
+    def fold_on_arrival(self, cid: int, content: Any) -> Any:
+        """Decode, count, cast (:func:`to_global_dtype`) and fold one uplink; FederatedScope's placeholder for it."""
+        open_round = self.aggregation_of(self.state + 1)
+        num_samples = content[0] if isinstance(content, (tuple, list)) and content else None
+        try:
+            message = wire.decode(content[1], expect=wire.UPLINK)
+        except (wire.WireError, TypeError, IndexError, KeyError) as err:
+            open_round.malformed[cid] = f"malformed payload: {err}"
+            return num_samples, FOLDED
+        self.ledger.record(open_round.rnd, cid, "uplink", message)
+        if self.distributed:
+            self._monitor.track_download_bytes(message.nbytes)
+        reason = to_global_dtype(message, open_round.dtypes, self.wire_dtype)
+        if reason:
+            open_round.malformed[cid] = reason
+        else:
+            open_round.aggregation.add(Reply(cid, message))
+        return num_samples, FOLDED
+
     # -- per-round record ----------------------------------------------------------------------
     def record_round(self, rnd: int, report: RoundReport) -> None:
         """Log rejections and write ``comm_log.jsonl`` / ``summary.json`` after each aggregation.
@@ -347,9 +396,15 @@ def expect_global_dtype(strategy: Any) -> None:
         policy.wire_dtype = floating[0]
 
 
-def to_global_dtype(message: Any, reference: dict[str, Tensor], wire_dtype: torch.dtype) -> str | None:
+def to_global_dtype(message: Any, reference: Mapping[str, Tensor | torch.dtype],
+                    wire_dtype: torch.dtype) -> str | None:
     """Check that the uplink's adapter tensors come in the clients' training dtype, then cast them, exactly,
     to the dtype of the strategy's global tensors (which validates and aggregates them as usual).
+
+    Args:
+        message: the decoded uplink (its tensors are replaced by the cast ones).
+        reference: the global tensors, or just their dtypes, by key.
+        wire_dtype: the clients' training dtype.
 
     Returns:
         ``None``, or the rejection reason for a floating tensor in another dtype.
@@ -360,9 +415,31 @@ def to_global_dtype(message: Any, reference: dict[str, Tensor], wire_dtype: torc
             continue
         if value.dtype != wire_dtype:
             return f"wrong dtype: '{key}' has dtype {value.dtype}, expected {wire_dtype} (the clients' training dtype)"
-        if like.dtype != wire_dtype:
-            message.tensors[key] = value.to(like.dtype)
+        global_dtype = like if isinstance(like, torch.dtype) else like.dtype
+        if global_dtype != wire_dtype:
+            message.tensors[key] = value.to(global_dtype)
     return None
+
+
+#: what FederatedScope's message buffer holds for an uplink already folded on arrival.
+FOLDED = "fs_gmfl:folded"
+
+
+@dataclass
+class OpenRound:
+    """The round being aggregated: the strategy's streaming aggregation and what the host rejected itself.
+
+    Attributes:
+        rnd: the round (1-based).
+        aggregation: the strategy's :class:`~fs_gmfl.core.protocol.RoundAggregation`.
+        dtypes: the global tensors' dtypes (uplinks are cast to them before folding).
+        malformed: client id -> why its payload never reached the strategy.
+    """
+
+    rnd: int
+    aggregation: RoundAggregation
+    dtypes: dict[str, torch.dtype]
+    malformed: dict[int, str] = field(default_factory=dict)
 
 
 class ProtocolAggregator(ClientsAvgAggregator):
@@ -380,36 +457,27 @@ class ProtocolAggregator(ClientsAvgAggregator):
         save_method_state(path, method=strategy.name, rnd=cur_round, state=strategy.state_dict())
 
     def aggregate(self, agg_info: dict[str, Any]) -> dict[str, Tensor]:
-        """Decode and validate every uplink, aggregate, and return the global adapter by state-dict name.
+        """Finish the round's streaming aggregation and return the global adapter by state-dict name.
 
-        A payload that is not a well-formed uplink is rejected with its
-        reason (like any invalid update) and never reaches the strategy; the
-        strategy then applies the same gate as in the simulator (sampled
-        clients only, one reply each, the sample count, the update-norm
-        bound; :mod:`fs_gmfl.core.uplinks`), with ``federate.max_sample_count``
-        as the count's bound since this server does not know the shards.
+        The uplinks of the round were folded as they arrived
+        (:meth:`FsGmflServer.fold_on_arrival`); a stale one still in
+        FederatedScope's buffer is folded now. A payload that is not a
+        well-formed uplink is rejected with its reason (like any invalid
+        update) and never reaches the strategy; the strategy applies the
+        same gate as in the simulator (sampled clients only, one reply each,
+        the sample count, the update-norm bound; :mod:`fs_gmfl.core.uplinks`),
+        with ``federate.max_sample_count`` as the count's bound since this
+        server does not know the shards.
         """
         server = self.server
-        rnd = server.state + 1
-        replies, malformed = [], {}
+        open_round = server.aggregation_of(server.state + 1)
         for (fs_id, _), content in zip(agg_info["staleness"], agg_info["client_feedback"]):
-            cid = int(fs_id) - 1
-            try:
-                message = wire.decode(content[1], expect=wire.UPLINK)
-            except (wire.WireError, TypeError, IndexError, KeyError) as err:
-                malformed[cid] = f"malformed payload: {err}"
-                continue
-            server.ledger.record(rnd, cid, "uplink", message)
-            if server.distributed:
-                server._monitor.track_download_bytes(message.nbytes)
-            reason = to_global_dtype(message, server.method.strategy.global_adapter(), server.wire_dtype)
-            if reason:
-                malformed[cid] = reason
-                continue
-            replies.append(Reply(cid, message))
-        report = server.method.strategy.aggregate(rnd, replies)
-        report.rejected.update(malformed)
-        server.record_round(rnd, report)
+            if not (isinstance(content, tuple) and len(content) == 2 and content[1] is FOLDED):
+                server.fold_on_arrival(int(fs_id) - 1, content)
+        server.open_round = None
+        report = open_round.aggregation.finish()
+        report.rejected.update(open_round.malformed)
+        server.record_round(open_round.rnd, report)
         server.hold_global()
         return {self.names.get(k, k): v for k, v in server.method.strategy.global_adapter().items()}
 

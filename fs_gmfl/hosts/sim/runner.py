@@ -65,8 +65,21 @@ class InMemoryTransport:
 
     def exchange(self, rnd: int, downlinks: Mapping[int, Message]) -> list[Reply]:
         """Run every addressed client on its downlink, in client-id order."""
-        return [Reply(cid, self.client_fn(rnd, cid, downlinks[cid].detached_copy()).detached_copy())
-                for cid in sorted(downlinks)]
+        return list(self.replies(rnd, dict(downlinks)))
+
+    def replies(self, rnd: int, downlinks: dict[int, Message]) -> Iterator[Reply]:
+        """Run the addressed clients one at a time, in client-id order, yielding each reply as it is made.
+
+        Each downlink is removed from ``downlinks`` once delivered, and the
+        reply just yielded is released before the next client runs, so at
+        most one uplink is alive at a time.
+        """
+        for cid in sorted(downlinks):
+            yield self.deliver(rnd, cid, downlinks.pop(cid))
+
+    def deliver(self, rnd: int, client_id: int, downlink: Message) -> Reply:
+        """Run one client on (a copy of) its downlink; its reply (a copy)."""
+        return Reply(client_id, self.client_fn(rnd, client_id, downlink.detached_copy()).detached_copy())
 
 
 @contextlib.contextmanager
@@ -220,18 +233,14 @@ class Simulation:
         steps_before = len(self.step_seconds)
         fates = round_fates(cfg.faults, clients, seed=cfg.seed, rnd=rnd)
         self.offline = {c for c in clients if fates[c][0] == DROPPED_BEFORE}
-        try:
-            replies = self.transport.exchange(rnd, downlinks)
+        on_time: list[int] = []
+        try:  # clients train one at a time while the strategy folds their replies in (a streaming fold)
+            report = strategy.aggregate(rnd, self._arrivals(rnd, downlinks, fates, on_time))
         finally:
             self.offline = set()
-        arrived = [reply for reply in replies if fates[reply.client_id][0] not in (DROPPED_BEFORE, DROPPED_AFTER)]
-        for reply in arrived:
-            self.ledger.record(rnd, reply.client_id, "uplink", reply.message)
-        on_time = [reply for reply in arrived if fates[reply.client_id][0] == ON_TIME]
         if not on_time:
             self.empty_rounds.append(rnd)
             logger.warning("round %d: no reply arrived in time; the global model is unchanged", rnd)
-        report = strategy.aggregate(rnd, on_time)
         for cid, reason in report.rejected.items():
             logger.warning("round %d: update of client %d rejected: %s", rnd, cid, reason)
             self.rejections[reason.split(":")[0]] = self.rejections.get(reason.split(":")[0], 0) + 1
@@ -243,6 +252,24 @@ class Simulation:
         if step_times:
             row["median_step_seconds"] = statistics.median(step_times)
         return row
+
+    def _arrivals(self, rnd: int, downlinks: dict[int, Message], fates: Mapping[int, tuple[str, float]],
+                  on_time: list[int]) -> Iterator[Reply]:
+        """The round's replies that reach the server in time, made one at a time as the strategy asks for them.
+
+        Every client runs (a client dropped before training only loads its
+        downlink); an uplink that crossed the network (on time or late) is
+        counted; only on-time ones are yielded, and their ids appended to
+        ``on_time``. No reply outlives its turn.
+        """
+        for reply in self.transport.replies(rnd, downlinks):
+            fate = fates[reply.client_id][0]
+            if fate not in (DROPPED_BEFORE, DROPPED_AFTER):
+                self.ledger.record(rnd, reply.client_id, "uplink", reply.message)
+            if fate == ON_TIME:
+                on_time.append(reply.client_id)
+                yield reply
+            del reply  # release it before the next client trains
 
     def _fault_row(self, fates: Mapping[int, tuple[str, float]]) -> dict[str, Any]:
         """Per-round fault counts (also added to the run totals) and the round's simulated duration."""
