@@ -14,6 +14,7 @@ from fs_gmfl.core.fedavg import LoraFedAvg, weighted_average
 from fs_gmfl.core.fedhft.ops import masked_mixture_average, weighted_heads
 from fs_gmfl.core.fedkrso.ops import average_accumulators
 from fs_gmfl.core.gmfl import GlobalMasking, GMFLConfig
+from fs_gmfl.core.gmfl.wrapper import gmfl_over_lora_fedavg
 from fs_gmfl.core.hafl.ops import ComponentUpdate, adaptive_rank1_average, zero_padding_average
 from fs_gmfl.core.message import Message, Reply, samples_tensor
 
@@ -70,7 +71,7 @@ def gmfl_strategy(gen: torch.Generator, frozen: set[str]) -> LoraFedAvg:
     initial = {k: randn(gen, 2, 3) for k in KEYS}
     masking = GlobalMasking(GMFLConfig(use=True), KEYS[:-1])
     masking.frozen = set(frozen)
-    return LoraFedAvg(initial, masking=masking)
+    return gmfl_over_lora_fedavg(initial, masking)
 
 
 def uplink(tensors: dict[str, torch.Tensor], samples: int) -> Message:
@@ -85,7 +86,7 @@ def test_gmfl_frozen_tensors_untouched_and_trainable_ones_averaged_in_any_order(
     gen = torch.Generator().manual_seed(seed)
     frozen = {k for k, f in zip(KEYS, frozen_flags) if f}
     first = gmfl_strategy(gen, frozen)
-    second = LoraFedAvg(first.global_adapter(), masking=GlobalMasking(GMFLConfig(use=True), KEYS[:-1]))
+    second = gmfl_over_lora_fedavg(first.global_adapter(), GlobalMasking(GMFLConfig(use=True), KEYS[:-1]))
     second.masking.frozen = set(frozen)
     before = first.global_adapter()
     trainable = first.trainable_keys()

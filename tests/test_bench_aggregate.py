@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fs_gmfl.bench.aggregate import adapter_keys, main, plan, parse_args, uplink_bytes
+from fs_gmfl.bench.aggregate import adapter_keys, main, parse_args, plan, uplink_bytes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

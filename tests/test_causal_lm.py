@@ -6,18 +6,18 @@ import json
 
 import pytest
 import torch
+from method_cases import registered_cases  # noqa: E402
 
 from fs_gmfl.config import load_config
 from fs_gmfl.errors import ConfigError
 from fs_gmfl.hosts.common.causal_data import (IGNORE_INDEX, alpaca_prompt, encode_instruction_rows, fit_to_length,
-                                     meta_partition, rows_from_corpus)
+                                              meta_partition, rows_from_corpus)
 from fs_gmfl.hosts.common.data import HashTokenizer, TextCorpus
 from fs_gmfl.hosts.common.instructions import InstructionRow
-from fs_gmfl.hosts.common.llm_eval import (EvalSettings, exact_match, greedy_answers, losses_and_answers, normalize_answer,
-                                  response_losses)
+from fs_gmfl.hosts.common.llm_eval import (EvalSettings, exact_match, greedy_answers, losses_and_answers,
+                                           normalize_answer, response_losses)
 from fs_gmfl.hosts.common.models import build_backbone
 from fs_gmfl.hosts.sim.runner import Simulation
-from method_cases import registered_cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from method_cases import registered_cases  # noqa: E402
 
 from fs_gmfl.cli import main
-from fs_gmfl.hosts.sim import checkpoint as ckpt_mod
 from fs_gmfl.hosts.common.state_tree import flatten_state, unflatten_state
+from fs_gmfl.hosts.sim import checkpoint as ckpt_mod
 from fs_gmfl.hosts.sim.checkpoint import latest_checkpoint_dir
 from fs_gmfl.hosts.sim.runner import Simulation
-from method_cases import registered_cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

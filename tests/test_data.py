@@ -7,8 +7,8 @@ import torch
 
 from fs_gmfl.config import load_config
 from fs_gmfl.errors import ConfigError, InputError
-from fs_gmfl.hosts.common.data import (HashTokenizer, build_federated_data, find_package_file, iid_partition, lda_partition,
-                              outlet_of, read_corpus, split_client_validation, split_pool)
+from fs_gmfl.hosts.common.data import (HashTokenizer, build_federated_data, find_package_file, iid_partition,
+                                       lda_partition, outlet_of, read_corpus, split_client_validation, split_pool)
 
 
 def test_split_pool_sizes_and_disjointness():

@@ -95,9 +95,10 @@ def test_scaled_step_equals_the_plain_step_and_an_overflow_is_skipped():
 def test_float16_autocast_training_keeps_fp32_weights(tmp_path):
     """The training loop under float16 autocast with its loss scaler (run on the CPU here, whose autocast also
     supports float16): the loss is finite, trainable weights stay float32 and move."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     from fs_gmfl.core.protocol import LocalPlan
     from fs_gmfl.hosts.sim.training import loss_scaler, train_local
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = load_config(None, ["use_gpu", "True", "train.autocast", "float16", "train.local_update_steps", "3",
                              "dataloader.batch_size", "2", "train.optimizer.lr", "0.01"])

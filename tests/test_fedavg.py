@@ -8,6 +8,7 @@ import torch
 from fs_gmfl.config.fields import make
 from fs_gmfl.core.fedavg import LoraFedAvg, base_trainable_keys, mask_candidate_keys, weighted_average
 from fs_gmfl.core.gmfl import GlobalMasking, GMFLConfig
+from fs_gmfl.core.gmfl.wrapper import gmfl_over_lora_fedavg
 from fs_gmfl.core.message import Message, Reply, samples_tensor, unpack_bits
 from fs_gmfl.errors import AggregationError
 
@@ -73,7 +74,7 @@ def test_frozen_tensors_keep_their_value_and_must_not_be_uploaded():
     """With A1 frozen, the server expects the other keys only; A1 keeps its global value."""
     masking = GlobalMasking(make(GMFLConfig, use=True), mask_candidate_keys(KEYS, "fedit"))
     masking.frozen = {A1}
-    strat = LoraFedAvg(state(1.0), masking=masking)
+    strat = gmfl_over_lora_fedavg(state(1.0), masking)
     up = {k: v for k, v in state(3.0).items() if k != A1}
     strat.configure_round(1, [0])
     report = strat.aggregate(1, [reply(0, up, 4)])
@@ -112,7 +113,7 @@ def test_round_without_valid_replies_leaves_model_unchanged():
 def test_stateless_downlink_sends_everything_and_the_mask():
     """Stateless: every key every time; the mask (4 candidates -> 1 byte) once a refresh happened."""
     masking = GlobalMasking(make(GMFLConfig, use=True, period=1, c=0.25, beta=0.0), mask_candidate_keys(KEYS, "fedit"))
-    strat = LoraFedAvg(state(0.0), masking=masking)
+    strat = gmfl_over_lora_fedavg(state(0.0), masking)
     first = strat.configure_round(1, [0])[0]
     assert set(first.tensors) == set(KEYS) and first.control == {}
     strat.aggregate(1, [reply(0, {**state(1.0), A1: torch.zeros(2, 3) + 1e-6}, 1)])
@@ -125,7 +126,7 @@ def test_stateful_sync_sends_only_stale_tensors():
     """stateful_sync: a client gets what changed since its last sync; a frozen tensor once more, then never."""
     cand = mask_candidate_keys(KEYS, "fedit")
     masking = GlobalMasking(make(GMFLConfig, use=True, period=1, c=0.25, beta=0.0), cand)
-    strat = LoraFedAvg(state(0.0), masking=masking, downlink="stateful_sync")
+    strat = gmfl_over_lora_fedavg(state(0.0), masking, downlink="stateful_sync")
     assert set(strat.configure_round(1, [0, 1])[0].tensors) == set(KEYS)  # first contact: everything
     # round 1: only client 0 answers; A1 moves least -> frozen (ratio 0.25 of 4 tensors = 1)
     up = {k: v + (0.01 if k == A1 else 1.0) for k, v in state(0.0).items()}
@@ -175,8 +176,8 @@ def test_client_weight_key_reaches_the_client_and_is_rejected_for_other_methods(
     """federate.client_weight processed_samples: the FedIT client caps at 8 x 3 = 24; HAFL refuses the key."""
     from fs_gmfl.core.adapter import adapter_state
     from fs_gmfl.errors import ConfigError
-    from fs_gmfl.methods import MethodContext, build_method
     from fs_gmfl.hosts.common.models import build_backbone
+    from fs_gmfl.methods import MethodContext, build_method
 
     cfg = tiny("federate.client_weight", "processed_samples", "gmfl.use", "True")
     method = build_method(MethodContext(cfg, adapter_state(build_backbone(cfg, 2).model)))

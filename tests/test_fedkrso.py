@@ -10,8 +10,7 @@ from torch import nn
 
 from fs_gmfl.comm_estimate import MIB, estimate
 from fs_gmfl.config.fields import make
-from fs_gmfl.core.fedkrso import FedKRSOClient, FedKRSOConfig, FedKRSOStrategy, exclude_from_weight_decay
-from fs_gmfl.core.fedkrso import wire
+from fs_gmfl.core.fedkrso import FedKRSOClient, FedKRSOConfig, FedKRSOStrategy, exclude_from_weight_decay, wire
 from fs_gmfl.core.message import Reply
 from fs_gmfl.core.protocol import TrainStats
 from fs_gmfl.core.targets import resolve_targets, target_weights

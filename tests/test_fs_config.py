@@ -13,8 +13,7 @@ from fs_gmfl.config import load_config
 from fs_gmfl.config.loader import strip_host_only
 from fs_gmfl.core.gmfl import GMFLConfig
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.hosts.fs.config import (
-    is_sim_data, is_sim_model, method_sections, owned_methods, plain, to_run_config)
+from fs_gmfl.hosts.fs.config import is_sim_data, is_sim_model, method_sections, owned_methods, plain, to_run_config
 from fs_gmfl.hosts.sim.runner import Simulation
 
 ROOT = Path(__file__).resolve().parents[1]

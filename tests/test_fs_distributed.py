@@ -21,6 +21,7 @@ pytest.importorskip("federatedscope", reason="FederatedScope (branch llm) is not
                     "tests skipped")
 
 from fs_host_helpers import FS_CONFIGS, fs_command, fs_env, summary, system_metrics  # noqa: E402
+
 from fs_gmfl.hosts.fs.assets import arithmetic_rows, write_tiny_llm_assets  # noqa: E402
 
 pytestmark = [pytest.mark.fs_host, pytest.mark.slow]

@@ -14,13 +14,13 @@ import pytest
 
 from fs_gmfl.bench.fseval import completion_parses, parse_gsm8k, parse_humaneval, parse_mmlu
 from fs_gmfl.errors import InputError
-from fs_gmfl.hosts.fs import eval_data
-from fs_gmfl.hosts.fs.eval_data import (ChoiceQuestion, gsm8k_record, gsm8k_records, numeric_answer,
-                                        parse_choice_question, train_and_test_rows, write_eval_data,
-                                        write_human_eval, write_mmlu)
-from fs_gmfl.hosts.fs.evaluate import data_root_of, mmlu_subjects
 from fs_gmfl.hosts.common.data import split_pool
 from fs_gmfl.hosts.common.instructions import EVALS_MATH_TASKS, EVALS_WHEEL, InstructionRow
+from fs_gmfl.hosts.fs import eval_data
+from fs_gmfl.hosts.fs.eval_data import (ChoiceQuestion, gsm8k_record, gsm8k_records, numeric_answer,
+                                        parse_choice_question, train_and_test_rows, write_eval_data, write_human_eval,
+                                        write_mmlu)
+from fs_gmfl.hosts.fs.evaluate import data_root_of, mmlu_subjects
 
 JEE_USER = "How many functions f : {1, 2} -> {1, 2} are there?\n(A) 1\n(B) 2\n(C) 4\n(D) 8\n"
 MED_USER = "Subject: Anatomy\n\nWhich bone is in the arm?\n\na) Femur\nb) Tibia\nc) Humerus\nd) Fibula"

@@ -14,6 +14,7 @@ pytest.importorskip("federatedscope", reason="FederatedScope (branch llm) is not
                     "tests skipped")
 
 from fs_host_helpers import FS_CONFIGS, checkpoint_adapter, run_fs, summary  # noqa: E402
+
 from fs_gmfl.config import load_config  # noqa: E402
 from fs_gmfl.hosts.sim.runner import Simulation  # noqa: E402
 

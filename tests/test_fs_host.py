@@ -19,14 +19,15 @@ from federatedscope.core.configs.config import global_cfg  # noqa: E402
 from federatedscope.core.message import Message as FsMessage  # noqa: E402
 from federatedscope.core.monitors.monitor import Monitor  # noqa: E402
 from federatedscope.register import register_worker, trainer_dict, worker_dict  # noqa: E402
-
 from fs_host_helpers import FS_CONFIGS, checkpoint_adapter, run_fs, summary, system_metrics  # noqa: E402
+
 from fs_gmfl.config import load_config  # noqa: E402
 from fs_gmfl.core.adapter import (HEAD, adapter_parameters, adapter_state, kind_of, load_adapter_tensors,  # noqa: E402
                                   model_tensor_map)
 from fs_gmfl.core.message import NUM_SAMPLES, Message, pack_bits, samples_tensor  # noqa: E402
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan  # noqa: E402
 from fs_gmfl.errors import ConfigError  # noqa: E402
+from fs_gmfl.hosts.common.models import build_backbone  # noqa: E402
 from fs_gmfl.hosts.fs import register_all, wire  # noqa: E402
 from fs_gmfl.hosts.fs.assets import write_tiny_llm_assets  # noqa: E402
 from fs_gmfl.hosts.fs.builders import build_fs_data, build_fs_model  # noqa: E402
@@ -34,7 +35,6 @@ from fs_gmfl.hosts.fs.config import set_command_line  # noqa: E402
 from fs_gmfl.hosts.fs.registration import KEY, RegistrationConflict, call_trainer  # noqa: E402
 from fs_gmfl.hosts.fs.trainer import Assignment, FsGmflTrainer, inner_model  # noqa: E402
 from fs_gmfl.hosts.fs.workers import FsGmflClient, FsGmflServer  # noqa: E402
-from fs_gmfl.hosts.common.models import build_backbone  # noqa: E402
 from fs_gmfl.hosts.sim.runner import Simulation  # noqa: E402
 
 pytestmark = pytest.mark.fs_host

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fs_gmfl.core.fedavg import LoraClient, LoraFedAvg
 from fs_gmfl.core.gmfl import GlobalMasking, GMFLConfig
+from fs_gmfl.core.gmfl.wrapper import gmfl_lora_client, gmfl_over_lora_fedavg
 from fs_gmfl.core.message import Reply
-from fs_gmfl.core.protocol import LocalPlan, TrainStats
+from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, Strategy, TrainStats
 
 # Four LoRA tensors of unequal sizes (numel 100, 4, 10, 50) and a head of 6 entries.
 A1, B1 = "l1.q.lora_A.weight", "l1.q.lora_B.weight"
@@ -97,19 +97,19 @@ def test_b_masks_are_recomputed_exactly_after_rounds_t_2t_3t_from_that_rounds_up
 def test_b_the_strategy_sends_the_first_mask_in_round_t_plus_1():
     """period 2: clients of rounds 1 and 2 get no mask and train every tensor; round 3's downlink carries the mask
     computed after round 2 (c = 0.5: the two tensors with the smallest round-2 update)."""
-    strategy = LoraFedAvg(zeros(), masking=masking(c=0.5, period=2))
+    strategy = gmfl_over_lora_fedavg(zeros(), masking(c=0.5, period=2))
     state = zeros()
     for rnd, move in ((1, {A1: 9.0, B1: 9.0, A2: 0.01, B2: 0.01}), (2, {A1: 0.01, B1: 0.01, A2: 9.0, B2: 9.0})):
         assert "mask" not in strategy.configure_round(rnd, [0])[0].control
         assert strategy.trainable_keys() == [A1, B1, A2, B2, HEAD]
         state = shifted(state, move)
-        strategy.aggregate(rnd, [upload(LoraClient("fedit", CANDIDATES), strategy, rnd, state)])
+        strategy.aggregate(rnd, [upload(gmfl_lora_client("fedit", CANDIDATES), strategy, rnd, state)])
     assert "mask" in strategy.configure_round(3, [0])[0].control
     assert strategy.trainable_keys() == [A2, B2, HEAD]
 
 
 # -- (c) the freezing criterion, seen in bytes ------------------------------------------------------------------
-def upload(client: LoraClient, strategy: LoraFedAvg, rnd: int, values: dict[str, torch.Tensor]):
+def upload(client: ClientAlgorithm, strategy: Strategy, rnd: int, values: dict[str, torch.Tensor]):
     """One client's round against ``strategy``: receive, 'train' to ``values``, upload."""
     message = strategy.configure_round(rnd, [0])[0]
     model = torch.nn.Module()
@@ -135,8 +135,8 @@ def test_c_freezing_the_smallest_l1_update_sends_the_hand_computed_bytes(stat):
     * by the largest L1 it would freeze B2 and A2 (60 entries, upload 110 floats);
     * by the largest mean it would freeze B1 and A2 (14 entries, upload 156 floats).
     """
-    strategy = LoraFedAvg(zeros(), masking=masking(c=0.5, period=1, stat=stat))
-    client = LoraClient("fedit", CANDIDATES)
+    strategy = gmfl_over_lora_fedavg(zeros(), masking(c=0.5, period=1, stat=stat))
+    client = gmfl_lora_client("fedit", CANDIDATES)
     moved = shifted(zeros(), {A1: 0.01, B1: 0.5, A2: 0.3, B2: 0.1, HEAD: 1.0})
     first = upload(client, strategy, 1, moved)
     assert first.message.nbytes == (100 + 4 + 10 + 50 + 6) * 4 + 8

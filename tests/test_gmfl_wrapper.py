@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from gmfl_golden import CASES, GOLDEN, fingerprint
 
 from fs_gmfl.core.gmfl.ops import unit_update_l1, update_l1
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.hosts.sim.runner import Simulation
-from gmfl_golden import CASES, GOLDEN, fingerprint
 
 RECORDED = json.loads(GOLDEN.read_text())
 

@@ -17,8 +17,8 @@ import torch
 from fs_gmfl.cli import main
 from fs_gmfl.core.fedavg import LoraFedAvg
 from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply
-from fs_gmfl.core.uplinks import (DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_RATIO, DEFAULT_UPDATE_RMS_FLOOR,
-                                  ReplyGate, UplinkPolicy, screen_replies)
+from fs_gmfl.core.uplinks import (DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_RATIO, DEFAULT_UPDATE_RMS_FLOOR, ReplyGate,
+                                  UplinkPolicy, screen_replies)
 from fs_gmfl.hosts.fs import wire
 from tests.test_update_validation import BAD, GOOD, METHODS, edited, round_of
 

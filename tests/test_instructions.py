@@ -14,17 +14,9 @@ import pytest
 from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.hosts.common import instructions
 from fs_gmfl.hosts.common.data import search_dirs
-from fs_gmfl.hosts.common.instructions import (
-    EVALS_MATH_TASKS,
-    EVALS_WHEEL,
-    InstructionRow,
-    chat_to_row,
-    conversation_pairs,
-    is_instruction_data,
-    read_instruction_set,
-    stable_subset,
-    write_instruction_jsonl,
-)
+from fs_gmfl.hosts.common.instructions import (EVALS_MATH_TASKS, EVALS_WHEEL, InstructionRow, chat_to_row,
+                                               conversation_pairs, is_instruction_data, read_instruction_set,
+                                               stable_subset, write_instruction_jsonl)
 
 ROWS = [
     {"instruction": "Add the numbers.", "input": "2 3", "output": "5", "category": "math"},

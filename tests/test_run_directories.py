@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fs_gmfl.hosts.sim import runner
 from fs_gmfl.hosts.common.rundir import dumps_strict, json_safe, write_json_atomic, write_text_atomic
+from fs_gmfl.hosts.sim import runner
 from tests.test_bad_input_table import BASE, run_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -11,15 +11,15 @@ import json
 
 import pytest
 import torch
+from method_cases import registered_cases  # noqa: E402
 
 from fs_gmfl.config import load_config
+from fs_gmfl.config.faults import FaultsConfig
 from fs_gmfl.core.adapter import LORA_A, LORA_B, kind_of
 from fs_gmfl.core.message import Reply
-from fs_gmfl.config.faults import FaultsConfig
 from fs_gmfl.hosts.common.batches import sample_clients
 from fs_gmfl.hosts.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, LATE, ON_TIME, client_fate, round_fates
 from fs_gmfl.hosts.sim.runner import Simulation
-from method_cases import registered_cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

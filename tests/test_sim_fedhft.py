@@ -15,11 +15,11 @@ from fs_gmfl.core.fedhft import FedHFTClient, downlink_message, row_energies, to
 from fs_gmfl.core.fedhft.client import SESSION
 from fs_gmfl.core.fedhft.layers import RowSubsetLinear
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.methods import MethodContext, build_method
 from fs_gmfl.hosts.common.data import HashTokenizer, build_federated_data
 from fs_gmfl.hosts.common.models import build_backbone
 from fs_gmfl.hosts.sim.runner import Simulation
 from fs_gmfl.hosts.sim.training import train_local
+from fs_gmfl.methods import MethodContext, build_method
 
 # tiny_bert: hidden 16, 2 layers, LoRA r = 4 (alpha 8, scaling 2) on query, value: 4 modules, A 4x16, B 16x4;
 # head 2x16 + 2 = 34 parameters.

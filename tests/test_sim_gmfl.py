@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from fs_gmfl.core.adapter import LORA_A, adapter_parameters, kind_of
-from fs_gmfl.core.fedavg import LoraClient
+from fs_gmfl.core.gmfl.wrapper import gmfl_lora_client
 from fs_gmfl.core.message import Message, pack_bits
+from fs_gmfl.hosts.common.data import HashTokenizer, build_federated_data
 from fs_gmfl.hosts.common.models import build_backbone
 from fs_gmfl.hosts.sim.runner import Simulation
-from fs_gmfl.hosts.common.data import build_federated_data, HashTokenizer
 from fs_gmfl.hosts.sim.training import train_local
 
 # tiny_bert, hidden 16, 2 layers, LoRA r=4 on query,value: each A is 4x16 and each B 16x4 (64 params);
@@ -117,7 +117,7 @@ def test_frozen_tensors_are_bit_identical_after_training_and_absent_from_upload(
     frozen = set(candidates[::2])
     flags = [k not in frozen for k in candidates]
     before = {k: p.detach().clone() for k, p in params.items()}
-    client = LoraClient("fedit", candidates)
+    client = gmfl_lora_client("fedit", candidates)
     plan = client.prepare(model, Message(dict(before), {"mask": pack_bits(flags)}), {})
     data = build_federated_data(cfg.data, num_clients=4, tokenizer=HashTokenizer(200), max_length=16, seed=0,
                                 vocab_size=200)

@@ -14,11 +14,11 @@ from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_adapter
 from fs_gmfl.core.hafl import HAFLClient, HAFLStrategy, truncated_factors
 from fs_gmfl.core.hafl.wire import INDICES
 from fs_gmfl.core.message import Reply
-from fs_gmfl.methods import MethodContext, build_method
 from fs_gmfl.hosts.common.data import HashTokenizer, build_federated_data
 from fs_gmfl.hosts.common.models import AdapterVariants, build_backbone
 from fs_gmfl.hosts.sim.runner import Simulation
 from fs_gmfl.hosts.sim.training import train_local
+from fs_gmfl.methods import MethodContext, build_method
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,8 +12,8 @@ import pytest
 
 from fs_gmfl.errors import ConfigError
 from fs_gmfl.hosts.common import threads
-from fs_gmfl.hosts.common.threads import (cgroup_cpu_quota, quota_from_cgroup_v1, quota_from_cgroup_v2, threads_from_env,
-                                 usable_cpus)
+from fs_gmfl.hosts.common.threads import (cgroup_cpu_quota, quota_from_cgroup_v1, quota_from_cgroup_v2,
+                                          threads_from_env, usable_cpus)
 
 ROOT = Path(__file__).resolve().parents[1]
 

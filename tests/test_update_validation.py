@@ -14,6 +14,7 @@ import tempfile
 
 import pytest
 import torch
+from method_cases import registered_cases  # noqa: E402
 
 from fs_gmfl.core.fedkrso.wire import SLOTS
 from fs_gmfl.core.hafl.wire import INDICES
@@ -21,7 +22,6 @@ from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply, pack_bits, unpack_
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
 from fs_gmfl.hosts.sim.runner import Simulation
 from tests.conftest import tiny_config
-from method_cases import registered_cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

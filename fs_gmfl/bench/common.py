@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from fs_gmfl.config import load_config
-from fs_gmfl.plots import MIB
 from fs_gmfl.hosts.common.data import majority_rate_of_test_split
 from fs_gmfl.hosts.sim.runner import Simulation
+from fs_gmfl.plots import MIB
 
 
 def machine() -> dict[str, Any]:

@@ -203,9 +203,9 @@ def _status_kib(field: str) -> int:
 
 def probe(kind: str, steps: int, batch_size: int) -> dict[str, Any]:
     """Train one client for ``steps`` steps in this process and measure its memory and step time."""
+    from fs_gmfl.core.adapter import adapter_state
     from fs_gmfl.core.fedhft import FedHFTClient, downlink_message
     from fs_gmfl.core.protocol import LocalPlan
-    from fs_gmfl.core.adapter import adapter_state
     from fs_gmfl.hosts.common.data import build_federated_data
     from fs_gmfl.hosts.common.models import build_backbone, load_tokenizer, minilm_path, set_threads_from_env
     from fs_gmfl.hosts.sim.training import train_local

@@ -32,8 +32,8 @@ from fs_gmfl.bench.common import machine, markdown_table, progress, write_json
 from fs_gmfl.config import load_config
 from fs_gmfl.core.adapter import adapter_key
 from fs_gmfl.errors import InputError
-from fs_gmfl.plots import MIB, plot_runs
 from fs_gmfl.hosts.sim.runner import Simulation
+from fs_gmfl.plots import MIB, plot_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CFG = ROOT / "yaml_configs" / "fs" / "gmfl_fedit_minilm_both_hosts.yaml"

@@ -22,18 +22,20 @@ from typing import Any
 
 import torch
 
-from fs_gmfl.bench.common import (MAJORITY_LABEL, fmt_pm, machine, majority_rates, markdown_table, mean_curve,
-                                  progress, run_config, write_json)
+from fs_gmfl.bench.common import (MAJORITY_LABEL, fmt_pm, machine, majority_rates, markdown_table, mean_curve, progress,
+                                  run_config, write_json)
 from fs_gmfl.comm_estimate import estimate
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.adapter import adapter_parameters, adapter_state
 from fs_gmfl.core.fedavg import LoraClient, mask_candidate_keys
 from fs_gmfl.core.gmfl import select_frozen
+from fs_gmfl.core.gmfl.wrapper import gmfl_lora_client
 from fs_gmfl.core.message import Message, pack_bits
-from fs_gmfl.plots import MIB, plot_runs
+from fs_gmfl.core.protocol import ClientAlgorithm
 from fs_gmfl.hosts.common.data import federated_data_for
 from fs_gmfl.hosts.common.models import build_backbone, load_tokenizer
 from fs_gmfl.hosts.sim.training import train_local
+from fs_gmfl.plots import MIB, plot_runs
 
 #: HAFL's IFALoRA (freezing scheme, adaptive rank-1 aggregation) with the paper's 33/33/34 clients training 1/8,
 #: 1/4 and all of the rank-r components, and a trained head (FedIT trains its head too).
@@ -156,11 +158,11 @@ def step_time_benchmark(overrides: Sequence[str], *, steps: int, repeats: int,
     keys = list(adapter_parameters(model))
     candidates = mask_candidate_keys(keys, "fedit")
     magnitudes = dict(zip(candidates, torch.rand(len(candidates), generator=torch.Generator().manual_seed(0)).tolist()))
-    variants: dict[str, tuple[LoraClient, Message]] = {"FedIT": (LoraClient("fedit"), Message(dict(initial)))}
+    variants: dict[str, tuple[ClientAlgorithm, Message]] = {"FedIT": (LoraClient("fedit"), Message(dict(initial)))}
     for ratio in ratios:
         frozen = select_frozen(magnitudes, ratio, tie_policy="exact_k")
         mask = pack_bits([k not in frozen for k in candidates])
-        variants[f"GMFL ratio {ratio:g}"] = (LoraClient("fedit", candidates), Message(dict(initial), {"mask": mask}))
+        variants[f"GMFL ratio {ratio:g}"] = (gmfl_lora_client("fedit", candidates), Message(dict(initial), {"mask": mask}))
     client_data = data.client_data(0)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(repeats):

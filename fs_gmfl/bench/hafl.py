@@ -26,12 +26,12 @@ from fs_gmfl.bench.common import (MAJORITY_LABEL, fmt_pm, machine, majority_rate
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.adapter import adapter_state
 from fs_gmfl.core.message import Message
-from fs_gmfl.methods import Method, MethodContext, build_method
-from fs_gmfl.plots import MIB, plot_runs
 from fs_gmfl.hosts.common.data import federated_data_for
 from fs_gmfl.hosts.common.models import AdapterVariants, build_backbone, load_tokenizer
 from fs_gmfl.hosts.sim.runner import Simulation
 from fs_gmfl.hosts.sim.training import train_local
+from fs_gmfl.methods import Method, MethodContext, build_method
+from fs_gmfl.plots import MIB, plot_runs
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "yaml_configs"
 METHODS = {

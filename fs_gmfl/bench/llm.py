@@ -34,11 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fs_gmfl.bench.common import (fmt_pm, machine, markdown_table, mean_curve, peak_step_memory, progress,
-                                  write_json)
+from fs_gmfl.bench.common import fmt_pm, machine, markdown_table, mean_curve, peak_step_memory, progress, write_json
 from fs_gmfl.config import RunConfig, load_config
-from fs_gmfl.plots import MIB, plot_runs
 from fs_gmfl.hosts.sim.runner import Simulation, precision_of
+from fs_gmfl.plots import MIB, plot_runs
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "yaml_configs" / "llm"
 BASE_CONFIG = CONFIG_DIR / "smollm2_fedit.yaml"

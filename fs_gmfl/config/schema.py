@@ -15,11 +15,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from fs_gmfl.config.faults import FaultsConfig
 from fs_gmfl.config.fields import fail, opt
 from fs_gmfl.core.gmfl.config import GMFLConfig
 from fs_gmfl.core.registry import MethodNames, canonical_name, gmfl_bases, method_specs, methods_where, spec_of
 from fs_gmfl.core.uplinks import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_RATIO, DEFAULT_UPDATE_RMS_FLOOR
-from fs_gmfl.config.faults import FaultsConfig
 
 #: every ``federate.method`` value (names and aliases of the registered methods, :mod:`fs_gmfl.core.registry`).
 METHODS = MethodNames()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import MutableMapping
 from typing import Any
 
 from torch import nn
@@ -41,9 +41,6 @@ class LoraClient(ClientAlgorithm):
 
     Args:
         variant: ``"fedit"`` or ``"ffa_lora"``.
-        candidate_keys: kept for callers of the pre-wrapper API: non-empty,
-            the constructor returns ``GMFLClient(LoraClient(...), {k: (k,)})``
-            reading the mask over these keys.
         stateful: the client caches the adapter between rounds
             (``gmfl.downlink: stateful_sync``).
         samples_cap: the reported sample count (the FedAvg weight) is
@@ -51,16 +48,7 @@ class LoraClient(ClientAlgorithm):
             (see :func:`processed_samples_cap`).
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        candidate_keys = args[1] if len(args) > 1 else kwargs.pop("candidate_keys", ())
-        if not candidate_keys:
-            return super().__new__(cls)
-        from fs_gmfl.core.gmfl.wrapper import GMFLClient
-
-        return GMFLClient(cls(args[0], **kwargs), {k: (k,) for k in candidate_keys},
-                          cache_mask=bool(kwargs.get("stateful")))
-
-    def __init__(self, variant: str, candidate_keys: Sequence[str] = (), *, stateful: bool = False,
+    def __init__(self, variant: str, *, stateful: bool = False,
                  samples_cap: int | None = None) -> None:
         self.variant = variant
         self.stateful = stateful

@@ -7,7 +7,6 @@ hyper-parameters are keyword-only.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping, Sequence
 
 import torch

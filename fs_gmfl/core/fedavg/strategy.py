@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,9 +25,6 @@ from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import RoundReport
 from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, expected_float_dtype, like_on_wire
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_tensors
-
-if TYPE_CHECKING:
-    from fs_gmfl.core.gmfl.strategy import GlobalMasking
 
 VARIANTS = ("fedit", "ffa_lora")
 
@@ -55,22 +52,11 @@ class LoraFedAvg(ScreenedStrategy):
             ``"stateful_sync"`` (only tensors changed since the client's last
             sync; clients cache the adapter, ``gmfl.downlink``).
         max_abs: uploads with a larger absolute entry are rejected (``policy.max_abs``).
-        masking: kept for callers of the pre-wrapper API: with a
-            :class:`~fs_gmfl.core.gmfl.strategy.GlobalMasking` the constructor
-            returns ``GMFLStrategy(LoraFedAvg(...), masking)``.
 
     Attributes:
         policy: the uplink bounds (:class:`~fs_gmfl.core.uplinks.UplinkPolicy`).
         frozen: keys GMFL froze (:meth:`set_frozen`).
     """
-
-    def __new__(cls, *args: Any, masking: GlobalMasking | None = None, **kwargs: Any) -> Any:
-        if masking is None:
-            return super().__new__(cls)
-        from fs_gmfl.core.gmfl.wrapper import GMFLStrategy
-
-        sync = "stateful_sync" if kwargs.get("downlink") == "stateful_sync" else "stateless"
-        return GMFLStrategy(cls(*args, **kwargs), masking, mask_sync=sync)
 
     def __init__(
         self,
@@ -79,7 +65,6 @@ class LoraFedAvg(ScreenedStrategy):
         variant: str = "fedit",
         downlink: str = "stateless",
         max_abs: float = DEFAULT_MAX_ABS,
-        masking: None = None,
     ) -> None:
         self.name = variant
         self.variant = variant

@@ -26,8 +26,8 @@ from torch.utils.hooks import RemovableHandle
 
 from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_adapter_tensors
 from fs_gmfl.core.fedhft.layers import RowSubsetLinear
-from fs_gmfl.core.fedhft.wire import LEVEL, SEED, AdapterLayout, uplink_message
 from fs_gmfl.core.fedhft.ops import kept_row_count, row_energies, top_rows
+from fs_gmfl.core.fedhft.wire import LEVEL, SEED, AdapterLayout, uplink_message
 from fs_gmfl.core.gmfl.base import whole_units
 from fs_gmfl.core.message import Message
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats

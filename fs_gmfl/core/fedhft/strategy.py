@@ -56,7 +56,6 @@ from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, l2
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS
 
-
 #: a client's personalised start: rank-r factors (``None`` before any aggregation) and head.
 _Personal = tuple[dict[str, Tensor] | None, dict[str, Tensor]]
 

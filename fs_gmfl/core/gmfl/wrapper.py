@@ -248,3 +248,22 @@ def wrap_method(method: Method, cfg: RunConfig) -> Method:
     client = GMFLClient(method.client, units, cache_mask=cfg.gmfl.downlink == "stateful_sync")
     return dataclasses.replace(method, strategy=strategy, client=client,
                                info={**method.info, "mask_candidates": len(units)})
+
+
+def gmfl_over_lora_fedavg(initial: Mapping[str, Tensor], masking: GlobalMasking, *, variant: str = "fedit",
+                          downlink: str = "stateless") -> GMFLStrategy:
+    """GMFL's server over FedIT or FFA-LoRA built from parts (what :func:`wrap_method` builds from a config).
+
+    ``downlink`` is ``gmfl.downlink``: under ``stateful_sync`` the base sends only
+    changed tensors and the mask travels only when it changed.
+    """
+    from fs_gmfl.core.fedavg.strategy import LoraFedAvg
+
+    return GMFLStrategy(LoraFedAvg(initial, variant=variant, downlink=downlink), masking, mask_sync=downlink)
+
+
+def gmfl_lora_client(variant: str, candidate_keys: Sequence[str], *, stateful: bool = False) -> GMFLClient:
+    """GMFL's client over a FedIT / FFA-LoRA client, one mask unit per candidate tensor."""
+    from fs_gmfl.core.fedavg.client import LoraClient
+
+    return GMFLClient(LoraClient(variant, stateful=stateful), {k: (k,) for k in candidate_keys}, cache_mask=stateful)

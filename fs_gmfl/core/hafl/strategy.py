@@ -35,6 +35,7 @@ from fs_gmfl.core.protocol import RoundReport
 from fs_gmfl.core.uplinks import ReplyGate, ScreenedStrategy, UplinkPolicy, expected_float_dtype
 from fs_gmfl.core.validation import DEFAULT_MAX_ABS, check_tensors
 
+
 @dataclass
 class _RoundSums:
     """The open round's running sums: one :class:`~fs_gmfl.core.hafl.ops.ComponentSums` per module, the heads."""

@@ -32,8 +32,8 @@ from typing import Any
 
 from fs_gmfl.config.fields import build, iter_keys
 from fs_gmfl.config.schema import RunConfig
-from fs_gmfl.errors import ConfigError
 from fs_gmfl.core.registry import method_specs, spec_of
+from fs_gmfl.errors import ConfigError
 from fs_gmfl.hosts.common.data import READERS
 
 #: ``trainer.type`` of the fs_gmfl trainer (a subclass of FederatedScope's ``llmtrainer``).

@@ -144,9 +144,8 @@ def main(name: str, argv: Sequence[str]) -> int:
     """Run evaluation script ``name`` with FederatedScope's own arguments ``argv``."""
     if name not in EVAL_SCRIPTS:
         raise ConfigError("fs-eval", name, "one of " + ", ".join(EVAL_SCRIPTS))
-    from fs_gmfl.hosts.fs import fs_available
-
     from fs_gmfl.hosts.common.threads import set_torch_threads
+    from fs_gmfl.hosts.fs import fs_available
 
     set_torch_threads()  # FS_GMFL_THREADS or the usable CPUs (the scripts themselves leave torch's default)
     # FSChatBot wraps the model in torch.compile, but generate() calls the uncompiled module anyway: skip the cost.

@@ -50,15 +50,15 @@ from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Reply, total_bytes
 from fs_gmfl.core.protocol import ClientAlgorithm, RoundAggregation, RoundReport
 from fs_gmfl.core.uplinks import UplinkPolicy
+from fs_gmfl.hosts.common.batches import sample_clients
+from fs_gmfl.hosts.common.rundir import write_json_atomic
+from fs_gmfl.hosts.common.store import ClientStateStore
 from fs_gmfl.hosts.fs import wire
 from fs_gmfl.hosts.fs.builders import model_provider_for, trains_in_half
 from fs_gmfl.hosts.fs.config import SWITCHES, to_run_config
 from fs_gmfl.hosts.fs.method_state import load_method_state, save_method_state, state_path
 from fs_gmfl.hosts.fs.trainer import Assignment, inner_model
 from fs_gmfl.methods import Method, MethodContext, build_method
-from fs_gmfl.hosts.common.batches import sample_clients
-from fs_gmfl.hosts.common.rundir import write_json_atomic
-from fs_gmfl.hosts.common.store import ClientStateStore
 
 logger = logging.getLogger("federatedscope." + __name__)
 

@@ -22,6 +22,7 @@ in [0, 1).
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 
 from fs_gmfl.config.faults import FaultsConfig

@@ -34,21 +34,21 @@ from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import TrainStats
 from fs_gmfl.core.uplinks import set_shard_sizes
 from fs_gmfl.errors import ConfigError, InputError
-from fs_gmfl.methods import Method, MethodContext, build_method
-from fs_gmfl.preflight import check_run as check_resources
-from fs_gmfl.plots import MIB, plot_runs
 from fs_gmfl.hosts.common.batches import sample_clients
-from fs_gmfl.hosts.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from fs_gmfl.hosts.common.data import FederatedData, federated_data_for
-from fs_gmfl.hosts.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
 from fs_gmfl.hosts.common.llm_eval import EvalSettings, evaluate_causal_lm
 from fs_gmfl.hosts.common.models import (AdapterVariants, build_backbone, choose_device, load_tokenizer,
-                                prepare_for_training)
+                                         prepare_for_training)
 from fs_gmfl.hosts.common.rundir import RunDirectory, dumps_strict, write_json_atomic, write_text_atomic
 from fs_gmfl.hosts.common.sanity import check_data
 from fs_gmfl.hosts.common.store import ClientStateStore
 from fs_gmfl.hosts.common.threads import set_torch_threads
+from fs_gmfl.hosts.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from fs_gmfl.hosts.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
 from fs_gmfl.hosts.sim.training import autocast_context, evaluate, train_local
+from fs_gmfl.methods import Method, MethodContext, build_method
+from fs_gmfl.plots import MIB, plot_runs
+from fs_gmfl.preflight import check_run as check_resources
 
 logger = logging.getLogger(__name__)
 
