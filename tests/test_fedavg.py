@@ -70,6 +70,17 @@ def test_fedit_aggregation_is_sample_weighted():
         assert torch.allclose(strat.global_state[key], torch.full_like(state(0.0)[key], 5.0))
 
 
+def test_downlinks_of_a_round_share_one_copy_of_the_global_adapter():
+    """1,000 sampled clients cost one adapter copy on the server, not 1,000; the copy is not the global state."""
+    strat = LoraFedAvg(state(1.0))
+    downlinks = strat.configure_round(1, list(range(1000)))
+    pointers = {key: {m.tensors[key].data_ptr() for m in downlinks.values()} for key in KEYS}
+    assert all(len(p) == 1 for p in pointers.values())
+    assert all(next(iter(pointers[k])) != strat.global_state[k].data_ptr() for k in KEYS)
+    downlinks[0].tensors[A1].fill_(99.0)  # a host that wrote into a downlink cannot touch the global model
+    assert torch.equal(strat.global_state[A1], state(1.0)[A1])
+
+
 def test_frozen_tensors_keep_their_value_and_must_not_be_uploaded():
     """With A1 frozen, the server expects the other keys only; A1 keeps its global value."""
     masking = GlobalMasking(make(GMFLConfig, use=True), mask_candidate_keys(KEYS, "fedit"))

@@ -98,15 +98,21 @@ class LoraFedAvg(ScreenedStrategy):
 
     # -- downlink ----------------------------------------------------------------------------
     def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
-        """Full adapter (stateless) or the tensors changed since the client's last sync (stateful)."""
-        self.gate.open(rnd, clients)
-        return {cid: self._downlink(rnd, cid) for cid in clients}
+        """Full adapter (stateless) or the tensors changed since the client's last sync (stateful).
 
-    def _downlink(self, rnd: int, cid: int) -> Message:
+        Every downlink of the round refers to one copy of the global adapter,
+        so the server holds one copy however many clients are sampled (hosts
+        copy or encode a downlink when they deliver it).
+        """
+        self.gate.open(rnd, clients)
+        snapshot = {k: v.clone() for k, v in self.global_state.items()}
+        return {cid: self._downlink(rnd, cid, snapshot) for cid in clients}
+
+    def _downlink(self, rnd: int, cid: int, snapshot: Mapping[str, Tensor]) -> Message:
         synced = self.client_sync.get(cid) if self.downlink == "stateful_sync" else None
         keys = self.keys if synced is None else [k for k in self.keys if self.changed_at[k] > synced]
         self.client_sync[cid] = rnd - 1
-        return Message({k: self.global_state[k].clone() for k in keys})
+        return Message({k: snapshot[k] for k in keys})
 
     # -- aggregation -------------------------------------------------------------------------
     def begin_fold(self, rnd: int) -> None:
