@@ -60,3 +60,32 @@ def test_quick_perf_bench_on_a_tiny_model(tmp_path, tiny_yaml, single_thread):
     assert chosen["threads"] == 1 and chosen["affinity"] == 1
     assert default["threads"] == os.cpu_count() and default["affinity"] == 1
     assert "vs before" in (out / "table.md").read_text()
+
+
+def test_repeated_federatedscope_runs_read_their_own_outputs(tmp_path, monkeypatch):
+    """FederatedScope puts a repeated run into <outdir>/sub_exp_<time>/ when <outdir> exists; each repeat of the
+    benchmark must read the FL time of its own run (it once read the first run's three times)."""
+    import argparse
+    import json as _json
+    import subprocess
+
+    import torch as _torch
+
+    from fs_gmfl.bench import fshost
+
+    minutes = iter([0.9, 0.5, 0.25])
+
+    def fake_federatedscope(cmd, **kwargs):
+        out = tmp_path / "fs"
+        target = out / "sub_exp_later" if out.exists() else out  # what FederatedScope does
+        target.mkdir(parents=True)
+        (target / "summary.json").write_text("{}")
+        (target / "eval_results.log").write_text("")
+        (target / "system_metrics.log").write_text(_json.dumps({"id": 0, "fl_end_time_minutes": next(minutes)}))
+        _torch.save({"model": {}}, tmp_path / "final_fs.ckpt")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(fshost.subprocess, "run", fake_federatedscope)
+    args = argparse.Namespace(cfg="x.yaml", rounds=1, set=[])
+    seconds = [fshost.run_federatedscope(args, tmp_path)["fl_s"] for _ in range(3)]
+    assert seconds == pytest.approx([54.0, 30.0, 15.0])

@@ -18,6 +18,7 @@ import argparse
 import ast
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,9 @@ def run_federatedscope(args: argparse.Namespace, run_dir: Path) -> dict[str, Any
     ckpt = run_dir / "fs.ckpt"
     cmd = [sys.executable, "-m", "fs_gmfl", "fs-run", "--cfg", args.cfg, *overrides(args, run_dir, "fs"),
            "federate.save_to", str(ckpt)]
+    # FederatedScope writes a repeated run into <outdir>/sub_exp_<time>/ when <outdir> exists, and the files read
+    # below would then be the first run's: every run starts from an empty output directory.
+    shutil.rmtree(run_dir / "fs", ignore_errors=True)
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
