@@ -18,7 +18,7 @@ from fs_gmfl.cli import main
 from fs_gmfl.core.fedavg import LoraFedAvg
 from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply
 from fs_gmfl.core.uplinks import (DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_RATIO, DEFAULT_UPDATE_RMS_FLOOR, ReplyGate,
-                                  UplinkPolicy, screen_replies)
+                                  ScreenedRound, UplinkPolicy)
 from fs_gmfl.hosts.fs import wire
 from tests.test_update_validation import BAD, GOOD, METHODS, edited, round_of
 
@@ -197,16 +197,35 @@ def test_the_update_bound_rule_and_its_floor():
     assert (DEFAULT_MAX_SAMPLES, DEFAULT_UPDATE_RMS_FLOOR) == (1_000_000, 1.0)
 
 
-def test_screen_replies_judges_in_order_and_closes_the_round():
-    """Not sampled before duplicate before sample count before the strategy's check; the round closes after."""
-    gate, policy = ReplyGate(), UplinkPolicy()
-    gate.open(4, [0, 1])
+def test_screening_judges_in_order_and_closes_the_round():
+    """Not sampled before duplicate before sample count before the strategy's check; the round closes after;
+    only accepted replies reach the fold."""
+
+    class Recorder:
+        gate, policy, folded = ReplyGate(), UplinkPolicy(), []
+
+        def check_reply(self, reply):
+            return "never called twice"
+
+        def begin_fold(self, rnd):
+            pass
+
+        def fold_reply(self, reply, parsed):
+            self.folded.append(reply.client_id)
+
+        def end_fold(self, rnd, report):
+            pass
+
+    strategy = Recorder()
+    strategy.gate.open(4, [0, 1])
     ok = Message(control={NUM_SAMPLES: torch.tensor(3)})
-    replies = [Reply(0, ok), Reply(0, ok), Reply(2, ok), Reply(1, Message())]
-    report, accepted = screen_replies(4, replies, gate=gate, policy=policy, check=lambda r: "never called twice")
+    round_ = ScreenedRound(strategy, 4)
+    for reply in [Reply(0, ok), Reply(0, ok), Reply(2, ok), Reply(1, Message())]:
+        round_.add(reply)
+    report = round_.finish()
     assert report.accepted == [] and report.rejected[0] == "never called twice"
     assert report.rejected[2].startswith("not sampled") and report.rejected[1].startswith("sample count: missing")
-    assert gate.round is None and accepted == []
+    assert strategy.gate.round is None and strategy.folded == []
 
 
 def test_strategy_used_directly_must_open_the_round():

@@ -193,31 +193,6 @@ def screen_reply(rnd: int, reply: Reply, seen: set[int], *, gate: ReplyGate, pol
     return None, parsed
 
 
-def screen_replies(rnd: int, replies: Iterable[Reply], *, gate: ReplyGate, policy: UplinkPolicy,
-                   check: Callable[[Reply], T | str | None]) -> tuple[RoundReport, list[tuple[Reply, T | None]]]:
-    """:func:`screen_reply` over every reply of round ``rnd``, then close the round.
-
-    Keeps every accepted reply (for inspection and tests); strategies screen
-    one reply at a time instead (:class:`ScreenedRound`).
-
-    Returns:
-        The report (accepted ids in order, rejected ids with their first
-        reason) and the accepted replies with what ``check`` returned.
-    """
-    report = RoundReport()
-    accepted: list[tuple[Reply, T | None]] = []
-    seen: set[int] = set()
-    for reply in replies:
-        reason, parsed = screen_reply(rnd, reply, seen, gate=gate, policy=policy, check=check)
-        if reason:
-            report.rejected.setdefault(reply.client_id, reason)
-            continue
-        accepted.append((reply, parsed))
-        report.accepted.append(reply.client_id)
-    gate.close()
-    return report, accepted
-
-
 class ScreenedRound(RoundAggregation):
     """A :class:`ScreenedStrategy`'s round in progress: screen each reply as it arrives, fold the accepted ones.
 
