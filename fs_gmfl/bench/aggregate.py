@@ -51,23 +51,76 @@ MIB = 2**20
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
     p = argparse.ArgumentParser(prog="fs-gmfl bench aggregate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", default="10,100,1000", help="comma-separated numbers of uplinks N (streamed)")
-    p.add_argument("--listed-clients", default="10,100", help="N for the listed (non-streaming) contrast")
-    p.add_argument("--methods", default="fedit,hafl", help="comma-separated subset of: fedit, hafl")
-    p.add_argument("--max-clients", default="", help="per method, the largest N run (method=N,...)")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3, help="fresh processes per (method, N, feed); medians reported")
-    p.add_argument("--repeats-large", type=int, default=1, help="repeats for N >= 1000 (one run takes minutes)")
+    p.add_argument("--clients", type=counts, default="10,100,1000",
+                   help="comma-separated numbers of uplinks N (streamed), each 1 to 1000000")
+    p.add_argument("--listed-clients", type=counts_or_none, default="10,100",
+                   help="N for the listed (non-streaming) contrast; '' for none")
+    p.add_argument("--methods", type=method_list, default="fedit,hafl",
+                   help=f"comma-separated subset of: {', '.join(METHODS)}")
+    p.add_argument("--max-clients", type=limits, default="", help="per method, the largest N run (method=N,...)")
+    p.add_argument("--layers", type=positive, default=32)
+    p.add_argument("--hidden", type=positive, default=4096)
+    p.add_argument("--rank", type=positive, default=16)
+    p.add_argument("--repeats", type=positive, default=3,
+                   help="fresh processes per (method, N, feed); medians reported")
+    p.add_argument("--repeats-large", type=positive, default=1, help="repeats for N >= 1000 (one run takes minutes)")
     p.add_argument("--out", default="bench_out/aggregate")
     p.add_argument("--quick", action="store_true", help="smoke version: 2 layers, hidden 64, N = 4, 8; 1 repeat")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(list(argv))
     if args.quick:
         args.layers, args.hidden, args.rank, args.repeats, args.repeats_large = 2, 64, 4, 1, 1
-        args.clients, args.listed_clients = "4,8", "4"
+        args.clients, args.listed_clients = [4, 8], [4]
     return args
+
+
+#: methods this benchmark can build over the synthetic adapter.
+METHODS = ("fedit", "hafl")
+MAX_CLIENTS = 1_000_000
+
+
+def positive(text: str, *, bound: int = 10**7) -> int:
+    """An integer from 1 to ``bound`` (argparse prints the reason and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= bound:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..{bound}")
+    return value
+
+
+def counts(text: str) -> list[int]:
+    """Comma-separated numbers of uplinks, each 1 to ``MAX_CLIENTS``; at least one."""
+    values = counts_or_none(text)
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one number of uplinks")
+    return values
+
+
+def counts_or_none(text: str) -> list[int]:
+    """Like :func:`counts`, but '' means none."""
+    return [positive(item.strip(), bound=MAX_CLIENTS) for item in text.split(",") if item.strip()]
+
+
+def method_list(text: str) -> list[str]:
+    """Comma-separated methods, each one of ``METHODS``."""
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {', '.join(METHODS)}")
+    return names
+
+
+def limits(text: str) -> dict[str, int]:
+    """``method=N,...`` pairs (methods of ``METHODS``, N from 1 to ``MAX_CLIENTS``)."""
+    out = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        method, sep, n = item.partition("=")
+        if not sep or method not in METHODS:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected METHOD=N with METHOD one of {', '.join(METHODS)}")
+        out[method] = positive(n, bound=MAX_CLIENTS)
+    return out
 
 
 # -- the synthetic adapter and its uplinks --------------------------------------------------------------------
@@ -205,12 +258,11 @@ def run_child(args: argparse.Namespace, method: str, clients: int, feed: str) ->
 # -- driver and report --------------------------------------------------------------------------------------------
 def plan(args: argparse.Namespace) -> list[tuple[str, int, str]]:
     """Every (method, N, feed) to measure, small N first."""
-    limits = {k: int(v) for k, v in (item.split("=") for item in args.max_clients.split(",") if item)}
     out = []
-    for method in args.methods.split(","):
-        limit = limits.get(method, 10**9)
-        out += [(method, int(n), "streamed") for n in args.clients.split(",") if int(n) <= limit]
-        out += [(method, int(n), "listed") for n in args.listed_clients.split(",") if n and int(n) <= limit]
+    for method in args.methods:
+        limit = args.max_clients.get(method, MAX_CLIENTS)
+        out += [(method, n, "streamed") for n in args.clients if n <= limit]
+        out += [(method, n, "listed") for n in args.listed_clients if n <= limit]
     return out
 
 
