@@ -46,10 +46,6 @@ class GlobalMasking:
         self._generator = torch.Generator().manual_seed(seed)
 
     # -- queries -------------------------------------------------------------------------------
-    def is_trainable(self, key: str) -> bool:
-        """False only for candidate tensors currently frozen."""
-        return key not in self.frozen
-
     def trainable_flags(self) -> list[bool]:
         """One flag per candidate key (True = trainable), the order of the wire mask."""
         return [k not in self.frozen for k in self.candidate_keys]

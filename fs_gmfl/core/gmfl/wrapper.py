@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from fs_gmfl.core.fedavg.client import LoraClient
+from fs_gmfl.core.fedavg.strategy import LoraFedAvg
 from fs_gmfl.core.gmfl.base import GMFLBase, GMFLBaseClient, frozen_keys
 from fs_gmfl.core.gmfl.strategy import GlobalMasking
 from fs_gmfl.core.gmfl.wire import MASK
@@ -257,13 +259,9 @@ def gmfl_over_lora_fedavg(initial: Mapping[str, Tensor], masking: GlobalMasking,
     ``downlink`` is ``gmfl.downlink``: under ``stateful_sync`` the base sends only
     changed tensors and the mask travels only when it changed.
     """
-    from fs_gmfl.core.fedavg.strategy import LoraFedAvg
-
     return GMFLStrategy(LoraFedAvg(initial, variant=variant, downlink=downlink), masking, mask_sync=downlink)
 
 
 def gmfl_lora_client(variant: str, candidate_keys: Sequence[str], *, stateful: bool = False) -> GMFLClient:
     """GMFL's client over a FedIT / FFA-LoRA client, one mask unit per candidate tensor."""
-    from fs_gmfl.core.fedavg.client import LoraClient
-
     return GMFLClient(LoraClient(variant, stateful=stateful), {k: (k,) for k in candidate_keys}, cache_mask=stateful)

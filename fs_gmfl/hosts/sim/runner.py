@@ -63,10 +63,6 @@ class InMemoryTransport:
     def __init__(self, client_fn: Callable[[int, int, Message], Message]) -> None:
         self.client_fn = client_fn
 
-    def exchange(self, rnd: int, downlinks: Mapping[int, Message]) -> list[Reply]:
-        """Run every addressed client on its downlink, in client-id order."""
-        return list(self.replies(rnd, dict(downlinks)))
-
     def replies(self, rnd: int, downlinks: dict[int, Message]) -> Iterator[Reply]:
         """Run the addressed clients one at a time, in client-id order, yielding each reply as it is made.
 
