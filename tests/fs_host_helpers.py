@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +70,44 @@ def merged_like_main(cfg_file: Path, opts: list[str]) -> Any:
         return cfg
     finally:
         set_command_line(None, None)
+
+
+# -- distributed (gRPC) runs: one process per role on 127.0.0.1 ---------------------------------------------------
+ROLES = ("server", "client_1", "client_2")
+
+
+def expname(role: str) -> str:
+    """Run name of a role (FederatedScope reads any override token starting with 'client' as a client-config key)."""
+    return role.replace("client_", "worker_")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
+    """Block until the server listens on ``port`` (or fail if it exits or the time runs out)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert process.poll() is None, "server exited before listening"
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"server did not listen on port {port} within {timeout} s")
+
+
+def role_opts(role: str, ports: list[int], data_root: Path, model_dir: Path, out: Path) -> list[str]:
+    """Per-process overrides: ports, local data and model, outputs (the server also saves the final adapter)."""
+    index = ROLES.index(role)
+    return ["distribute.server_port", str(ports[0]), "distribute.client_port", str(ports[index]),
+            "data.root", str(data_root), "model.type", f"{model_dir}@huggingface_llm", "outdir", str(out),
+            "expname", expname(role), *(["federate.save_to", str(out / "final.ckpt")] if role == "server" else [])]

@@ -8,10 +8,8 @@ Ports are picked free at test time; every process is bounded by a deadline and k
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
-from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -20,51 +18,14 @@ import torch
 pytest.importorskip("federatedscope", reason="FederatedScope (branch llm) is not installed: FederatedScope host "
                     "tests skipped")
 
-from fs_host_helpers import FS_CONFIGS, fs_command, fs_env, summary, system_metrics  # noqa: E402
+from fs_host_helpers import (FS_CONFIGS, ROLES, expname, free_ports, fs_command, fs_env, role_opts,  # noqa: E402
+                             summary, system_metrics, wait_for_port)
 
 from fs_gmfl.hosts.fs.assets import arithmetic_rows, write_tiny_llm_assets  # noqa: E402
 
 pytestmark = [pytest.mark.fs_host, pytest.mark.slow]
 
 DEADLINE_S = 420
-ROLES = ("server", "client_1", "client_2")
-
-
-def expname(role: str) -> str:
-    """Run name of a role (FederatedScope reads any override token starting with 'client' as a client-config key)."""
-    return role.replace("client_", "worker_")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports free on 127.0.0.1 right now."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
-    """Block until the server listens on ``port`` (or fail if it exits or the time runs out)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert process.poll() is None, "server exited before listening"
-        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"server did not listen on port {port} within {timeout} s")
-
-
-def role_opts(role: str, ports: list[int], data_root: Path, model_dir: Path, out: Path) -> list[str]:
-    """Per-process overrides: ports, local data and model, outputs (the server also saves the final adapter)."""
-    index = ROLES.index(role)
-    return ["distribute.server_port", str(ports[0]), "distribute.client_port", str(ports[index]),
-            "data.root", str(data_root), "model.type", f"{model_dir}@huggingface_llm", "outdir", str(out),
-            "expname", expname(role), *(["federate.save_to", str(out / "final.ckpt")] if role == "server" else [])]
 
 
 def wait_all(procs: dict[str, subprocess.Popen], deadline_s: float) -> dict[str, int | str]:

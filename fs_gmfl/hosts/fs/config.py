@@ -471,6 +471,19 @@ UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
 )
 
 
+def _check_distributed(cfg: Any) -> None:
+    """What a distributed (gRPC) fs_gmfl run needs beyond a standalone one."""
+    if plain(lookup(cfg, "federate.share_local_model")):
+        raise ConfigError("federate.share_local_model", True, "False in distributed mode (each process holds its "
+                          "own model; FederatedScope's DistributedRunner cannot share one)")
+    if _enabled(cfg, "gmfl") and plain(lookup(cfg, "gmfl.downlink")) == "stateful_sync":
+        raise ConfigError("gmfl.downlink", "stateful_sync", "'stateless' in distributed mode: a client that misses a "
+                          "downlink or restarts would keep a stale cache of the adapter")
+    min_replies, clients = plain(lookup(cfg, "fault_tolerance.min_replies")), plain(lookup(cfg, "federate.client_num"))
+    if isinstance(min_replies, int) and isinstance(clients, int) and clients > 0 and min_replies > clients:
+        raise ConfigError("fault_tolerance.min_replies", min_replies, f"at most federate.client_num ({clients})")
+
+
 def _check_supported(cfg: Any) -> None:
     method = str(plain(lookup(cfg, "federate.method"))).lower()
     half = plain(lookup(cfg, "train.is_enable_half"))
@@ -494,9 +507,8 @@ def _check_supported(cfg: Any) -> None:
         value = plain(lookup(cfg, key))
         if value is not _MISSING and value not in allowed:
             raise ConfigError(key, value, f"{' or '.join(map(repr, allowed))}: fs_gmfl runs need {why}")
-    if plain(lookup(cfg, "federate.mode")) == "distributed" and plain(lookup(cfg, "federate.share_local_model")):
-        raise ConfigError("federate.share_local_model", True, "False in distributed mode (each process holds its "
-                          "own model; FederatedScope's DistributedRunner cannot share one)")
+    if plain(lookup(cfg, "federate.mode")) == "distributed":
+        _check_distributed(cfg)
     data_type, model_type = str(plain(lookup(cfg, "data.type"))), str(plain(lookup(cfg, "model.type")))
     if is_sim_data(data_type) != is_sim_model(model_type):
         raise ConfigError("model.type", model_type, f"'<backbone>@{MODEL_HUB}' together with an fs_gmfl "

@@ -18,6 +18,8 @@ from fs_gmfl.errors import FsGmflError
 EXIT_USAGE = 2
 #: exit status of a run that aggregated rounds but never accepted a client update.
 EXIT_NOTHING_ACCEPTED = 1
+#: exit status of a distributed participant that stopped at a deadline (``fault_tolerance.*``).
+EXIT_STOPPED = 1
 MISSING_FS = ("FederatedScope is not installed; install its 'llm' branch: git clone -b llm "
               "https://github.com/alibaba/FederatedScope && pip install --no-deps -e FederatedScope "
               "(see docs/federatedscope.md)")
@@ -34,11 +36,12 @@ def run_module(module: str, argv: Sequence[str]) -> int:
     from fs_gmfl.hosts.fs import register_all
 
     from fs_gmfl.hosts.fs.config import set_command_line
-    from fs_gmfl.hosts.fs.workers import SERVERS
+    from fs_gmfl.hosts.fs.workers import CLIENTS, SERVERS
 
     saved = sys.argv
     sys.argv = [module, *argv]
     SERVERS.clear()
+    CLIENTS.clear()
     try:
         register_all()
         set_command_line(*command_line(argv))
@@ -51,11 +54,17 @@ def run_module(module: str, argv: Sequence[str]) -> int:
     finally:
         sys.argv = saved
         set_command_line(None, None)
-    return _outcome(SERVERS)
+    return _outcome(SERVERS, CLIENTS)
 
 
-def _outcome(servers: Sequence[object]) -> int:
-    """0, or :data:`EXIT_NOTHING_ACCEPTED` (with one line on stderr) if a server never accepted an update."""
+def _outcome(servers: Sequence[object], clients: Sequence[object] = ()) -> int:
+    """0; :data:`EXIT_STOPPED` (one line on stderr) if a distributed server or client stopped at a deadline; or
+    :data:`EXIT_NOTHING_ACCEPTED` (one line) if a server never accepted an update."""
+    for worker in [*servers, *clients]:
+        if getattr(worker, "failure", None):
+            role = "server" if worker in servers else f"client #{getattr(worker, 'ID', '?')}"
+            print(f"fs-gmfl: error: {role}: {worker.failure}", file=sys.stderr)
+            return EXIT_STOPPED
     for server in servers:
         if getattr(server, "never_accepted", False):
             print(f"fs-gmfl: error: no client update was accepted in {len(server.rounds)} aggregated round(s) "

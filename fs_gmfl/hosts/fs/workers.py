@@ -57,6 +57,7 @@ from fs_gmfl.hosts.fs import wire
 from fs_gmfl.hosts.fs.builders import model_provider_for, trains_in_half
 from fs_gmfl.hosts.fs.config import SWITCHES, to_run_config
 from fs_gmfl.hosts.fs.method_state import load_method_state, save_method_state, state_path
+from fs_gmfl.hosts.fs.resilience import ResilientClient, ResilientServer
 from fs_gmfl.hosts.fs.trainer import Assignment, inner_model
 from fs_gmfl.methods import Method, MethodContext, build_method
 
@@ -119,7 +120,7 @@ def values_kept(model: nn.Module, keys: Any) -> Iterator[None]:
         load_model_tensors(inner_model(model), saved)
 
 
-class FsGmflServer(Server):
+class FsGmflServer(ResilientServer, Server):
     """FederatedScope server driving an fs_gmfl :class:`~fs_gmfl.core.protocol.Strategy`."""
 
     def __init__(self, ID: int = -1, state: int = 0, config: Any = None, data: Any = None, model: Any = None,
@@ -146,6 +147,7 @@ class FsGmflServer(Server):
         self.aggregators = [self.aggregator]
         for change in SWITCHES:
             logger.info(f"fs_gmfl: {change}")
+        self.init_resilience()
 
     def _restore_method_state(self, checkpoint: str) -> None:
         """With ``federate.restore_from``: load the strategy state saved beside it and continue after its round.
@@ -193,9 +195,9 @@ class FsGmflServer(Server):
                              filter_unseen_clients: bool = True) -> None:
         """Send each sampled client its downlink (``model_para``) or everyone the global adapter (``evaluate``)."""
         if msg_type == "model_para":
-            self._send_downlinks(self._receivers(sample_client_num, filter_unseen_clients))
+            self._send_downlinks(self.available(self._receivers(sample_client_num, filter_unseen_clients)))
         elif msg_type == "evaluate":
-            self._send_global_adapter(msg_type, list(self.comm_manager.neighbors.keys()))
+            self._send_global_adapter(msg_type, self.available(list(self.comm_manager.neighbors.keys())))
         else:
             super().broadcast_model_para(msg_type, sample_client_num, filter_unseen_clients)
 
@@ -230,12 +232,17 @@ class FsGmflServer(Server):
         strategy = self.method.strategy
         self.rounds[rnd] = {"round": rnd, "clients": sorted(r - 1 for r in receivers), **strategy.round_metrics()}
         downlinks = strategy.configure_round(rnd, sorted(r - 1 for r in receivers))
-        for receiver in receivers:
-            message = downlinks[receiver - 1]
-            self.ledger.record(rnd, receiver - 1, "downlink", message)
-            self._send(FsGmflMessage(msg_type="model_para", sender=self.ID, receiver=[receiver], state=self.state,
-                                     timestamp=self.cur_timestamp, content=wire.encode(message, wire.DOWNLINK),
-                                     nbytes=message.nbytes))
+        undelivered = [r for r in receivers if not self.send_downlink(rnd, r, downlinks[r - 1])]
+        if self.distributed:  # kept for a client that restarts during the round
+            self.round_downlinks = {r: downlinks[r - 1] for r in receivers}
+        self.watch("train", self.state, receivers, undelivered)
+
+    def send_downlink(self, rnd: int, receiver: int, message: Any) -> bool:
+        """Send (and count) one client's downlink of round ``rnd``; False if it could not be delivered."""
+        self.ledger.record(rnd, receiver - 1, "downlink", message)
+        return not self._send(FsGmflMessage(msg_type="model_para", sender=self.ID, receiver=[receiver],
+                                            state=self.state, timestamp=self.cur_timestamp,
+                                            content=wire.encode(message, wire.DOWNLINK), nbytes=message.nbytes))
 
     def _send_global_adapter(self, msg_type: str, receivers: list[int]) -> None:
         """Broadcast the global adapter for evaluation (counted apart from training traffic in summary.json)."""
@@ -243,7 +250,9 @@ class FsGmflServer(Server):
         message = FsGmflMessage(msg_type=msg_type, sender=self.ID, receiver=receivers,
                                 state=min(self.state - 1, self.total_round_num), timestamp=self.cur_timestamp,
                                 content=wire.encode_tensors(adapter), nbytes=total_bytes(adapter))
-        self._send(message)
+        undelivered = self._send(message)
+        if msg_type == "evaluate":
+            self.watch("eval", message.state, receivers, undelivered)
         self.evaluation["broadcasts"] += 1
         self.evaluation["bytes"] += message.count_bytes()[1]
         self.write_outputs()
@@ -257,8 +266,11 @@ class FsGmflServer(Server):
         server and clients hang. The wire payload is one string per tensor; the
         clients' trainer loads it as it loads an evaluation broadcast. Like
         FederatedScope's, this message is not added to the server's upload bytes.
+        In distributed mode it is sent once.
         """
         self.is_finish = True
+        if not self.finish_once():
+            return
         adapter = self.method.strategy.global_adapter()
         self._monitor.finish_fl()
         self.comm_manager.send(FsGmflMessage(msg_type=msg_type, sender=self.ID,
@@ -266,9 +278,11 @@ class FsGmflServer(Server):
                                              timestamp=self.cur_timestamp, content=wire.encode_tensors(adapter),
                                              nbytes=total_bytes(adapter)))
 
-    def _send(self, message: FsGmflMessage) -> None:
-        self.comm_manager.send(message)
+    def _send(self, message: FsGmflMessage) -> list[int]:
+        """Send and count ``message``; the receivers it could not be delivered to (distributed mode)."""
+        undelivered = self.comm_manager.send(message)
         self._monitor.track_upload_bytes(message.count_bytes()[1])
+        return list(undelivered or [])
 
     # -- streaming aggregation -----------------------------------------------------------------
     def callback_funcs_model_para(self, message: FsMessage) -> Any:
@@ -281,6 +295,8 @@ class FsGmflServer(Server):
         ``federate.staleness_toleration``) is left to FederatedScope's buffer
         and folded when the round is aggregated, as before.
         """
+        if not self.expects_reply(message):
+            return False
         if not self.is_finish and message.state == self.state:
             message.content = self.fold_on_arrival(int(message.sender) - 1, message.content)
         return super().callback_funcs_model_para(message)
@@ -371,8 +387,9 @@ def _create_parent(save_to: str) -> None:
         Path(save_to).parent.mkdir(parents=True, exist_ok=True)
 
 
-#: every fs_gmfl server of this process (the launcher reads their outcome to set the exit status).
+#: every fs_gmfl server and client of this process (the launcher reads their outcome to set the exit status).
 SERVERS: list[FsGmflServer] = []
+CLIENTS: list[FsGmflClient] = []
 
 
 def wire_dtype_of(fs_cfg: Any, model: nn.Module) -> torch.dtype:
@@ -482,7 +499,7 @@ class ProtocolAggregator(ClientsAvgAggregator):
         return {self.names.get(k, k): v for k, v in server.method.strategy.global_adapter().items()}
 
 
-class FsGmflClient(Client):
+class FsGmflClient(ResilientClient, Client):
     """FederatedScope client running an fs_gmfl :class:`~fs_gmfl.core.protocol.ClientAlgorithm`.
 
     Per-client state of stateful methods lives in a disk-backed store (one
@@ -499,6 +516,8 @@ class FsGmflClient(Client):
         weakref.finalize(self, shutil.rmtree, state_dir, True)
         self.store = ClientStateStore(state_dir)
         self.seed = to_run_config(config).seed
+        self.init_resilience()
+        CLIENTS.append(self)
 
     @property
     def method(self) -> Method:
