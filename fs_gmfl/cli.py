@@ -16,7 +16,9 @@ Sub-commands:
 
 Options of ``run`` and ``comm`` may stand anywhere on the command line, also
 after the ``KEY VALUE`` overrides (``run --cfg F federate.save_freq 5
---resume``). Configuration and input errors print one line and exit with code 2.
+--resume``). Configuration and input errors print one line and exit with code 2; a run
+stopped because every client update was rejected for ``federate.max_rejected_rounds``
+rounds in a row prints one line and exits with code 1.
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except FsGmflError as err:
         print(f"fs-gmfl: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return err.exit_code
     except KeyboardInterrupt:
         print("fs-gmfl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

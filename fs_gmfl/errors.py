@@ -2,7 +2,8 @@
 
 Every error a user can trigger through configuration or input carries enough
 context to be printed as a single line by the command-line interface (which
-then exits with code 2), without a traceback.
+then exits with the error's :attr:`~FsGmflError.exit_code`, 2 for
+configuration and input errors), without a traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from typing import Any
 
 
 class FsGmflError(Exception):
-    """Base class of all errors raised on purpose by fs_gmfl."""
+    """Base class of all errors raised on purpose by fs_gmfl.
+
+    Attributes:
+        exit_code: the status the command line exits with (2: bad configuration or input).
+    """
+
+    exit_code = 2
 
 
 class ConfigError(FsGmflError, ValueError):
@@ -54,3 +61,14 @@ class PayloadRejected(FsGmflError):
 
 class AggregationError(FsGmflError):
     """Aggregation cannot produce a result from the replies it was given."""
+
+
+class RunStopped(FsGmflError):
+    """A run that started correctly was stopped because going on could not help (exit status 1).
+
+    Raised by the embedded simulator after ``federate.max_rejected_rounds``
+    rounds in a row in which every client update was rejected; its outputs
+    (``summary.json`` with ``stopped``) are written first.
+    """
+
+    exit_code = 1

@@ -5,6 +5,8 @@ data and model are loaded. It refuses with one line
 (:class:`~fs_gmfl.errors.ConfigError` naming the key and the estimate):
 
 * a model directory that is not usable (see :func:`check_model_dir`);
+* ``model.task: causal_lm`` on an encoder-only backbone such as BERT (see
+  :func:`~fs_gmfl.hosts.common.models.check_decoder_for_causal_lm`);
 * ``llm.tok_len`` (plus ``eval.max_new_tokens`` where answers are decoded)
   above the pre-trained model's ``max_position_embeddings``;
 * a LoRA rank ``llm.adapter.args[0].r`` above ``min(d_in, d_out)`` of a
@@ -20,6 +22,10 @@ the KV cache of one batch of greedy answers; the tokenised dataset), so a refusa
 a run that passes may still be tight. ``FS_GMFL_MEMORY_BYTES`` sets the memory
 budget explicitly (bytes) instead of reading ``MemAvailable`` from
 ``/proc/meminfo`` (bounded by the cgroup limit, if any).
+
+Once every check has passed, the settings that are valid but quietly do less
+than they seem to are logged as warnings (:mod:`fs_gmfl.config.advice`) and
+returned for ``summary.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fs_gmfl.config.advice import log_config_warnings
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.registry import spec_of
 from fs_gmfl.errors import ConfigError
@@ -267,19 +274,30 @@ def check_lora_rank(cfg: RunConfig, dims: list[tuple[str, int, int]]) -> None:
                           f"targeted module '{name}' ({d_in} -> {d_out}); a larger rank adds no capacity")
 
 
-def check_run(cfg: RunConfig) -> None:
-    """All pre-flight checks of a simulator run (see the module docstring).
+def check_run(cfg: RunConfig) -> list[str]:
+    """All pre-flight checks of a simulator run (see the module docstring); the warnings it logged.
 
     Raises:
         ConfigError: the model directory is unusable, or a check fails; the
             message names the key and, for memory, the estimate.
     """
-    from fs_gmfl.hosts.common.models import SHAPE_PRESETS, model_dir, model_source
+    from fs_gmfl.hosts.common.models import SHAPE_PRESETS, model_source
 
     if model_source(cfg.model.type) in SHAPE_PRESETS:
-        return  # no weights: the simulator refuses it when loading (it is for 'fs-gmfl comm' only)
+        return []  # no weights: the simulator refuses it when loading (it is for 'fs-gmfl comm' only)
+    check_model(cfg)
+    return log_config_warnings(cfg)
+
+
+def check_model(cfg: RunConfig) -> None:
+    """The backbone's checks: its directory, the task it is asked for, sequence length, LoRA rank and memory."""
+    from fs_gmfl.hosts.common.models import TINY_TYPES, check_decoder_for_causal_lm, model_dir, model_source
+    from fs_gmfl.hosts.common.models import tiny_config as tiny_model_config
+
     path = model_dir(cfg)
     config = check_model_dir(path) if path is not None else None
+    check_decoder_for_causal_lm(cfg, config if config is not None
+                                else tiny_model_config(cfg, TINY_TYPES[model_source(cfg.model.type)]).to_dict())
     shape = shape_of(cfg, config)
     check_sequence_length(cfg, shape)
     rows = cfg.data.synthetic_num_samples if cfg.data.type == "synthetic" else None

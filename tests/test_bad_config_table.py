@@ -103,6 +103,11 @@ TABLE = [
     (["faults.dropout_before", "1.5"], "faults.dropout_before", "[0.0, 1.0]"),
     (["faults.deadline", "0.5"], "faults.deadline", "at least faults.client_seconds (1.0)"),
     (["faults.straggler_fraction", "0.2"], "faults.straggler_delay", "a number > 0 when faults.straggler_fraction"),
+    (["faults.nan_clients", "[0, 7]"], "faults.nan_clients", "client ids in [0, 1] (federate.client_num = 2)"),
+    (["federate.max_rejected_rounds", "-1"], "federate.max_rejected_rounds", "[0, inf)"),
+    # a task the backbone cannot do (issue 28): causal LM on an encoder-only backbone
+    (["model.task", "causal_lm"], "model.type",
+     "a decoder (causal-LM) backbone with model.task 'causal_lm' (tiny_gpt2, tiny_llama, smollm2"),
     # missing data paths and unknown datasets / backbones
     (["data.type", "jsonl:/nonexistent/x.jsonl"], "data.type", "an existing JSONL file"),
     (["data.type", "imdb"], "data.type", "csv:<path>, jsonl:<path>"),

@@ -285,6 +285,24 @@ def test_unusable_config_files_exit_2_with_one_line(name, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind,fragment", [("fifo", "is a FIFO (named pipe), not a regular file"),
+                                           ("/dev/zero", "is a character device, not a regular file")])
+def test_a_config_path_that_is_not_a_regular_file_is_refused_before_reading(kind, fragment, tmp_path):
+    """``--cfg`` naming a FIFO (reading blocks until a writer comes) or ``/dev/zero`` (never ends): one line, exit 2,
+    at once, as a real process (it would hang before the check, hence the timeout)."""
+    path = kind
+    if kind == "fifo":
+        path = str(tmp_path / "cfg.fifo")
+        os.mkfifo(path)
+    env = {**os.environ, "FS_GMFL_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "fs_gmfl", "run", "--cfg", path, *BASE, "outdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("fs-gmfl: error: config file"), result.stderr
+    assert path in lines[0] and fragment in lines[0]
+
+
 def test_duplicate_key_in_an_override_value_is_not_silently_merged(tmp_path, capsys):
     """``llm.adapter.args [{r: 4, r: 8}]`` is not read as r 8: the value stays text and is refused by type."""
     code, lines = run_cli(["run", "--cfg", "/dev/null", "--quiet", *BASE, "outdir", str(tmp_path),
@@ -292,13 +310,19 @@ def test_duplicate_key_in_an_override_value_is_not_silently_merged(tmp_path, cap
     assert_one_line(code, lines, "'llm.adapter.args'", "expected a list")
 
 
-def _model_dir(tmp: Path, config: str | bytes | None, weights: bool = False) -> str:
+TINY_BERT_CONFIG = ('{"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, '
+                    '"intermediate_size": 32, "vocab_size": 50}')
+
+
+def _model_dir(tmp: Path, config: str | bytes | None, weights: bool = False, tokenizer: bool = False) -> str:
     d = tmp / "model"
     d.mkdir()
     if config is not None:
         _write(d / "config.json", config)
     if weights:
         _write(d / "model.safetensors", b"not really safetensors")
+    if tokenizer:
+        _write(d / "vocab.txt", "".join(f"{token}\n" for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a")))
     return str(d)
 
 
@@ -335,8 +359,9 @@ PATH_ROWS: dict[str, tuple[typing.Callable[[Path], list[str]], str, str]] = {
                            "'model.type'", "a model transformers can build"),
     "model_no_config": (lambda t: ["model.type", _model_dir(t, None)], "'model.type'", "containing config.json"),
     "model_corrupt_weights": (lambda t: ["model.type", _model_dir(
-        t, '{"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, '
-           '"intermediate_size": 32, "vocab_size": 50}', weights=True)], "model directory", "cannot be loaded"),
+        t, TINY_BERT_CONFIG, weights=True, tokenizer=True)], "model directory", "cannot be loaded"),
+    "model_no_tokenizer": (lambda t: ["model.type", _model_dir(t, TINY_BERT_CONFIG, weights=True)], "'model.type'",
+                           "none of tokenizer.json, vocab.txt, vocab.json"),
     # data files
     "data_non_utf8": (lambda t: ["data.type", "csv:" + _data_file(t, "d.csv", b"text,label\ncaf\xe9,a\n")],
                       "data file", "cannot be read"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,64 @@ def test_damaged_or_mismatched_checkpoint_is_refused_with_one_line(saved_run, ca
                 "config": "config key 'train.optimizer.lr' = 0.5",
                 "finished": "config key 'federate.total_round_num' = 2 is not allowed: more than the 2 rounds"}[damage]
     assert expected in err[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-round tiny run that checkpointed every round (run once; tests copy it)."""
+    from tests.conftest import TINY
+
+    outdir = tmp_path_factory.mktemp("finished")
+    args = [*TINY, "expname", "x", "federate.total_round_num", "2", "federate.save_freq", "1"]
+    assert main(["run", "--quiet", "--cfg", "/dev/null", *args, "outdir", str(outdir)]) == 0
+    return args, outdir
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file below ``directory`` (but the lock, which holds the pid of the last process) with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+#: damage to round 2's manifest -> fragment of the message (after the manifest's path).
+MANIFEST_DAMAGE = {
+    "ledger_missing": (lambda m: m.pop("ledger"), "field ledger missing"),
+    "records_missing": (lambda m: [m.pop(k) for k in ("step_seconds", "eval_records")],
+                        "fields step_seconds, eval_records missing"),
+    "strategy_tree_missing": (lambda m: m.pop("strategy_tree"), "field strategy_tree missing"),
+    "config_missing": (lambda m: m.pop("config"), "field config missing"),
+    "per_round_not_a_list": (lambda m: m.update(per_round="rows"), "field 'per_round' is malformed"),
+    "ledger_row_without_bytes": (lambda m: m["ledger"][0].pop("payload_bytes"), "field 'ledger' is malformed"),
+    "rng_truncated": (lambda m: m.update(torch_rng=m["torch_rng"][:100]), "field 'torch_rng' is not torch's RNG"),
+    "rng_byte_out_of_range": (lambda m: m["torch_rng"].__setitem__(0, 300), "field 'torch_rng' is not torch's RNG"),
+    "rng_invalid_state": (lambda m: m.update(torch_rng=[0] * len(m["torch_rng"])),
+                          "field 'torch_rng' is not a valid RNG state"),
+}
+
+
+@pytest.mark.parametrize("damage", list(MANIFEST_DAMAGE))
+def test_a_manifest_missing_a_field_or_with_a_corrupt_rng_state_is_refused_and_left_intact(finished_run, damage,
+                                                                                           tmp_path, capsys):
+    """Resume with a manifest that lacks a field or holds a broken RNG state: exit 2, one line naming the manifest
+    and what is wrong, and the run directory (checkpoint included) keeps every byte."""
+    # Prepare
+    args, outdir = finished_run
+    shutil.copytree(outdir / "x", tmp_path / "x")
+    manifest_path = latest_checkpoint_dir(tmp_path / "x") / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    edit, fragment = MANIFEST_DAMAGE[damage]
+    edit(manifest)
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    before = snapshot(tmp_path / "x")
+    capsys.readouterr()
+    # Execute: three rounds, so the finished two-round run is continued from its checkpoint
+    code = main(["run", "--quiet", "--resume", "--cfg", "/dev/null", *args, "outdir", str(tmp_path),
+                 "federate.total_round_num", "3"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    # Assert
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"fs-gmfl: error: corrupt checkpoint {manifest_path}: {fragment}"), err
+    assert snapshot(tmp_path / "x") == before
 
 
 def test_sigterm_keeps_checkpoint_and_prints_resume_command(tmp_path):

@@ -165,6 +165,35 @@ def test_default_targets_of_bert_are_every_block_linear_and_never_the_head(tiny)
     assert canonical_key("base_model.model.x.query.base_layer") == "x.query"
 
 
+def meta_classifier(arch: str, **shape):
+    """A randomly initialised sequence classifier of ``arch`` on the meta device (no weights allocated)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(arch, vocab_size=64, **shape))
+
+
+def test_default_targets_of_opt_are_every_block_linear():
+    """OPT (issue 28): fedkrso.target_modules is inferred, q/k/v/out_proj and fc1/fc2 of every block, not the head."""
+    model = meta_classifier("opt", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+                            word_embed_proj_dim=16)
+    layers = resolve_targets(model, [], key="fedkrso.target_modules")
+    assert [la.key for la in layers[:6]] == [f"model.decoder.layers.0.{m}" for m in (
+        "self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2")]
+    assert len(layers) == 12 and not any("score" in la.key for la in layers)
+
+
+def test_an_architecture_without_default_targets_is_refused_with_its_linear_modules():
+    """GPT-J has no default: the error names the key and lists the backbone's linear modules to choose from."""
+    model = meta_classifier("gptj", n_embd=16, n_layer=1, n_head=2, rotary_dim=4)
+    with pytest.raises(ConfigError) as err:
+        resolve_targets(model, [], key="fedkrso.target_modules")
+    assert err.value.key == "fedkrso.target_modules"
+    assert "no default is known for 'gptj' (known: bert, bloom, distilbert, falcon, gemma" in str(err.value)
+    assert str(err.value).endswith("set fedkrso.target_modules to some of this backbone's linear modules: fc_in, "
+                                   "fc_out, k_proj, out_proj, q_proj, score, v_proj")
+
+
 @pytest.mark.parametrize("targets,fragment", [(["nope"], "'nope' matches none"), (["classifier"], "'classifier'")])
 def test_unknown_or_head_targets_are_config_errors(tiny, targets, fragment):
     """A target that names no linear layer of the blocks (or names the head) is a ConfigError naming the key."""

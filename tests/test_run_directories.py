@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fs_gmfl.hosts.common.rundir import dumps_strict, json_safe, write_json_atomic, write_text_atomic
-from fs_gmfl.hosts.sim import runner
+from fs_gmfl.hosts.sim import outputs, runner
 from tests.test_bad_input_table import BASE, run_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -101,6 +101,50 @@ def test_resume_finishes_a_run_killed_between_its_last_checkpoint_and_its_output
     assert code == 2 and "federate.total_round_num" in lines[0]
 
 
+def files_of(run_dir: Path) -> dict[str, bytes]:
+    """Every output file of a run directory (not the lock, the client state or the checkpoint) with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_of_a_finished_run_regenerates_a_missing_plot_and_changes_nothing_else(tmp_path, capsys):
+    """Killed after summary.json but before curves.png: ``--resume`` draws the plot again, says so in one line and
+    exits 0; every other file keeps its bytes. An output only a checkpoint could rebuild is named, exit 2."""
+    args = run_args(tmp_path, "federate.total_round_num", "2", "--quiet")
+    assert run_cli(args, capsys)[0] == 0
+    run_dir = tmp_path / "r"
+    before = files_of(run_dir)
+    (run_dir / "curves.png").unlink()
+    code, lines = run_cli(args + ["--resume"], capsys)
+    assert code == 0 and len(lines) == 1, lines
+    assert lines[0] == f"fs-gmfl: {run_dir} holds a finished run of 2 rounds; regenerated its missing curves.png"
+    after = files_of(run_dir)
+    assert set(after) == set(before)
+    assert {k: v for k, v in after.items() if k != "curves.png"} == {k: v for k, v in before.items()
+                                                                      if k != "curves.png"}
+    (run_dir / "comm_log.jsonl").unlink()
+    code, lines = run_cli(args + ["--resume"], capsys)
+    assert code == 2 and len(lines) == 1 and "lacks comm_log.jsonl (only a checkpoint of round 2" in lines[0], lines
+    assert files_of(run_dir) == {k: v for k, v in after.items() if k != "comm_log.jsonl"}
+
+
+def test_resume_of_a_finished_run_rebuilds_its_logs_from_the_last_checkpoint(tmp_path, capsys):
+    """With a checkpoint of the last round, a lost comm_log.jsonl, eval_results.log and config.yaml come back with
+    their exact bytes; a changed configuration is refused first (naming the key), and changes nothing."""
+    args = run_args(tmp_path, "federate.total_round_num", "2", "federate.save_freq", "1", "--quiet")
+    assert run_cli(args, capsys)[0] == 0
+    run_dir = tmp_path / "r"
+    before = files_of(run_dir)
+    lost = ("config.yaml", "eval_results.log", "comm_log.jsonl")
+    for name in lost:
+        (run_dir / name).unlink()
+    code, lines = run_cli(args + ["--resume", "train.optimizer.lr", "0.5"], capsys)
+    assert code == 2 and len(lines) == 1 and "'train.optimizer.lr' = 0.5" in lines[0], lines
+    assert not any((run_dir / name).exists() for name in lost)
+    code, lines = run_cli(args + ["--resume"], capsys)
+    assert code == 0 and len(lines) == 1 and lines[0].endswith(f"regenerated its missing {', '.join(lost)}")
+    assert files_of(run_dir) == before
+
+
 @pytest.mark.parametrize("where", ["setup", "after_rounds"])
 def test_sigterm_at_any_moment_ends_with_130_and_a_message(where, tmp_path, capsys, monkeypatch):
     """A real SIGTERM during set-up or after the round loop (while writing outputs): status 130 and one message."""
@@ -110,7 +154,7 @@ def test_sigterm_at_any_moment_ends_with_130_and_a_message(where, tmp_path, caps
     if where == "setup":
         monkeypatch.setattr(runner, "check_data", lambda *a: sigterm())
     else:
-        monkeypatch.setattr(runner, "write_json_atomic", sigterm)  # killed just before summary.json
+        monkeypatch.setattr(outputs, "write_json_atomic", sigterm)  # killed just before summary.json
     args = run_args(tmp_path, "federate.save_freq", "1", "--quiet")
     handler_before = signal.getsignal(signal.SIGTERM)
     code, lines = run_cli(args, capsys)

@@ -24,6 +24,9 @@ class FaultsConfig:
     client_seconds: float = opt(1.0, "Simulated seconds every client needs to train and reply.", gt=0.0)
     deadline: float = opt(0.0, "Simulated seconds after which the server closes a round and ignores later "
                           "replies; 0 waits for every reply.", ge=0.0)
+    nan_clients: list[int] = opt(factory=list, help="Ids of broken or hostile clients: every uplink they send has "
+                                 "NaN in each floating-point entry, which the server's uplink check rejects "
+                                 "(with federate.max_rejected_rounds, a run where only they reply stops).", ge=0)
 
     def __post_init__(self) -> None:
         if 0.0 < self.deadline < self.client_seconds:
@@ -32,6 +35,17 @@ class FaultsConfig:
         if self.straggler_fraction > 0 and self.straggler_delay == 0:
             fail(self, "straggler_delay", self.straggler_delay, "a number > 0 when faults.straggler_fraction > 0 "
                  "(a straggler without delay is an ordinary client)")
+
+    def check_clients(self, client_num: int) -> None:
+        """``nan_clients`` must name clients of the run.
+
+        Raises:
+            ConfigError: an id is not below ``federate.client_num``.
+        """
+        outside = [c for c in self.nan_clients if c >= client_num]
+        if outside:
+            fail(self, "nan_clients", self.nan_clients, f"client ids in [0, {client_num - 1}] (federate.client_num = "
+                 f"{client_num})")
 
     @property
     def active(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,15 +31,16 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     repeated key, nesting deeper than 64 levels or an alias bomb is an error.
 
     Raises:
-        InputError: the file is missing, unreadable, not UTF-8, not YAML, or not a mapping.
+        InputError: the file is missing, not a regular file (see
+            :func:`check_regular_file`), unreadable, not UTF-8, not YAML, or not a mapping.
     """
+    if check_regular_file(path):
+        return {}
     try:
         with open(path, encoding="utf-8") as fh:
             data = strict_load(fh)
     except FileNotFoundError:
         raise InputError(f"config file '{path}' does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"config file '{path}' is a directory, not a YAML file") from None
     except OSError as err:
         raise InputError(f"config file '{path}' cannot be read: {err.strerror}") from None
     except UnicodeDecodeError as err:
@@ -56,6 +58,36 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"config file '{path}' must hold a mapping of keys, not a {type(data).__name__}")
     return data
+
+
+#: what ``stat`` calls the kinds of file a configuration cannot be read from.
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: str | os.PathLike[str]) -> bool:
+    """Refuse, before opening it, a configuration path that is not a regular file; True for ``/dev/null``.
+
+    Reading a FIFO blocks until a writer comes, and a device such as
+    ``/dev/zero`` never ends, so only a regular file (or a symbolic link to
+    one) is opened. ``/dev/null`` is the empty configuration (all defaults).
+
+    Raises:
+        InputError: the path does not exist, cannot be examined, or is not a regular file.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"config file '{path}' does not exist") from None
+    except (OSError, ValueError) as err:  # a NUL byte in the path, a component that is not a directory, ...
+        raise InputError(f"config file {str(path)!r} cannot be read: {getattr(err, 'strerror', None) or err}") from None
+    if stat.S_ISREG(info.st_mode):
+        return False
+    if stat.S_ISCHR(info.st_mode) and info.st_rdev == os.stat(os.devnull).st_rdev:
+        return True
+    kind = next((name for test, name in FILE_KINDS if test(info.st_mode)), "not a regular file")
+    raise InputError(f"config file '{path}' is {kind}, not a regular file; give a YAML file (or {os.devnull} for "
+                     "all defaults)")
 
 
 def parse_value(text: str) -> Any:

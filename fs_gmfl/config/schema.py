@@ -75,6 +75,11 @@ class FederateConfig:
     update_rms_floor: float = opt(DEFAULT_UPDATE_RMS_FLOOR, "Per-entry RMS floor of the update-norm bound, so a "
                                   "tensor whose global value is 0 (LoRA B at the start) can still be updated.",
                                   gt=0.0)
+    max_rejected_rounds: int = opt(3, "Embedded simulator: stop the run (outputs written, exit status 1) after this "
+                                   "many rounds in a row in which every client update that arrived was rejected, so "
+                                   "the global model stopped moving (rounds without replies are skipped); each such "
+                                   "round is logged and listed in summary.json (rejected_updates."
+                                   "all_rejected_rounds); 0: never stop.", ge=0)
     client_weight: str = opt(
         "shard_size", "FedAvg weight of a client under fedit/fedavg/ffa_lora (+GMFL): 'shard_size' (its whole "
         "training shard |D|) or 'processed_samples' (min(dataloader.batch_size x train.local_update_steps, |D|), "
@@ -340,6 +345,11 @@ class _RunConfigBase:
         if self.train.is_enable_half and self.train.autocast != "none":
             fail(self, "train.autocast", self.train.autocast, "'none' with train.is_enable_half (the model is "
                  "already in half precision)")
+        if self.train.is_enable_half and self.train.half_dtype == "float16" and \
+                self.train.optimizer.type in ("Adam", "AdamW"):
+            fail(self, "train.half_dtype", "float16", f"'bfloat16' with train.optimizer.type "
+                 f"{self.train.optimizer.type} (its eps 1e-8 rounds to 0 in float16: the first step makes every "
+                 "update NaN, and every update would be rejected), or train.optimizer.type SGD")
         if self.train.autocast == "float16" and not self.use_gpu:
             fail(self, "train.autocast", "float16", "'none' or 'bfloat16' without use_gpu: True (float16 autocast "
                  "with loss scaling is a GPU mode; CPUs compute float16 slowly)")

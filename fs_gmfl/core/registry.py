@@ -136,6 +136,9 @@ class MethodSpec:
             discovery (its folder or an entry point), not registered later.
         check_config: cross-checks on the whole ``RunConfig``, run after the
             sections were built; raise :class:`~fs_gmfl.errors.ConfigError`.
+        advise_config: warnings about valid settings that quietly do less than
+            they seem to (one line each), logged at pre-flight by both hosts
+            (:mod:`fs_gmfl.config.advice`).
         estimate: the ``fs-gmfl comm`` estimator (``None``: not supported).
         hosts: hosts that can run it (``"sim"``, ``"fs"``).
         trains_backbone: trains full backbone weights (not an adapter).
@@ -159,6 +162,7 @@ class MethodSpec:
     config_section: str | None = None
     config_class: type | None = None
     check_config: Callable[[RunConfig], None] | str | None = None
+    advise_config: Callable[[RunConfig], list[str]] | str | None = None
     estimate: Estimator | str | None = None
     hosts: tuple[str, ...] = HOSTS
     trains_backbone: bool = False
@@ -192,6 +196,10 @@ class MethodSpec:
     def config_check(self) -> Callable[[RunConfig], None] | None:
         """The cross-checks, imported if given as a string."""
         return _resolve(self.check_config)
+
+    def config_advice(self) -> Callable[[RunConfig], list[str]] | None:
+        """The configuration warnings, imported if given as a string."""
+        return _resolve(self.advise_config)
 
     def estimator(self) -> Estimator | None:
         """The ``fs-gmfl comm`` estimator, imported if given as a string."""

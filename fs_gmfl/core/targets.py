@@ -30,9 +30,13 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "xlm-roberta": ["query", "key", "value", "intermediate.dense", "output.dense"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "phi": ["q_proj", "k_proj", "v_proj", "self_attn.dense", "fc1", "fc2"],
+    "gpt_neox": ["query_key_value", "attention.dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "self_attention.dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "bloom": ["query_key_value", "self_attention.dense", "dense_h_to_4h", "dense_4h_to_h"],
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
+                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
 }
 
 _EXCLUDED_SEGMENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout",
@@ -116,7 +120,8 @@ def resolve_targets(model: nn.Module, requested: Sequence[str], *, key: str) -> 
     if not targets:
         model_type = getattr(getattr(model, "config", None), "model_type", "?")
         raise ConfigError(key, list(requested), f"module names to train; no default is known for '{model_type}' "
-                          f"(linear modules: {', '.join(linear_suffixes[:12])})")
+                          f"(known: {', '.join(sorted(DEFAULT_TARGETS))}); set {key} to some of this backbone's "
+                          f"linear modules: {', '.join(linear_suffixes)}")
     layers: list[TargetLayer] = []
     matched: set[str] = set()
     for name, module in candidates.items():

@@ -29,7 +29,10 @@ class FedKRSOConfig:
                         "merges B P into W. A round's last interval may be shorter.", ge=1)
     target_modules: list[str] = opt(factory=list, help="Linear modules trained in full through subspaces "
                                     "(name suffixes); empty: every linear layer of the transformer blocks "
-                                    "(BERT/RoBERTa: query, key, value, intermediate.dense, output.dense).")
+                                    "(BERT/RoBERTa: query, key, value, intermediate.dense, output.dense; OPT: "
+                                    "q_proj, k_proj, v_proj, out_proj, fc1, fc2; fs_gmfl.core.targets lists the "
+                                    "known architectures); for another architecture the error lists its linear "
+                                    "modules.")
     state_policy: str = opt("reset", "Optimizer state of B when an interval starts: 'reset' clears it, step "
                             "counter included (Adam's bias correction restarts at step 1); 'reset_moments' zeroes "
                             "the moments and keeps the step counter (the authors' code, so bias correction "

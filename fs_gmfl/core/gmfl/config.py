@@ -51,6 +51,19 @@ class GMFLConfig:
         "'stateful_sync' (fedit, ffa_lora only): clients cache the adapter and receive trainable tensors plus "
         "frozen tensors that changed since their last sync.", choices=DOWNLINK_MODES, inferred=True)
 
+    def idle_warning(self, total_rounds: int) -> str | None:
+        """Why masking never starts in a run of ``total_rounds`` rounds, if it does not (``None`` otherwise).
+
+        The first mask is computed after round ``period`` and used from the
+        next round on, so a run of at most ``period`` rounds freezes nothing.
+        """
+        if not self.use or self.period < total_rounds:
+            return None
+        hint = f", e.g. {total_rounds // 2}" if total_rounds >= 2 else " (in a run of at least 2 rounds)"
+        return (f"gmfl.period {self.period} is not below federate.total_round_num {total_rounds}: the first mask is "
+                f"computed after round {self.period}, so no LoRA tensor is frozen in this run (it trains as its base "
+                f"method); set gmfl.period below federate.total_round_num{hint}")
+
     def __post_init__(self) -> None:
         if self.use and self.c > self.max_ratio:
             fail(self, "c", self.c, f"at most gmfl.max_ratio ({self.max_ratio})")

@@ -142,6 +142,22 @@ class HAFLConfig:
                      f"r_max = {r_max} components ({', '.join(partial)}); fedavg is HomLoRA, where every client "
                      "trains every component")
 
+    def homogeneity_warning(self, r_max: int) -> str | None:
+        """Why the run is not heterogeneous, when no profile is given (``None`` for HomLoRA, chosen on purpose).
+
+        Without profiles every client trains all ``r_max`` components: one
+        full-rank profile, so the run is homogeneous LoRA (FedIT's training
+        with HAFL's aggregation), which is easy to mistake for HAFL proper.
+        """
+        if self.profiles or self.aggregation == "fedavg":
+            return None
+        example = (f"[{{share: 0.5, rank: {max(1, r_max // 2)}}}, {{share: 0.5, rank: {r_max}}}]"
+                   if self.scheme == "truncation" else "[{share: 0.5, freeze_ratio: 0.5}, {share: 0.5, "
+                   "freeze_ratio: 0.0}]")
+        return (f"hafl.profiles is empty: every client trains all r_max = {r_max} rank-1 components (one full-rank "
+                f"profile, i.e. homogeneous LoRA as in FedIT); for clients of different capacity set hafl.profiles, "
+                f"e.g. {example}")
+
     def _check_shares(self, named: set[int], client_num: int) -> None:
         shared = [p for p in self.profiles if p.share is not None]
         if shared:

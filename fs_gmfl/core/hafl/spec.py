@@ -32,8 +32,15 @@ def check_run(cfg: RunConfig) -> None:
     cfg.hafl.check_run(r_max=cfg.lora.r, client_num=cfg.federate.client_num)
 
 
+def advise(cfg: RunConfig) -> list[str]:
+    """Pre-flight warnings: HAFL without client profiles is homogeneous LoRA."""
+    warning = cfg.hafl.homogeneity_warning(cfg.lora.r)
+    return [warning] if warning else []
+
+
 HAFL = MethodSpec(
     name="hafl", build=build_hafl, config_section="hafl", config_class=HAFLConfig, check_config=check_run,
+    advise_config=advise,
     gmfl_base=True,
     summary="heterogeneous rank-1 truncation or freezing with adaptive rank-1 aggregation (HAFL)",
     estimate="fs_gmfl.comm_estimate:estimate_hafl",

@@ -56,6 +56,9 @@ SHAPE_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                            "intermediate_size": 3072, "vocab_size": 30522}),
 }
 TINY_TYPES = {"tiny_bert": "bert", "tiny_gpt2": "gpt2", "tiny_llama": "llama"}
+#: files that carry a tokenizer's vocabulary (a model directory needs one of them).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "spm.model")
 
 
 @dataclass
@@ -121,6 +124,7 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     path = model_dir(cfg)
     if path is None:
         return HashTokenizer(cfg.model.vocab_size)
+    check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - any loader failure is a bad model directory, reported in one line
@@ -128,6 +132,47 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """Refuse a model directory without a tokenizer vocabulary.
+
+    Without one, transformers builds a tokenizer of special tokens only and
+    every word becomes the unknown token: the run would train on nothing.
+
+    Raises:
+        ConfigError: none of :data:`TOKENIZER_FILES` is in ``path`` (names the directory and the files).
+    """
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError("model.type", str(path), f"a model directory with its tokenizer; none of "
+                          f"{', '.join(TOKENIZER_FILES)} is in it (every word would be the unknown token); save "
+                          "the tokenizer there too (tokenizer.save_pretrained)")
+
+
+def check_decoder_for_causal_lm(cfg: RunConfig, config: dict[str, Any]) -> None:
+    """``model.task: causal_lm`` needs a decoder: refuse an encoder-only backbone such as BERT.
+
+    An encoder-only architecture (one with a masked-LM head that is neither
+    configured as a decoder nor an encoder-decoder) attends in both
+    directions: as a causal LM it would see the tokens it has to predict, and
+    it has no cache for generation.
+
+    Args:
+        cfg: the run configuration.
+        config: the backbone's transformers configuration as a dict (``config.json``).
+
+    Raises:
+        ConfigError: naming ``model.type``, its architecture and ``model.task``.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = str(config.get("model_type", "?"))
+    decoder = bool(config.get("is_decoder")) or bool(config.get("is_encoder_decoder"))
+    if cfg.model.task == "causal_lm" and model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not decoder:
+        raise ConfigError("model.type", cfg.model.type, f"a decoder (causal-LM) backbone with model.task 'causal_lm' "
+                          f"(tiny_gpt2, tiny_llama, smollm2 or a local decoder model directory); "
+                          f"'{cfg.model.type}' is the encoder-only '{model_type}' architecture, for model.task "
+                          "'seq_cls'")
 
 
 def _first_line(err: BaseException) -> str:
@@ -230,6 +275,7 @@ def build_backbone(cfg: RunConfig, num_labels: int = 2, *, meta: bool = False) -
     """
     torch.manual_seed(derive_seed(cfg.seed, "backbone"))
     base, tokenizer = _load_base(cfg, num_labels, meta=meta)
+    check_decoder_for_causal_lm(cfg, base.config.to_dict())
     targets = resolve_target_modules(base, cfg.lora.target_modules)
     torch.manual_seed(derive_seed(cfg.seed, "lora-init"))
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing

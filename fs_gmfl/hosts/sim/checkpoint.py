@@ -12,6 +12,12 @@ A checkpoint is ``<run_dir>/checkpoint/round_<k>/`` holding
   RNG state and the SHA-256 of ``state.safetensors``;
 * ``client_state/``: a copy of the per-client state store.
 
+Loading verifies everything before anything is used or changed: every field
+the manifest must hold (the simulator's run records included), the
+configuration, the checksum of the tensors, and that the saved RNG state is
+one torch accepts. A damaged checkpoint is refused with one line naming the
+file and what is wrong, and left exactly as it was.
+
 ``checkpoint/LATEST`` names the newest complete round directory and is
 replaced atomically (``os.replace``) only after that directory is fully
 written, so a run killed at any moment leaves the previous checkpoint usable.
@@ -27,7 +33,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +55,16 @@ MANIFEST = "manifest.json"
 STATE_FILE = "state.safetensors"
 CLIENT_STATE = "client_state"
 #: configuration keys a resumed run may change: they do not alter rounds already run.
-RESUMABLE_CHANGES = ("federate.total_round_num", "federate.save_freq", "outdir")
+RESUMABLE_CHANGES = ("federate.total_round_num", "federate.save_freq", "federate.max_rejected_rounds", "outdir")
+#: fields :func:`save_checkpoint` writes into every manifest (the run's records come on top).
+MANIFEST_FIELDS = ("format", "round", "method", "config_hash", "config", "state_sha256", "strategy_tree", "torch_rng")
+#: ``parse(value) -> parsed``: how a host reads one of its run records back (raises on a malformed value).
+RecordParser = Callable[[Any], Any]
 
 
 # -- configuration identity ----------------------------------------------------------------------
-def flat_config(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved configuration as ``{dotted key: value}``."""
+def flatten(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested mapping as ``{dotted key: value}``."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -64,13 +74,31 @@ def flat_config(cfg: RunConfig) -> dict[str, Any]:
         else:
             out[prefix.rstrip(".")] = node
 
-    walk(to_dict(cfg), "")
+    walk(data, "")
     return out
+
+
+def flat_config(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved configuration as ``{dotted key: value}``."""
+    return flatten(to_dict(cfg))
 
 
 def identity(cfg: RunConfig) -> dict[str, Any]:
     """The keys that must match between a checkpoint and the run resuming it."""
-    return {k: v for k, v in flat_config(cfg).items() if k not in RESUMABLE_CHANGES}
+    return identity_of(flat_config(cfg))
+
+
+def identity_of(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`identity` of a flat configuration (``config.yaml`` read back, a manifest's ``config``)."""
+    return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
+
+
+def refuse_changed_config(ident: Mapping[str, Any], saved: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`ConfigError` for the first key whose value differs from ``saved`` (written by ``where``)."""
+    for key in sorted(set(ident) | set(saved)):
+        if ident.get(key) != saved.get(key):
+            raise ConfigError(key, ident.get(key), f"{saved.get(key)!r} as in {where} (resume with the same "
+                              "configuration, or use another outdir)")
 
 
 def config_hash(ident: Mapping[str, Any]) -> str:
@@ -81,11 +109,14 @@ def config_hash(ident: Mapping[str, Any]) -> str:
 # -- save / load ---------------------------------------------------------------------------------
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the manifest, the strategy state and where the client state lies."""
+    """A loaded, verified checkpoint: the manifest, the strategy state, the RNG state, the parsed run records
+    and where the client state lies."""
 
     directory: Path
     manifest: dict[str, Any]
     server_state: Any
+    rng_state: torch.Tensor
+    records: dict[str, Any]
 
     @property
     def round(self) -> int:
@@ -147,46 +178,135 @@ def latest_checkpoint_dir(run_dir: Path) -> Path | None:
     return run_dir / CHECKPOINT_DIR / name
 
 
-def load_checkpoint(run_dir: Path, cfg: RunConfig, method: str) -> Checkpoint:
-    """Read and verify the latest checkpoint of ``run_dir`` for ``cfg``.
+def load_checkpoint(run_dir: Path, cfg: RunConfig, method: str,
+                    records: Mapping[str, RecordParser] | None = None) -> Checkpoint:
+    """Read and verify the latest checkpoint of ``run_dir`` for ``cfg``; nothing is changed.
+
+    Args:
+        run_dir: the run directory.
+        cfg: the configuration of the run resuming it.
+        method: the strategy's name.
+        records: the run records the manifest must hold, each with its parser;
+            :attr:`Checkpoint.records` holds what they return.
 
     Raises:
-        InputError: no checkpoint, or it is corrupt (unreadable manifest, checksum mismatch, bad tensors).
+        InputError: no checkpoint, or it is corrupt (unreadable manifest, a
+            missing or malformed field, an RNG state torch refuses, checksum
+            mismatch, bad tensors); the message names the file.
         ConfigError: the checkpoint was written by a run with a different configuration (names the key).
     """
     directory = latest_checkpoint_dir(run_dir)
     if directory is None:
         raise InputError(f"no checkpoint to resume from in {run_dir / CHECKPOINT_DIR} "
                          "(set federate.save_freq > 0 to write one)")
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-            raise ValueError(f"format is not {FORMAT_VERSION}")
-        checksum, tree, rnd = manifest["state_sha256"], manifest["strategy_tree"], int(manifest["round"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"corrupt checkpoint {directory / MANIFEST}: {err}") from None
+    records = records or {}
+    path = directory / MANIFEST
+    manifest = read_manifest(directory, (*MANIFEST_FIELDS, *records))
+    rnd = manifest["round"]
     ident = identity(cfg)
-    if manifest.get("config_hash") != config_hash(ident):
-        saved = manifest.get("config", {})
-        for key in sorted(set(ident) | set(saved)):
-            if ident.get(key) != saved.get(key):
-                raise ConfigError(key, ident.get(key), f"{saved.get(key)!r} as in the checkpoint of round {rnd} "
-                                  f"in {directory} (resume with the same configuration, or use another outdir)")
-        raise InputError(f"corrupt checkpoint {directory / MANIFEST}: configuration hash does not match its "
-                         "configuration")
-    if manifest.get("method") != method:
-        raise ConfigError("federate.method", method, f"{manifest.get('method')!r} as in the checkpoint")
+    if manifest["config_hash"] != config_hash(ident):
+        refuse_changed_config(ident, manifest["config"], f"the checkpoint of round {rnd} in {directory}")
+        raise InputError(f"corrupt checkpoint {path}: configuration hash does not match its configuration")
+    if manifest["method"] != method:
+        raise ConfigError("federate.method", method, f"{manifest['method']!r} as in the checkpoint")
+    rng_state = parse_rng_state(manifest["torch_rng"], path)
+    parsed = {name: _parse_field(manifest, name, parse, path) for name, parse in records.items()}
+    return Checkpoint(directory, manifest, _load_state(directory, manifest), rng_state, parsed)
+
+
+def read_records(run_dir: Path, records: Mapping[str, RecordParser], *, at_round: int) -> dict[str, Any] | None:
+    """The parsed ``records`` of the latest checkpoint when it is of round ``at_round`` (else ``None``).
+
+    Raises:
+        InputError: the checkpoint's manifest is corrupt or a record is missing or malformed.
+    """
+    directory = latest_checkpoint_dir(run_dir)
+    if directory is None:
+        return None
+    manifest = read_manifest(directory, (*MANIFEST_FIELDS, *records))
+    if manifest["round"] != at_round:
+        return None
+    return {name: _parse_field(manifest, name, parse, directory / MANIFEST) for name, parse in records.items()}
+
+
+def read_manifest(directory: Path, required: tuple[str, ...] = MANIFEST_FIELDS) -> dict[str, Any]:
+    """The manifest of a checkpoint directory, holding every field of ``required``.
+
+    Raises:
+        InputError: the manifest is unreadable, not a JSON object of this
+            format, or lacks a field (names the file and the fields).
+    """
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"corrupt checkpoint {path}: {err}") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"corrupt checkpoint {path}: not a JSON object")
+    missing = [name for name in required if name not in manifest]
+    if missing:
+        raise InputError(f"corrupt checkpoint {path}: field{'s' * (len(missing) > 1)} {', '.join(missing)} "
+                         "missing (every checkpoint has them; the file was cut or edited)")
+    if manifest["format"] != FORMAT_VERSION:
+        raise InputError(f"corrupt checkpoint {path}: format is {manifest['format']!r}, not {FORMAT_VERSION}")
+    _parse_field(manifest, "round", _round_number, path)
+    _parse_field(manifest, "config", _mapping, path)
+    return manifest
+
+
+def _round_number(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a round number")
+    return value
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"a {type(value).__name__}, not a mapping")
+    return value
+
+
+def _parse_field(manifest: Mapping[str, Any], name: str, parse: RecordParser, path: Path) -> Any:
+    """``parse(manifest[name])``, any failure reported as a corrupt field of ``path``."""
+    try:
+        return parse(manifest[name])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise InputError(f"corrupt checkpoint {path}: field '{name}' is malformed ({type(err).__name__}: "
+                         f"{str(err)[:200]})") from None
+
+
+def parse_rng_state(value: Any, path: Path) -> torch.Tensor:
+    """The saved torch RNG state as a tensor, verified by setting it (and putting the current one back).
+
+    Raises:
+        InputError: not a list of bytes of the right length, or a state torch refuses.
+    """
+    current = torch.get_rng_state()
+    if not isinstance(value, list) or len(value) != current.numel() \
+            or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in value):
+        raise InputError(f"corrupt checkpoint {path}: field 'torch_rng' is not torch's RNG state ({current.numel()} "
+                         "bytes)")
+    state = torch.tensor(value, dtype=torch.uint8)
+    try:
+        torch.set_rng_state(state)
+    except RuntimeError as err:
+        raise InputError(f"corrupt checkpoint {path}: field 'torch_rng' is not a valid RNG state ({err})") from None
+    finally:
+        torch.set_rng_state(current)
+    return state
+
+
+def _load_state(directory: Path, manifest: Mapping[str, Any]) -> Any:
+    """The strategy state from ``state.safetensors``, after its checksum matched the manifest's."""
     state_path = directory / STATE_FILE
     try:
-        if file_sha256(state_path) != checksum:
+        if file_sha256(state_path) != manifest["state_sha256"]:
             raise ValueError("SHA-256 does not match the manifest (truncated or modified)")
-        tensors = load_file(str(state_path))
-        server_state = unflatten_state(tree, tensors)
+        return unflatten_state(manifest["strategy_tree"], load_file(str(state_path)))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise InputError(f"corrupt checkpoint {state_path}: {err}") from None
-    return Checkpoint(directory, manifest, server_state)
 
 
-def restore_rng(manifest: Mapping[str, Any]) -> None:
-    """Restore torch's global RNG state saved in ``manifest``."""
-    torch.set_rng_state(torch.tensor(manifest["torch_rng"], dtype=torch.uint8))
+def restore_rng(ckpt: Checkpoint) -> None:
+    """Restore torch's global RNG state saved in ``ckpt``."""
+    torch.set_rng_state(ckpt.rng_state)

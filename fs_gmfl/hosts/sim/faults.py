@@ -14,6 +14,10 @@ the other clients, on the order of simulation, or on the other probabilities:
   network), but the server has closed the round and does not aggregate it;
 * ``on_time``: the reply is aggregated.
 
+Independently of the fates, a client listed in ``nan_clients`` is broken or
+hostile: every uplink it sends has NaN in each floating-point entry
+(:func:`nan_uplink`), so the server's uplink check rejects it.
+
 Time is simulated (no sleeping): every client needs ``client_seconds``; a
 straggler needs ``client_seconds + u * straggler_delay`` with ``u`` uniform
 in [0, 1).
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from fs_gmfl.config.faults import FaultsConfig
+from fs_gmfl.core.message import Message
 from fs_gmfl.core.seeding import generator
 
 ON_TIME = "on_time"
@@ -54,3 +59,9 @@ def client_fate(cfg: FaultsConfig, *, seed: int, rnd: int, client_id: int) -> tu
 def round_fates(cfg: FaultsConfig, clients: Sequence[int], *, seed: int, rnd: int) -> dict[int, tuple[str, float]]:
     """:func:`client_fate` of every sampled client."""
     return {cid: client_fate(cfg, seed=seed, rnd=rnd, client_id=cid) for cid in clients}
+
+
+def nan_uplink(message: Message) -> Message:
+    """``message`` with every floating-point tensor entry NaN (the uplink of a broken or hostile client)."""
+    return Message({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                    for k, v in message.tensors.items()}, dict(message.control))

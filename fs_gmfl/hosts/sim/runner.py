@@ -5,6 +5,11 @@ through the :class:`InMemoryTransport` (messages are copied, as on a wire),
 train each client in turn on the one shared model, aggregate, evaluate every
 ``eval.freq`` rounds, and record bytes from the messages themselves. Only
 one model exists, so memory does not grow with the number of clients.
+
+A round in which every reply that arrived was rejected is logged and listed
+in ``summary.json`` (``rejected_updates.all_rejected_rounds``); after
+``federate.max_rejected_rounds`` such rounds in a row the run writes its
+outputs and stops with :class:`~fs_gmfl.errors.RunStopped` (exit status 1).
 """
 
 from __future__ import annotations
@@ -26,28 +31,29 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fs_gmfl.config.loader import config_to_yaml
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.adapter import adapter_state, load_model_tensors, model_tensor_map
 from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import TrainStats
 from fs_gmfl.core.uplinks import set_shard_sizes
-from fs_gmfl.errors import ConfigError, InputError
+from fs_gmfl.errors import ConfigError, InputError, RunStopped
 from fs_gmfl.hosts.common.batches import sample_clients
 from fs_gmfl.hosts.common.data import FederatedData, federated_data_for
 from fs_gmfl.hosts.common.llm_eval import EvalSettings, evaluate_causal_lm
 from fs_gmfl.hosts.common.models import (AdapterVariants, build_backbone, choose_device, load_tokenizer,
                                          prepare_for_training)
-from fs_gmfl.hosts.common.rundir import RunDirectory, dumps_strict, write_json_atomic, write_text_atomic
+from fs_gmfl.hosts.common.rundir import RunDirectory
 from fs_gmfl.hosts.common.sanity import check_data
 from fs_gmfl.hosts.common.store import ClientStateStore
 from fs_gmfl.hosts.common.threads import set_torch_threads
 from fs_gmfl.hosts.sim.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from fs_gmfl.hosts.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, round_fates
+from fs_gmfl.hosts.sim.faults import DROPPED_AFTER, DROPPED_BEFORE, FATES, ON_TIME, nan_uplink, round_fates
+from fs_gmfl.hosts.sim.outputs import RunWriter, complete_finished_run, completed_rounds
+from fs_gmfl.hosts.sim.records import RUN_RECORDS, all_rejected_rounds, is_all_rejected, rejection_streak
 from fs_gmfl.hosts.sim.training import autocast_context, evaluate, train_local
 from fs_gmfl.methods import Method, MethodContext, build_method
-from fs_gmfl.plots import MIB, plot_runs
+from fs_gmfl.plots import MIB
 from fs_gmfl.preflight import check_run as check_resources
 
 logger = logging.getLogger(__name__)
@@ -120,6 +126,7 @@ class Simulation:
         if cfg.federate.mode != "standalone":
             raise ConfigError("federate.mode", cfg.federate.mode, "'standalone' in the embedded simulator; "
                               "distributed runs go through the FederatedScope host ('fs-gmfl fs-run')")
+        cfg.faults.check_clients(cfg.federate.client_num)
         self.cfg = cfg
         self.quiet = quiet
         self.resume = resume
@@ -147,10 +154,10 @@ class Simulation:
         """Load data, build the model and the method."""
         cfg = self.cfg
         set_torch_threads()
-        check_resources(cfg)  # before anything is allocated: unusable model directory, rank, length, memory
+        advice = check_resources(cfg)  # before anything is allocated: model directory, task, rank, length, memory
         tokenizer = load_tokenizer(cfg)
         self.data: FederatedData = federated_data_for(cfg, tokenizer)
-        self.warnings = check_data(cfg, self.data)  # errors for unusable data, warnings for summary.json
+        self.warnings = [*advice, *check_data(cfg, self.data)]  # errors for unusable data, warnings for summary.json
         num_labels = cfg.model.num_labels or self.data.num_labels
         self.backbone = build_backbone(cfg, num_labels)
         self.model = prepare_for_training(self.backbone.model, cfg, self.device)
@@ -160,32 +167,36 @@ class Simulation:
         set_shard_sizes(self.method.strategy, {c: len(i) for c, i in enumerate(self.data.client_indices)})
         self.transport = InMemoryTransport(self._fit_client)
         state_dir = self.run_dir / "client_state"
-        if self.resume:
-            self.checkpoint = load_checkpoint(self.run_dir, cfg, self.method.strategy.name)
+        if self.resume:  # verified and loaded into the method before anything on disk changes
+            self.checkpoint = load_checkpoint(self.run_dir, cfg, self.method.strategy.name, RUN_RECORDS)
+            self._restore_method(self.checkpoint)
         if state_dir.exists():
             shutil.rmtree(state_dir)  # a fresh run must not inherit client caches of an earlier run
         if self.checkpoint is not None:
-            self._restore(self.checkpoint, state_dir)
+            self._restore_records(self.checkpoint, state_dir)
         self.store = ClientStateStore(state_dir)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _restore(self, ckpt: Checkpoint, state_dir: Path) -> None:
-        """Put the server, the client store and the run records back to the end of round ``ckpt.round``."""
+    def _restore_method(self, ckpt: Checkpoint) -> None:
+        """Put the server strategy and the host's model state back to the end of round ``ckpt.round``."""
         try:
             self.method.strategy.load_state_dict(ckpt.server_state["strategy"])
             self.method.client.load_host_state_dict(self.model, ckpt.server_state["client"])
         except (KeyError, ValueError, TypeError, IndexError) as err:
             raise InputError(f"checkpoint {ckpt.directory} does not fit this run's strategy: {err}") from None
+
+    def _restore_records(self, ckpt: Checkpoint, state_dir: Path) -> None:
+        """Put the client store, the run records (parsed by ``load_checkpoint``) and the RNG back."""
         if ckpt.client_state_dir.exists():
             shutil.copytree(ckpt.client_state_dir, state_dir)
-        records = ckpt.manifest
-        self.ledger.load_state_dict(records["ledger"])
-        self.step_seconds = [float(x) for x in records["step_seconds"]]
-        self.rejections = dict(records["rejections"])
-        self.fault_counts = dict(records["fault_counts"])
-        self.empty_rounds = list(records["empty_rounds"])
-        self.eval_records = [(int(r), dict(m)) for r, m in records["eval_records"]]
-        restore_rng(records)
+        records = ckpt.records
+        self.ledger = records["ledger"]
+        self.step_seconds = records["step_seconds"]
+        self.rejections = records["rejections"]
+        self.fault_counts = records["fault_counts"]
+        self.empty_rounds = records["empty_rounds"]
+        self.eval_records = records["eval_records"]
+        restore_rng(ckpt)
         self.saved_round = ckpt.round
 
     def save(self, rnd: int, per_round: list[dict[str, Any]]) -> None:
@@ -214,7 +225,7 @@ class Simulation:
                 stats = train_local(plan, data, self.cfg, rnd=rnd, client_id=client_id, device=self.device)
             uplink = self.method.client.finish(plan, stats, state)
         self.step_seconds.extend(stats.step_seconds)
-        return uplink
+        return nan_uplink(uplink) if client_id in self.cfg.faults.nan_clients else uplink
 
     # -- one round ---------------------------------------------------------------------------
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -242,6 +253,9 @@ class Simulation:
             self.rejections[reason.split(":")[0]] = self.rejections.get(reason.split(":")[0], 0) + 1
         row: dict[str, Any] = {"round": rnd, "clients": clients, **self.ledger.round_totals(rnd),
                                "replies": len(on_time), "rejected": len(report.rejected), **used, **report.metrics}
+        if is_all_rejected(row):
+            logger.warning("round %d: every update that arrived (%d) was rejected; the global model is unchanged",
+                           rnd, len(report.rejected))
         if cfg.faults.active:
             row.update(self._fault_row(fates))
         step_times = self.step_seconds[steps_before:]
@@ -348,6 +362,10 @@ class Simulation:
         its message at any moment.
         """
         with stop_on_sigterm(), RunDirectory(self.run_dir, resume=self.resume, overwrite=self.overwrite) as rundir:
+            if self.resume and rundir.finished:
+                rounds = completed_rounds(self.run_dir)
+                if rounds is not None and self.cfg.federate.total_round_num <= rounds:
+                    return complete_finished_run(self.run_dir, self.cfg)  # nothing to train; missing outputs
             return self._run(rundir)
 
     def _run(self, rundir: RunDirectory) -> dict[str, Any]:
@@ -363,7 +381,7 @@ class Simulation:
         rundir.clear_finished()
         writer = RunWriter(self.run_dir, self.cfg)
         if self.checkpoint is not None:
-            per_round: list[dict[str, Any]] = list(self.checkpoint.manifest["per_round"])
+            per_round: list[dict[str, Any]] = list(self.checkpoint.records["per_round"])
             for rnd, metrics in self.eval_records:
                 writer.eval_line(rnd, metrics)
             first = self.checkpoint.round + 1
@@ -386,6 +404,11 @@ class Simulation:
             if self._due(rnd):
                 self.save(rnd, per_round)
             bar.set_postfix(self._progress(per_round), refresh=False)
+            stop = self._rejection_stop(per_round)
+            if stop:
+                bar.close()
+                writer.finish(self.summary(per_round, time.time() - start, stopped=stop), self.ledger)
+                raise RunStopped(stop["reason"])
         summary = self.summary(per_round, time.time() - start)
         writer.finish(summary, self.ledger)
         if not self.quiet:
@@ -394,6 +417,19 @@ class Simulation:
                   + f", uplink {summary['comm']['uplink_bytes'] / MIB:.2f} MiB, downlink "
                   f"{summary['comm']['downlink_bytes'] / MIB:.2f} MiB -> {self.run_dir}", file=sys.stderr)
         return summary
+
+    def _rejection_stop(self, per_round: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """``{"after_round", "reason"}`` once ``federate.max_rejected_rounds`` all-rejected rounds came in a row."""
+        limit = self.cfg.federate.max_rejected_rounds
+        streak = rejection_streak(per_round)
+        if not limit or len(streak) < limit:
+            return None
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.rejections.items()))
+        return {"after_round": streak[-1], "reason": (
+            f"run stopped after round {streak[-1]}: every client update that arrived was rejected in {len(streak)} "
+            f"rounds in a row (rounds {', '.join(map(str, streak))}; rejections by reason: {reasons}), so the global "
+            f"model has stopped moving; outputs in {self.run_dir} (summary.json: rejected_updates); "
+            f"federate.max_rejected_rounds = {limit} (0: never stop)")}
 
     def _evaluate_and_log(self, writer: RunWriter, rnd: int) -> dict[str, float]:
         metrics = self.evaluate_global()
@@ -414,8 +450,9 @@ class Simulation:
             post["frozen"] = f"{per_round[-1]['frozen_fraction']:.2f}"
         return post
 
-    def summary(self, per_round: list[dict[str, Any]], wall: float) -> dict[str, Any]:
-        """The machine-readable summary of the run (``summary.json``)."""
+    def summary(self, per_round: list[dict[str, Any]], wall: float,
+                stopped: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The machine-readable summary of the run (``summary.json``); ``stopped``: why it ended early."""
         prefixes = ("test_", "val_", "clients_val_")
         evaluated = [r for r in per_round if any(k.startswith(prefixes) for k in r)]
         final = {k: v for k, v in evaluated[-1].items() if k.startswith(prefixes)} if evaluated else {}
@@ -423,7 +460,8 @@ class Simulation:
         return {
             "method": self.method.strategy.name,
             "run_name": self.cfg.run_name,
-            "rounds": self.cfg.federate.total_round_num,
+            "rounds": stopped["after_round"] if stopped else self.cfg.federate.total_round_num,
+            "stopped": stopped,
             "final": final,
             "comm": self.ledger.totals(),
             "per_round": per_round,
@@ -438,7 +476,8 @@ class Simulation:
             "data": {"type": self.cfg.data.type, "train": len(self.data.train), "val": len(self.data.val),
                      "test": len(self.data.test), "num_labels": self.data.num_labels,
                      **({"truncated": self.data.truncation.as_dict()} if self.data.truncation else {})},
-            "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections)},
+            "rejected_updates": {"total": sum(self.rejections.values()), "by_reason": dict(self.rejections),
+                                 "all_rejected_rounds": all_rejected_rounds(per_round)},
             "faults": {**self.fault_counts, "rounds_without_replies": list(self.empty_rounds)},
             "method_info": self.method.info,
             "device": str(self.device),
@@ -476,32 +515,6 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-class RunWriter:
-    """Writes ``<outdir>/<expname>/``: config.yaml, eval_results.log, comm_log.jsonl, summary.json, curves.png."""
-
-    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
-        self.run_dir = run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
-        self.eval_log = run_dir / "eval_results.log"
-        write_text_atomic(self.eval_log, "")
-
-    def eval_line(self, rnd: int, metrics: Mapping[str, float]) -> None:
-        """Append a FederatedScope-style evaluation record (one JSON object per line)."""
-        with open(self.eval_log, "a", encoding="utf-8") as fh:
-            fh.write(dumps_strict({"Role": "Server #", "Round": rnd, "Results_raw": dict(metrics)}) + "\n")
-
-    def finish(self, summary: Mapping[str, Any], ledger: CommLedger) -> None:
-        """Write the communication log, the summary (atomically) and the plot."""
-        write_text_atomic(self.run_dir / "comm_log.jsonl",
-                          "".join(dumps_strict(t.as_row()) + "\n" for t in ledger.transfers))
-        write_json_atomic(self.run_dir / "summary.json", summary)
-        metric = next((m for m in ("test_acc", "test_exact_match", "test_avg_loss")
-                       if any(m in r for r in summary["per_round"])), "test_loss")
-        plot_runs([(summary["run_name"], summary)], self.run_dir / "curves.png", metric=metric,
-                  title=summary["run_name"])
 
 
 def precision_of(cfg: RunConfig) -> str:
