@@ -69,6 +69,19 @@ def test_float16_autocast_without_use_gpu_is_one_config_line():
     assert "train.autocast" in text and "float16" in text and "'bfloat16'" in text and "\n" not in text
 
 
+@pytest.mark.parametrize("optimizer", ["AdamW", "Adam"])
+def test_float16_weights_with_adam_are_refused_naming_bfloat16(optimizer):
+    """Issue #28: is_enable_half in float16 with Adam/AdamW trained nothing (eps 1e-8 is 0 in float16, every update
+    NaN and rejected, exit 0); now one config line with the alternatives. SGD in float16 and bfloat16 stay allowed."""
+    assert torch.tensor(1e-8, dtype=torch.float16).item() == 0.0
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.is_enable_half", "True", "train.half_dtype", "float16",
+                           "train.optimizer.type", optimizer])
+    assert info.value.key == "train.half_dtype" and "'bfloat16'" in str(info.value) and "SGD" in str(info.value)
+    load_config(None, ["train.is_enable_half", "True", "train.half_dtype", "float16", "train.optimizer.type", "SGD"])
+    load_config(None, ["train.is_enable_half", "True", "train.optimizer.type", optimizer])
+
+
 def test_float16_autocast_on_a_machine_without_cuda_stops_before_training(monkeypatch, tmp_path):
     fake_cuda(monkeypatch, 0)
     with pytest.raises(ConfigError, match="CUDA is not available"):

@@ -159,20 +159,23 @@ def test_both_hosts_tiny_config_runs_in_the_simulator(tmp_path):
     assert [r["uplink_bytes"] for r in summary["per_round"][1:]] == [3 * 2192, 3 * (2192 - 1024)]
 
 
-@pytest.mark.parametrize("optimizer,half,warns", [
+@pytest.mark.parametrize("optimizer,half,refused", [
     ({"type": "AdamW", "lr": 1e-4}, True, True),            # torch's default eps 1e-8 is 0 in float16
     ({"type": "Adam", "lr": 1e-4, "eps": 1e-8}, True, True),
     ({"type": "AdamW", "lr": 1e-4, "eps": 1e-6}, True, False),
     ({"type": "SGD", "lr": 1e-2}, True, False),
     ({"type": "AdamW", "lr": 1e-4}, False, False),
 ])
-def test_half_precision_adam_with_an_eps_float16_loses_is_warned(caplog, optimizer, half, warns):
+def test_half_precision_adam_with_an_eps_float16_loses_is_refused(optimizer, half, refused):
+    """Issue #28: refused at config time (it trained nothing: every update NaN and rejected), naming the key and
+    the alternatives."""
     from fs_gmfl.hosts.fs import config as fs_config
 
-    fs_config._WARNED.clear()
     cfg = {"train": {"is_enable_half": half, "optimizer": optimizer}}
-    with caplog.at_level("WARNING"):
-        fs_config._warn_half_adam(cfg)
-    assert ("rounds to 0 in float16" in caplog.text) == warns
-    if warns:  # the fact the warning is about
-        assert torch.tensor(optimizer.get("eps", 1e-8), dtype=torch.float16).item() == 0.0
+    if not refused:
+        fs_config._check_half_adam(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        fs_config._check_half_adam(cfg)
+    assert err.value.key == "train.optimizer.type" and "SGD" in str(err.value) and "eps >= 6e-08" in str(err.value)
+    assert torch.tensor(optimizer.get("eps", 1e-8), dtype=torch.float16).item() == 0.0  # the fact behind it

@@ -157,7 +157,10 @@ def test_finish_message_carries_the_global_adapter_as_a_wire_payload():
     server.method = SimpleNamespace(strategy=SimpleNamespace(global_adapter=lambda: dict(adapter)))
     server._monitor = SimpleNamespace(finish_fl=lambda: finished.append(True))
     server.comm_manager = SimpleNamespace(neighbors={1: "a", 2: "b"}, send=sent.append)
+    server._cfg = SimpleNamespace(federate=SimpleNamespace(mode="distributed"))
+    server.finish_sent = False
     server.terminate()
+    server.terminate()  # FederatedScope's loop calls it again after check_and_save: finish goes out once
     (message,) = sent
     assert finished == [True] and server.is_finish and message.msg_type == "finish" and message.receiver == [1, 2]
     assert message.count_bytes() == (4 * (4 * 576 + 192 * 4), 2 * 4 * (4 * 576 + 192 * 4))

@@ -75,7 +75,8 @@ class FakeServer(resilience.ResilientServer):
         self.distributed, self.started, self.state, self.client_num = True, True, 1, 3
         self.msg_buffer = {"train": {}, "eval": {}}
         self.waits, self.last_seen, self.busy_since, self.rounds = {}, {}, {}, {}
-        self.moved_on, self.failed = [], []
+        self.moved_on, self.failed, self.failure = [], [], None
+        self.since_start = self.started_at = time.monotonic()
 
     def check_and_move_on(self, check_eval_result=False, min_received_num=None):
         self.moved_on.append((check_eval_result, min_received_num))
@@ -89,7 +90,7 @@ class FakeServer(resilience.ResilientServer):
 
 def test_undelivered_client_is_lost_at_once_and_the_round_closes_on_the_others():
     server = FakeServer()
-    server.watch("train", 1, [1, 2, 3], undelivered=[3])
+    server.watch("train", 1, [1, 2, 3], lost={3: resilience.UNDELIVERED})
     server.reply(1)
     server._check_deadlines()
     assert server.moved_on == []  # client 2 is alive and has time left
@@ -100,7 +101,7 @@ def test_undelivered_client_is_lost_at_once_and_the_round_closes_on_the_others()
 
 def test_silent_client_is_lost_after_client_timeout():
     server = FakeServer(client_timeout_s=5.0)
-    server.watch("train", 1, [1, 2], undelivered=[])
+    server.watch("train", 1, [1, 2], lost={})
     server.reply(1)
     server.waits["train"].since -= 6.0  # asked 6 s ago, nothing heard from client 2 since
     server.last_seen[2] = time.monotonic() - 6.0
@@ -110,7 +111,7 @@ def test_silent_client_is_lost_after_client_timeout():
 
 def test_heartbeating_client_is_waited_for_until_round_timeout_then_marked_busy():
     server = FakeServer(client_timeout_s=5.0, round_timeout_s=20.0)
-    server.watch("train", 1, [1, 2], undelivered=[])
+    server.watch("train", 1, [1, 2], lost={})
     server.reply(1)
     server.waits["train"].since -= 10.0
     server.last_seen[2] = time.monotonic()  # heartbeat just now: alive
@@ -120,12 +121,23 @@ def test_heartbeating_client_is_waited_for_until_round_timeout_then_marked_busy(
     server.last_seen[2] = time.monotonic()
     server._check_deadlines()
     assert server.moved_on == [(False, 1)]
-    assert server.available([1, 2]) == [1]  # the late client gets no new work while it is busy
+    asked, skipped = server.available([1, 2])
+    assert asked == [1] and "still busy" in skipped[2]  # the late client gets no new work while it is busy
+
+
+def test_client_silent_past_client_timeout_is_not_asked_until_it_is_heard_again():
+    server = FakeServer(client_timeout_s=5.0)
+    server.since_start = server.started_at = time.monotonic() - 60.0
+    server.last_seen = {1: time.monotonic(), 2: time.monotonic() - 10.0}
+    asked, skipped = server.available([1, 2, 3])
+    assert asked == [1] and set(skipped) == {2, 3} and "no message for 10 s" in skipped[2]
+    server.last_seen[2] = time.monotonic()  # its heartbeat is back
+    assert server.available([1, 2])[0] == [1, 2]
 
 
 def test_too_few_replies_fail_the_run():
     server = FakeServer(min_replies=2)
-    server.watch("train", 1, [1, 2, 3], undelivered=[2, 3])
+    server.watch("train", 1, [1, 2, 3], lost=dict.fromkeys([2, 3], resilience.UNDELIVERED))
     server.reply(1)
     server._check_deadlines()
     assert server.moved_on == [] and len(server.failed) == 1
@@ -134,7 +146,7 @@ def test_too_few_replies_fail_the_run():
 
 def test_late_and_unrequested_replies_are_dropped():
     server = FakeServer()
-    server.watch("train", 1, [1, 2], undelivered=[])
+    server.watch("train", 1, [1, 2], lost={})
     late = SimpleNamespace(sender=1, state=0)
     unasked = SimpleNamespace(sender=3, state=1)
     current = SimpleNamespace(sender=2, state=1)
@@ -147,6 +159,6 @@ def test_evaluation_without_results_still_finishes_the_last_round():
     server.state = server.total_round_num = 4
     saved = []
     server.check_and_save = lambda: saved.append(True)
-    server.watch("eval", 3, [1, 2], undelivered=[1, 2])
+    server.watch("eval", 3, [1, 2], lost=dict.fromkeys([1, 2], resilience.UNDELIVERED))
     server._check_deadlines()
     assert saved == [True] and server.msg_buffer["eval"] == {3: {}}

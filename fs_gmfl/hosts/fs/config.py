@@ -257,26 +257,25 @@ def _check_effective(cfg: Any) -> None:
     if ours:
         _check_supported(cfg)
         to_run_config(cfg)
-        _warn_half_adam(cfg)
+        _check_half_adam(cfg)
 
 
 #: float16's smallest positive value is about 6e-8: a smaller Adam eps rounds to 0 there.
 FLOAT16_TINY = 6e-8
-_WARNED: set[str] = set()
 
 
-def _warn_half_adam(cfg: Any) -> None:
-    """Warn (once) about Adam/AdamW under ``train.is_enable_half`` with an eps float16 rounds to 0: the first step
-    of a tensor whose gradient is exactly 0 (LoRA A while B is 0) divides 0 by 0, every update is NaN and rejected."""
+def _check_half_adam(cfg: Any) -> None:
+    """Refuse Adam/AdamW under ``train.is_enable_half`` (FederatedScope's float16) with an eps float16 rounds to 0:
+    the first step of a tensor whose gradient is exactly 0 (LoRA A while B is 0) divides 0 by 0, so every update
+    is NaN and rejected, and the run would train nothing."""
     optimizer = plain(lookup(cfg, "train.optimizer")) or {}
     eps = optimizer.get("eps", 1e-8)
     half = bool(plain(lookup(cfg, "train.is_enable_half")))
-    if half and str(optimizer.get("type", "")).lower() in ("adam", "adamw") and float(eps) < FLOAT16_TINY:
-        message = (f"train.optimizer.type {optimizer.get('type')} with train.is_enable_half True: eps {eps} "
-                   f"rounds to 0 in float16 and the first step gives NaN updates; use eps >= {FLOAT16_TINY} or SGD")
-        if message not in _WARNED:
-            _WARNED.add(message)
-            logger.warning(message)
+    kind = str(optimizer.get("type", ""))
+    if half and kind.lower() in ("adam", "adamw") and float(eps) < FLOAT16_TINY:
+        raise ConfigError("train.optimizer.type", kind, f"SGD (FederatedScope's default), or {kind} with "
+                          f"train.optimizer.eps >= {FLOAT16_TINY}, with train.is_enable_half True: float16 rounds "
+                          f"eps {eps} to 0 and the first step makes every update NaN (or train.is_enable_half False)")
 
 
 # -- one switch per method -------------------------------------------------------------------------
@@ -468,6 +467,7 @@ UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
     ("faults.dropout_before", (0, 0.0), "no simulated faults (faults.* are embedded-simulator settings)"),
     ("faults.dropout_after", (0, 0.0), "no simulated faults (faults.* are embedded-simulator settings)"),
     ("faults.straggler_fraction", (0, 0.0), "no simulated faults (faults.* are embedded-simulator settings)"),
+    ("faults.nan_clients", ([],), "no simulated faults (faults.* are embedded-simulator settings)"),
 )
 
 

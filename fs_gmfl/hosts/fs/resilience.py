@@ -57,6 +57,8 @@ logger = logging.getLogger("federatedscope." + __name__)
 POLL_S = 0.5
 #: message type the server sends its clients when it stops the run early (content: the reason).
 ABORT = "fs_gmfl_abort"
+#: why a client is lost whose message could not be delivered.
+UNDELIVERED = "its message could not be delivered"
 #: first and largest pause between a client's join attempts.
 JOIN_BACKOFF_S = (0.5, 8.0)
 
@@ -192,20 +194,19 @@ class ResilientServer:
     ``fault_tolerance.*`` in distributed mode; standalone runs are unchanged."""
 
     def init_resilience(self) -> None:
-        """Called at the end of the server's ``__init__``."""
+        """Called at the end of the server's ``__init__`` (the bookkeeping exists in both modes; only distributed
+        mode waits with deadlines)."""
         self.failure: str | None = None
-        if not self.distributed:
-            return
         self.tolerance = fault_tolerance_of(self._cfg)
-        self.comm_manager = make_resilient(self.comm_manager, self.tolerance.rpc_timeout_s)
-        self.started = False
-        self.finish_sent = False
+        self.started, self.started_at, self.finish_sent = False, 0.0, False
         self.since_start = time.monotonic()
         self.last_seen: dict[int, float] = {}
         self.sessions: dict[int, str] = {}
         self.waits: dict[str, Wait] = {}
         self.round_downlinks: dict[int, Any] = {}
         self.busy_since: dict[int, float] = {}
+        if self.distributed:
+            self.comm_manager = make_resilient(self.comm_manager, self.tolerance.rpc_timeout_s)
 
     # -- the message loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -239,7 +240,7 @@ class ResilientServer:
             return
         for kind in ("train", "eval"):
             wait = self.waits.get(kind)
-            if wait is not None:
+            if wait is not None and self.failure is None:
                 self._check_wait(wait)
 
     # -- joining ---------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ class ResilientServer:
         if self.distributed:
             if self.started or (len(self.comm_manager.neighbors) < self.client_num and not short_handed):
                 return
-            self.started = True
+            self.started, self.started_at = True, time.monotonic()
             self.join_in_client_num = self.client_num  # what FederatedScope's start checks
         super().trigger_for_start()
 
@@ -330,31 +331,39 @@ class ResilientServer:
             self._lose(evaluation, cid, "restarted during the evaluation")
 
     # -- waiting for replies ---------------------------------------------------------------------
-    def available(self, receivers: list[int]) -> list[int]:
-        """``receivers`` without the clients still busy with a round they missed the deadline of.
+    def available(self, receivers: list[int]) -> tuple[list[int], dict[int, str]]:
+        """``receivers`` split into those to ask now and those not to ask, with why.
 
-        Such a (late) client is not sent another message until its late
-        reply arrives or ``round_timeout_s`` more passed, so messages do not
-        pile up in its queue and it keeps up once it is done.
+        Not asked: a client the server has not heard from for
+        ``client_timeout_s`` (gone or cut off: sending to it would fail or
+        wait ``rpc_timeout_s``; it is asked again once its heartbeat is back),
+        and a late client still busy with a round whose deadline it missed
+        (until its late reply arrives or ``round_timeout_s`` more passed), so
+        messages do not pile up in its queue and it keeps up once it is done.
         """
         if not self.distributed:
-            return receivers
-        now = time.monotonic()
+            return receivers, {}
+        now, tolerance = time.monotonic(), self.tolerance
         for cid, since in list(self.busy_since.items()):
-            if now - since > self.tolerance.round_timeout_s:
+            if now - since > tolerance.round_timeout_s:
                 del self.busy_since[cid]
-        skipped = [r for r in receivers if r in self.busy_since]
-        if skipped:
-            logger.warning(f"fs_gmfl: clients {skipped} are still busy with an earlier round: not asked this time")
-        return [r for r in receivers if r not in self.busy_since]
+        skipped: dict[int, str] = {}
+        for cid in receivers:
+            silent = now - self.last_seen.get(cid, self.since_start)
+            if cid in self.busy_since:
+                skipped[cid] = "not asked: still busy with an earlier round it was late for"
+            elif self.started_at and silent > tolerance.client_timeout_s:
+                skipped[cid] = f"not asked: no message for {silent:.0f} s (fault_tolerance.client_timeout_s = " \
+                               f"{tolerance.client_timeout_s:g})"
+        return [r for r in receivers if r not in skipped], skipped
 
-    def watch(self, kind: str, state: int, receivers: list[int], undelivered: list[int]) -> None:
-        """Start waiting for the replies of ``receivers``; those in ``undelivered`` are lost at once."""
+    def watch(self, kind: str, state: int, receivers: list[int], lost: dict[int, str]) -> None:
+        """Start waiting for the replies of ``receivers``; those in ``lost`` (client -> why) are lost at once."""
         if not self.distributed:
             return
         wait = Wait(kind, state, set(receivers), time.monotonic())
-        for cid in undelivered:
-            self._lose(wait, cid, "its message could not be delivered")
+        for cid, why in lost.items():
+            self._lose(wait, cid, why)
         self.waits[kind] = wait
 
     def _received(self, wait: Wait) -> set[int]:

@@ -45,6 +45,7 @@ from federatedscope.core.message import Message as FsMessage
 from federatedscope.core.workers import Client, Server
 from torch import Tensor, nn
 
+from fs_gmfl.config.advice import log_config_warnings
 from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_model_tensors, model_tensor_map
 from fs_gmfl.core.comm import CommLedger
 from fs_gmfl.core.message import Reply, total_bytes
@@ -57,7 +58,7 @@ from fs_gmfl.hosts.fs import wire
 from fs_gmfl.hosts.fs.builders import model_provider_for, trains_in_half
 from fs_gmfl.hosts.fs.config import SWITCHES, to_run_config
 from fs_gmfl.hosts.fs.method_state import load_method_state, save_method_state, state_path
-from fs_gmfl.hosts.fs.resilience import ResilientClient, ResilientServer
+from fs_gmfl.hosts.fs.resilience import UNDELIVERED, ResilientClient, ResilientServer
 from fs_gmfl.hosts.fs.trainer import Assignment, inner_model
 from fs_gmfl.methods import Method, MethodContext, build_method
 
@@ -130,6 +131,7 @@ class FsGmflServer(ResilientServer, Server):
                          unseen_clients_id, **kwargs)
         self.method = build_fs_method(config, self.models[0])
         self.seed = to_run_config(config).seed
+        self.warnings = log_config_warnings(to_run_config(config), logger)
         self.ledger = CommLedger()
         self.rounds: dict[int, dict[str, Any]] = {}
         self.rejections: dict[str, int] = {}
@@ -195,9 +197,9 @@ class FsGmflServer(ResilientServer, Server):
                              filter_unseen_clients: bool = True) -> None:
         """Send each sampled client its downlink (``model_para``) or everyone the global adapter (``evaluate``)."""
         if msg_type == "model_para":
-            self._send_downlinks(self.available(self._receivers(sample_client_num, filter_unseen_clients)))
+            self._send_downlinks(self._receivers(sample_client_num, filter_unseen_clients))
         elif msg_type == "evaluate":
-            self._send_global_adapter(msg_type, self.available(list(self.comm_manager.neighbors.keys())))
+            self._send_global_adapter(msg_type, list(self.comm_manager.neighbors.keys()))
         else:
             super().broadcast_model_para(msg_type, sample_client_num, filter_unseen_clients)
 
@@ -227,15 +229,20 @@ class FsGmflServer(ResilientServer, Server):
             self.sampler.change_state(self.unseen_clients_id, "seen")
         return receivers
 
-    def _send_downlinks(self, receivers: list[int]) -> None:
+    def _send_downlinks(self, sampled: list[int]) -> None:
+        """Each sampled client's downlink; in distributed mode not to clients known to be gone or still busy
+        (:meth:`~fs_gmfl.hosts.fs.resilience.ResilientServer.available`), which the round then goes without."""
         rnd = self.state + 1
         strategy = self.method.strategy
+        receivers, lost = self.available(sampled)
         self.rounds[rnd] = {"round": rnd, "clients": sorted(r - 1 for r in receivers), **strategy.round_metrics()}
         downlinks = strategy.configure_round(rnd, sorted(r - 1 for r in receivers))
-        undelivered = [r for r in receivers if not self.send_downlink(rnd, r, downlinks[r - 1])]
+        for receiver in receivers:
+            if not self.send_downlink(rnd, receiver, downlinks[receiver - 1]):
+                lost[receiver] = UNDELIVERED
         if self.distributed:  # kept for a client that restarts during the round
             self.round_downlinks = {r: downlinks[r - 1] for r in receivers}
-        self.watch("train", self.state, receivers, undelivered)
+        self.watch("train", self.state, sampled, lost)
 
     def send_downlink(self, rnd: int, receiver: int, message: Any) -> bool:
         """Send (and count) one client's downlink of round ``rnd``; False if it could not be delivered."""
@@ -247,12 +254,13 @@ class FsGmflServer(ResilientServer, Server):
     def _send_global_adapter(self, msg_type: str, receivers: list[int]) -> None:
         """Broadcast the global adapter for evaluation (counted apart from training traffic in summary.json)."""
         adapter = self.method.strategy.global_adapter()
-        message = FsGmflMessage(msg_type=msg_type, sender=self.ID, receiver=receivers,
+        asked, lost = self.available(receivers) if msg_type == "evaluate" else (receivers, {})
+        message = FsGmflMessage(msg_type=msg_type, sender=self.ID, receiver=asked,
                                 state=min(self.state - 1, self.total_round_num), timestamp=self.cur_timestamp,
                                 content=wire.encode_tensors(adapter), nbytes=total_bytes(adapter))
-        undelivered = self._send(message)
+        lost.update(dict.fromkeys(self._send(message), UNDELIVERED))
         if msg_type == "evaluate":
-            self.watch("eval", message.state, receivers, undelivered)
+            self.watch("eval", message.state, receivers, lost)
         self.evaluation["broadcasts"] += 1
         self.evaluation["bytes"] += message.count_bytes()[1]
         self.write_outputs()
@@ -371,7 +379,7 @@ class FsGmflServer(ResilientServer, Server):
                                         "mostly_rejected_rounds": list(self.mostly_rejected_rounds)},
                    "uplink_dtype": str(self.wire_dtype).removeprefix("torch."),
                    "evaluation_broadcasts": {**self.evaluation, "note": EVALUATION_NOTE},
-                   "method_info": self.method.info}
+                   "method_info": self.method.info, "warnings": self.warnings}
         write_json_atomic(outdir / "summary.json", summary)
 
 
