@@ -179,3 +179,31 @@ def test_half_precision_adam_with_an_eps_float16_loses_is_refused(optimizer, hal
         fs_config._check_half_adam(cfg)
     assert err.value.key == "train.optimizer.type" and "SGD" in str(err.value) and "eps >= 6e-08" in str(err.value)
     assert torch.tensor(optimizer.get("eps", 1e-8), dtype=torch.float16).item() == 0.0  # the fact behind it
+
+
+def test_a_model_path_does_not_nest_the_output_directory(tmp_path):
+    """Issue #28: FederatedScope's default expname holds model.type, so a model *path* nested the run directory
+    along it; for an fs_gmfl method the default keeps FederatedScope's pattern with the last path component."""
+    from fs_host_helpers import FS_CONFIGS, merged_like_main
+
+    from fs_gmfl.hosts.fs import register_all
+
+    register_all()
+    cfg = merged_like_main(FS_CONFIGS / "gmfl_fedit_tiny_llama.yaml",
+                           ["expname", "", "model.type", "/models/llama-7b@huggingface_llm", "outdir", str(tmp_path)])
+    assert cfg.expname == "fedit_llama-7b@huggingface_llm_on_instructions.json@llm_lr0.001_lstep3"
+    named = merged_like_main(FS_CONFIGS / "gmfl_fedit_tiny_llama.yaml", ["expname", "mine", "outdir", str(tmp_path)])
+    assert named.expname == "mine"
+
+
+def test_a_restored_run_into_an_existing_directory_is_warned_about_sub_exp(tmp_path, caplog):
+    from fs_host_helpers import FS_CONFIGS, merged_like_main
+
+    from fs_gmfl.hosts.fs import register_all
+
+    register_all()
+    (tmp_path / "mine").mkdir()
+    with caplog.at_level("WARNING"):
+        merged_like_main(FS_CONFIGS / "gmfl_fedit_tiny_llama.yaml",
+                         ["expname", "mine", "outdir", str(tmp_path), "federate.restore_from", str(tmp_path / "x.ckpt")])
+    assert "sub_exp_<time>/, whose summary.json lists the rounds after the restore only" in caplog.text

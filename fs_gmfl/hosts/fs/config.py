@@ -238,6 +238,8 @@ def check_cfg(cfg: Any) -> None:
         resolve_paths(view)
         resolve_switches(view, announce=not pending)
         _check_effective(view)
+        if not pending:
+            resolve_output_name(view)
     except ConfigError as err:
         raise _with_source(err) from None
 
@@ -364,6 +366,41 @@ def resolve_paths(cfg: Any) -> None:
         for part in parents:
             node = node[part]
         setattr(node, leaf, value)
+
+
+def resolve_output_name(cfg: Any) -> None:
+    """Give an fs_gmfl run without ``expname`` a flat one, and warn when a restored run will not find its directory.
+
+    FederatedScope names such a run ``<method>_<model.type>_on_<data.type>_lr.._lstep..`` and writes it to
+    ``<outdir>/<that name>``: a model or data *path* in it nests the output directory along the path (e.g.
+    ``exp/fedit_/models/llama-7b@huggingface_llm_on_.../``). fs_gmfl keeps FederatedScope's pattern with the last
+    path component of each. A run whose output directory exists already is written by FederatedScope into
+    ``<dir>/sub_exp_<time>/``: with ``federate.restore_from`` that directory's ``summary.json`` lists the rounds
+    after the restore only, which the warning says.
+    """
+    if getattr(cfg, "is_frozen", lambda: False)() or str(plain(lookup(cfg, "federate.method"))) not in owned_methods():
+        return
+    if not plain(lookup(cfg, "expname")):
+        model, data = str(plain(lookup(cfg, "model.type"))), str(plain(lookup(cfg, "data.type")))
+        if os.sep in model or os.sep in data:
+            name = (f"{plain(lookup(cfg, 'federate.method'))}_{_last_component(model)}_on_{_last_component(data)}"
+                    f"_lr{plain(lookup(cfg, 'train.optimizer.lr'))}_lstep{plain(lookup(cfg, 'train.local_update_steps'))}")
+            cfg.expname = name
+            logger.info(f"fs_gmfl: expname '{name}' (FederatedScope's default would nest the output directory along "
+                        "the model and data paths)")
+    restore, outdir = plain(lookup(cfg, "federate.restore_from")), str(plain(lookup(cfg, "outdir")))
+    run_dir = Path(outdir) / str(plain(lookup(cfg, "expname")))
+    if restore and plain(lookup(cfg, "expname")) and run_dir.is_dir():
+        logger.warning(f"fs_gmfl: {run_dir} exists: FederatedScope writes this restored run into "
+                       f"{run_dir}/sub_exp_<time>/, whose summary.json lists the rounds after the restore only (the "
+                       "earlier ones are in the first run's summary.json); set another expname to choose the directory")
+
+
+def _last_component(value: str) -> str:
+    """``/models/llama-7b@huggingface_llm`` -> ``llama-7b@huggingface_llm``."""
+    head, at, hub = value.rpartition("@")
+    path = head if at else value
+    return Path(path.rstrip(os.sep)).name + (at + hub if at else "")
 
 
 # -- command-line overrides ------------------------------------------------------------------------
