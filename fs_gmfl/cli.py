@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Sequence
 
 from fs_gmfl import __version__
+from fs_gmfl.config.environment import check_environment
 from fs_gmfl.errors import FsGmflError, InputError
 
 EXIT_USAGE = 2
@@ -164,10 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--markdown", action="store_true", help="print a markdown table (as in the docs; without "
                       "a section: the top-level keys)")
     keys.set_defaults(func=_cmd_keys)
-    bench = sub.add_parser("bench", help="run a benchmark (aggregate, gmfl, hafl, fedkrso, fedhft, fshost, fseval, "
-                                         "llm, perf)")
-    bench.add_argument("name", help="benchmark name")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="benchmark options (see --help of each)")
+    from fs_gmfl.bench import BENCHMARKS, describe
+
+    bench = sub.add_parser("bench", help=f"run a benchmark ({', '.join(BENCHMARKS)})",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Run a benchmark; its options: fs-gmfl bench NAME --help.\n\nbenchmarks:\n"
+                                       + describe())
+    bench.add_argument("name", help="benchmark name (listed above)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's options")
     bench.set_defaults(func=_cmd_bench)
     sub.add_parser("fs-run", add_help=False, help="run FederatedScope's main with fs_gmfl registered "
                    "(arguments go to FederatedScope: --cfg FILE [KEY VALUE ...])")
@@ -224,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in PASS_THROUGH:
         try:
+            check_environment()
             return int(PASS_THROUGH[args_list[0]](args_list[1:]))
         except FsGmflError as err:
             print(f"fs-gmfl: error: {err}", file=sys.stderr)
@@ -238,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command != "keys":  # listing keys reads no FS_GMFL_* variable
+            check_environment()
         if args.command in HOISTED_OPTIONS:
             check_overrides(args.command, args.opts)
         return int(args.func(args))

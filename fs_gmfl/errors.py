@@ -28,17 +28,32 @@ class ConfigError(FsGmflError, ValueError):
         key: the dotted key, e.g. ``gmfl.c``.
         value: the offending value (``None`` for a missing or unknown key).
         allowed: what would have been accepted, in words.
+        subject: what ``key`` names, for the message (an environment variable's subclass says so).
     """
 
-    def __init__(self, key: str, value: Any, allowed: str, *, unknown: bool = False) -> None:
+    def __init__(self, key: str, value: Any, allowed: str, *, unknown: bool = False,
+                 subject: str = "config key") -> None:
         self.key = key
         self.value = value
         self.allowed = allowed
         self.unknown = unknown
         if unknown:
-            super().__init__(f"unknown config key '{key}'{allowed}")
+            super().__init__(f"unknown {subject} '{key}'{allowed}")
         else:
-            super().__init__(f"config key '{key}' = {value!r} is not allowed: {allowed}")
+            super().__init__(f"{subject} '{key}' = {value!r} is not allowed: {allowed}")
+
+
+class EnvironmentVariableError(ConfigError):
+    """An ``FS_GMFL_*`` environment variable has a value that is not allowed (see :mod:`fs_gmfl.config.environment`).
+
+    Args:
+        name: the variable, e.g. ``FS_GMFL_THREADS``.
+        value: its value, as set.
+        allowed: what would have been accepted, in words.
+    """
+
+    def __init__(self, name: str, value: str, allowed: str) -> None:
+        super().__init__(name, value, allowed, subject="environment variable")
 
 
 class InputError(FsGmflError, ValueError):

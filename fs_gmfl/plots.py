@@ -31,15 +31,37 @@ def accuracy_points(summary: Mapping[str, Any], metric: str = "test_acc") -> tup
     return rounds, values, uplink
 
 
+def drawable(text: str) -> str:
+    """``text`` with each character the plots' font has no glyph for written as a Python escape (``\\u5b9e``).
+
+    Run names may hold any character (``expname 'Überprüfung_实验'``); matplotlib
+    draws a missing glyph as an empty box and warns once per character and
+    drawing, so such characters are spelled out instead.
+    """
+    from matplotlib.font_manager import FontProperties, findfont, get_font
+
+    glyphs = get_font(findfont(FontProperties())).get_charmap()
+    return "".join(c if ord(c) in glyphs else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def plot_runs(runs: Sequence[tuple[str, Mapping[str, Any]]], path: str | Path, *, metric: str = "test_acc",
               title: str = "") -> Path:
-    """Plot ``metric`` against round and against cumulative uplink MiB for labelled summaries."""
+    """Plot ``metric`` against round and against cumulative uplink MiB for labelled summaries.
+
+    Labels and title are drawn as plain text (no ``$...$`` mathtext), with
+    characters the font lacks spelled out (:func:`drawable`).
+    """
     plt = _pyplot()
+    with plt.rc_context({"text.parse_math": False}):
+        return _draw(plt, runs, Path(path), metric, drawable(title))
+
+
+def _draw(plt: Any, runs: Sequence[tuple[str, Mapping[str, Any]]], path: Path, metric: str, title: str) -> Path:
     fig, (ax_round, ax_bytes) = plt.subplots(1, 2, figsize=(11, 4))
     for label, summary in runs:
         rounds, values, uplink = accuracy_points(summary, metric)
-        ax_round.plot(rounds, values, marker=".", label=label)
-        ax_bytes.plot(uplink, values, marker=".", label=label)
+        ax_round.plot(rounds, values, marker=".", label=drawable(label))
+        ax_bytes.plot(uplink, values, marker=".", label=drawable(label))
     ax_round.set_xlabel("round")
     ax_bytes.set_xlabel("cumulative uplink (MiB)")
     for ax in (ax_round, ax_bytes):
@@ -49,7 +71,6 @@ def plot_runs(runs: Sequence[tuple[str, Mapping[str, Any]]], path: str | Path, *
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

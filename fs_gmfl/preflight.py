@@ -31,12 +31,12 @@ returned for ``summary.json``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fs_gmfl.config.advice import log_config_warnings
+from fs_gmfl.config.environment import MEMORY_BYTES
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.registry import spec_of
 from fs_gmfl.errors import ConfigError
@@ -95,11 +95,9 @@ def _cgroup_limit() -> int | None:
 
 def available_bytes() -> int | None:
     """Memory this run may use: ``$FS_GMFL_MEMORY_BYTES``, else MemAvailable bounded by the cgroup limit."""
-    explicit = os.environ.get("FS_GMFL_MEMORY_BYTES", "").strip()
-    if explicit:
-        if not explicit.isdigit():
-            raise ConfigError("FS_GMFL_MEMORY_BYTES", explicit, "a whole number of bytes (environment variable)")
-        return int(explicit)
+    explicit = MEMORY_BYTES.read()
+    if explicit is not None:
+        return explicit
     found = [b for b in (_meminfo_available(), _cgroup_limit()) if b is not None]
     return min(found) if found else None
 

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 
 from fs_gmfl.bench.common import machine, markdown_table, progress, write_json
+from fs_gmfl.bench.options import (BenchParser, assignments, count, int_list, output_dir, positive,
+                                   subset)
 from fs_gmfl.core.message import Message, Reply, samples_tensor
 from fs_gmfl.core.protocol import Strategy
 
@@ -50,77 +52,34 @@ MIB = 2**20
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
-    p = argparse.ArgumentParser(prog="fs-gmfl bench aggregate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=counts, default="10,100,1000",
-                   help="comma-separated numbers of uplinks N (streamed), each 1 to 1000000")
-    p.add_argument("--listed-clients", type=counts_or_none, default="10,100",
+    p = BenchParser("aggregate", __doc__, quick=QUICK, quick_help="smoke version: 2 layers, hidden 64, N = 4, 8; "
+                    "1 repeat")
+    p.add_argument("--clients", type=CLIENT_COUNTS, default="10,100,1000",
+                   help=f"comma-separated numbers of uplinks N (streamed), each 1 to {MAX_CLIENTS}")
+    p.add_argument("--listed-clients", type=LISTED_COUNTS, default="10,100",
                    help="N for the listed (non-streaming) contrast; '' for none")
-    p.add_argument("--methods", type=method_list, default="fedit,hafl",
+    p.add_argument("--methods", type=subset(METHODS), default="fedit,hafl",
                    help=f"comma-separated subset of: {', '.join(METHODS)}")
-    p.add_argument("--max-clients", type=limits, default="", help="per method, the largest N run (method=N,...)")
+    p.add_argument("--max-clients", type=assignments(METHODS, count(MAX_CLIENTS), form="METHOD=N"),
+                   default="", help="per method, the largest N run (method=N,...)")
     p.add_argument("--layers", type=positive, default=32)
     p.add_argument("--hidden", type=positive, default=4096)
     p.add_argument("--rank", type=positive, default=16)
     p.add_argument("--repeats", type=positive, default=3,
                    help="fresh processes per (method, N, feed); medians reported")
     p.add_argument("--repeats-large", type=positive, default=1, help="repeats for N >= 1000 (one run takes minutes)")
-    p.add_argument("--out", default="bench_out/aggregate")
-    p.add_argument("--quick", action="store_true", help="smoke version: 2 layers, hidden 64, N = 4, 8; 1 repeat")
+    p.add_argument("--out", type=output_dir, default="bench_out/aggregate")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    args = p.parse_args(list(argv))
-    if args.quick:
-        args.layers, args.hidden, args.rank, args.repeats, args.repeats_large = 2, 64, 4, 1, 1
-        args.clients, args.listed_clients = [4, 8], [4]
-    return args
+    return p.parse_args(list(argv))
 
 
 #: methods this benchmark can build over the synthetic adapter.
 METHODS = ("fedit", "hafl")
 MAX_CLIENTS = 1_000_000
-
-
-def positive(text: str, *, bound: int = 10**7) -> int:
-    """An integer from 1 to ``bound`` (argparse prints the reason and exits 2 otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 1 <= value <= bound:
-        raise argparse.ArgumentTypeError(f"{value} is outside 1..{bound}")
-    return value
-
-
-def counts(text: str) -> list[int]:
-    """Comma-separated numbers of uplinks, each 1 to ``MAX_CLIENTS``; at least one."""
-    values = counts_or_none(text)
-    if not values:
-        raise argparse.ArgumentTypeError("needs at least one number of uplinks")
-    return values
-
-
-def counts_or_none(text: str) -> list[int]:
-    """Like :func:`counts`, but '' means none."""
-    return [positive(item.strip(), bound=MAX_CLIENTS) for item in text.split(",") if item.strip()]
-
-
-def method_list(text: str) -> list[str]:
-    """Comma-separated methods, each one of ``METHODS``."""
-    names = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {', '.join(METHODS)}")
-    return names
-
-
-def limits(text: str) -> dict[str, int]:
-    """``method=N,...`` pairs (methods of ``METHODS``, N from 1 to ``MAX_CLIENTS``)."""
-    out = {}
-    for item in (i.strip() for i in text.split(",") if i.strip()):
-        method, sep, n = item.partition("=")
-        if not sep or method not in METHODS:
-            raise argparse.ArgumentTypeError(f"{item!r}: expected METHOD=N with METHOD one of {', '.join(METHODS)}")
-        out[method] = positive(n, bound=MAX_CLIENTS)
-    return out
+CLIENT_COUNTS = int_list(count(MAX_CLIENTS), what="number of uplinks")
+LISTED_COUNTS = int_list(count(MAX_CLIENTS), what="number of uplinks", allow_empty=True)
+QUICK = {"layers": "2", "hidden": "64", "rank": "4", "repeats": "1", "repeats_large": "1", "clients": "4,8",
+         "listed_clients": "4"}
 
 
 # -- the synthetic adapter and its uplinks --------------------------------------------------------------------

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from fs_gmfl.config import load_config
+from fs_gmfl.config import RunConfig, load_config
+from fs_gmfl.errors import FsGmflError, InputError
 from fs_gmfl.hosts.common.data import majority_rate_of_test_split
+from fs_gmfl.hosts.sim.checkpoint import flat_config
 from fs_gmfl.hosts.sim.runner import Simulation
 from fs_gmfl.plots import MIB
 
@@ -48,6 +50,40 @@ def run_config(overrides: Sequence[str], *, log: Callable[[str], None] = print) 
     log(f"  {cfg.run_name}: {time.time() - start:.0f}s, test_acc {final.get('test_acc', float('nan')):.4f}, "
         f"uplink {summary['comm']['uplink_bytes'] / MIB:.2f} MiB")
     return summary
+
+
+def earlier_summary(cfg: RunConfig, *, fresh: bool) -> dict[str, Any] | None:
+    """The summary a finished earlier run of exactly ``cfg`` left in its run directory; ``None``: run it.
+
+    A benchmark reuses its finished runs unless ``fresh``. A run directory of the
+    same name holding a finished run of another configuration (another benchmark,
+    other options, an older version) is refused rather than read as this one or
+    replaced.
+
+    Raises:
+        InputError: the run directory holds a finished run of another configuration.
+    """
+    run_dir = Path(cfg.outdir) / cfg.run_name
+    if fresh or not (run_dir / "summary.json").is_file():
+        return None
+    difference = configuration_difference(cfg, run_dir / "config.yaml")
+    if difference:
+        raise InputError(f"{run_dir} holds a finished run of another configuration ({difference}); rerun with "
+                         "--fresh to replace the earlier runs, or choose another --out")
+    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def configuration_difference(cfg: RunConfig, saved: Path) -> str:
+    """The first key whose value differs between ``cfg`` and the ``config.yaml`` at ``saved``; '' when none."""
+    try:
+        earlier = flat_config(load_config(saved))
+    except FsGmflError:
+        return f"{saved.name} is missing or no longer loads"
+    now = flat_config(cfg)
+    for key in sorted(set(earlier) | set(now)):
+        if earlier.get(key) != now.get(key):
+            return f"{key} is {earlier.get(key)!r} there, {now.get(key)!r} here"
+    return ""
 
 
 def mean_curve(summaries: Sequence[Mapping[str, Any]], metric: str = "test_acc") -> dict[str, Any]:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from fs_gmfl.bench.common import MAJORITY_LABEL
+from fs_gmfl.bench.options import BenchParser, non_negative, output_dir, positive, positive_real, run_seed
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.fedhft import assign_levels
 from fs_gmfl.core.seeding import derive_seed
@@ -392,35 +393,45 @@ def plot(summary: dict[str, Any], clients_per_round: int, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Options of ``fs-gmfl bench fedhft``."""
-    p = argparse.ArgumentParser(prog="fs-gmfl bench fedhft", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench_out/fedhft", help="output directory")
+    p = BenchParser("fedhft", __doc__, quick=QUICK, quick_help="smoke test: news, seed 0, K 1/2, 3 rounds, 2 steps")
+    p.add_argument("--out", type=output_dir, default="bench_out/fedhft", help="output directory")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    p.add_argument("--methods", nargs="+", default=["fedit", "fedhft_k1", "fedhft_k2", "fedhft_k4"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--clients", type=int, default=20)
-    p.add_argument("--clients-per-round", type=int, default=8)
-    p.add_argument("--local-steps", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration of the label split")
-    p.add_argument("--warmup", type=int, default=1, help="fedhft.cluster_warmup_rounds")
-    p.add_argument("--pca-dim", type=int, default=4, help="fedhft.cluster_pca_dim (head_pca features)")
-    p.add_argument("--probe-steps", type=int, default=8)
-    p.add_argument("--probe-batch", type=int, default=16)
+    p.add_argument("--methods", nargs="+", type=method_name, default=["fedit", "fedhft_k1", "fedhft_k2", "fedhft_k4"],
+                   help="fedit and/or fedhft_k<K> (FedHFT with K clusters)")
+    p.add_argument("--seeds", nargs="+", type=run_seed, default=[0, 1, 2])
+    p.add_argument("--rounds", type=positive, default=6)
+    p.add_argument("--clients", type=positive, default=20)
+    p.add_argument("--clients-per-round", type=positive, default=8)
+    p.add_argument("--local-steps", type=positive, default=8)
+    p.add_argument("--batch-size", type=positive, default=8)
+    p.add_argument("--rank", type=positive, default=8)
+    p.add_argument("--lr", type=positive_real, default=3e-3)
+    p.add_argument("--alpha", type=positive_real, default=0.1, help="Dirichlet concentration of the label split")
+    p.add_argument("--warmup", type=non_negative, default=1, help="fedhft.cluster_warmup_rounds")
+    p.add_argument("--pca-dim", type=positive, default=4, help="fedhft.cluster_pca_dim (head_pca features)")
+    p.add_argument("--probe-steps", type=positive, default=8)
+    p.add_argument("--probe-batch", type=positive, default=16)
     p.add_argument("--no-probes", action="store_true", help="skip the memory/step-time probes")
-    p.add_argument("--trace-every", type=int, default=0,
+    p.add_argument("--trace-every", type=non_negative, default=0,
                    help="also record personalised and global test accuracy every N rounds (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in results.jsonl")
-    p.add_argument("--quick", action="store_true", help="smoke test: news, seed 0, K 1/2, 3 rounds, 2 steps")
     p.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
-    args = p.parse_args(list(argv))
-    if args.quick:
-        args.datasets, args.seeds, args.rounds, args.local_steps = ["news_articles"], [0], 3, 2
-        args.methods, args.clients_per_round, args.warmup = ["fedit", "fedhft_k1", "fedhft_k2"], 6, 1
-        args.probe_steps = 3
-    return args
+    return p.parse_args(list(argv))
+
+
+#: what ``--quick`` sets (options given explicitly keep their values).
+QUICK = {"datasets": ["news_articles"], "seeds": [0], "rounds": "3", "local_steps": "2",
+         "methods": ["fedit", "fedhft_k1", "fedhft_k2"], "clients_per_round": "6", "warmup": "1", "probe_steps": "3"}
+
+
+def method_name(text: str) -> str:
+    """``fedit`` or ``fedhft_k<K>``: FedHFT with K clusters, 1 to 1000."""
+    clusters = text.removeprefix("fedhft_k")
+    if text != "fedit" and not (clusters != text and clusters.isascii() and clusters.isdigit()
+                                and 1 <= int(clusters) <= 1000):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither fedit nor fedhft_k<K> with K from 1 to 1000 "
+                                         "(e.g. fedhft_k2)")
+    return text
 
 
 def main(argv: Sequence[str]) -> int:

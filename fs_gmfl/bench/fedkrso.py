@@ -42,7 +42,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fs_gmfl.bench.options import BenchParser, assignments, output_dir, positive, positive_real, seed_list, subset
+
 METHODS = ("fedkrso", "fedit", "fft")
+SPLITS = ("iid", "lda")
+#: what ``--quick`` sets (options given explicitly keep their values).
+QUICK = {"rounds": "2", "seeds": "0", "splits": "iid", "steps": "6", "per_round": "3", "probe_steps": "4",
+         "probe_reps": "1", "eval_freq": "1"}
 TARGETS = "[query, key, value, intermediate.dense, output.dense]"
 DEFAULT_LR = {"fedkrso": 5e-4, "fedit": 2e-3, "fft": 2e-4}
 MIB = 1024 * 1024
@@ -50,41 +56,38 @@ MIB = 1024 * 1024
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Command-line options of the benchmark."""
-    p = argparse.ArgumentParser(prog="fs-gmfl bench fedkrso", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench_out/fedkrso", help="output directory")
+    p = BenchParser("fedkrso", __doc__, quick=QUICK, quick_help="a smoke run: 2 rounds, seed 0, iid, 6 steps, "
+                    "3 clients a round, 1 probe repetition of 4 steps")
+    p.add_argument("--out", type=output_dir, default="bench_out/fedkrso", help="output directory")
     p.add_argument("--dataset", default="rotten_tomatoes", help="data.type (e.g. news_articles: 9 classes)")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
-    p.add_argument("--splits", default="iid,lda", help="comma-separated: iid, lda (Dirichlet alpha 0.5)")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--per-round", type=int, default=3, help="clients sampled per round")
-    p.add_argument("--steps", type=int, default=20, help="local steps per round (T)")
-    p.add_argument("--interval", type=int, default=5, help="FedKRSO interval J")
-    p.add_argument("--num-seeds", type=int, default=10, help="FedKRSO K")
-    p.add_argument("--rank", type=int, default=4, help="FedKRSO r and LoRA rank")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--tok-len", type=int, default=48)
-    p.add_argument("--eval-freq", type=int, default=2)
+    p.add_argument("--rounds", type=positive, default=6)
+    p.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated run seeds")
+    p.add_argument("--splits", type=subset(SPLITS, what="split"), default="iid,lda",
+                   help="comma-separated: iid, lda (Dirichlet alpha 0.5)")
+    p.add_argument("--methods", type=subset(METHODS), default=",".join(METHODS),
+                   help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--clients", type=positive, default=10)
+    p.add_argument("--per-round", type=positive, default=3, help="clients sampled per round")
+    p.add_argument("--steps", type=positive, default=20, help="local steps per round (T)")
+    p.add_argument("--interval", type=positive, default=5, help="FedKRSO interval J")
+    p.add_argument("--num-seeds", type=positive, default=10, help="FedKRSO K")
+    p.add_argument("--rank", type=positive, default=4, help="FedKRSO r and LoRA rank")
+    p.add_argument("--batch", type=positive, default=8)
+    p.add_argument("--tok-len", type=positive, default=48)
+    p.add_argument("--eval-freq", type=positive, default=2)
     p.add_argument("--eval-split", default="[test]", help="server splits evaluated, e.g. '[val, test]' (val adds "
                    "the test accuracy at the round of best validation accuracy)")
-    p.add_argument("--lr", action="append", default=[], help="METHOD=LR (default: fedkrso=5e-4, fedit=2e-3, "
-                   "fft=2e-4)")
-    p.add_argument("--probe-steps", type=int, default=10, help="timed steps per probe")
-    p.add_argument("--probe-reps", type=int, default=2, help="probe repetitions per method (alternating order)")
+    p.add_argument("--lr", action="append", type=assignments(METHODS, positive_real, form="METHOD=LR"), default=[],
+                   help="METHOD=LR (default: fedkrso=5e-4, fedit=2e-3, fft=2e-4)")
+    p.add_argument("--probe-steps", type=positive, default=10, help="timed steps per probe")
+    p.add_argument("--probe-reps", type=positive, default=2, help="probe repetitions per method (alternating order)")
     p.add_argument("--no-accuracy", action="store_true", help="only the memory/step-time probes")
     p.add_argument("--no-probe", action="store_true", help="only the accuracy runs")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds, seed 0, iid, 6 steps, 3 clients "
-                   "a round, 1 probe repetition of 4 steps")
     p.add_argument("--probe-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(list(argv))
-    if args.quick:
-        args.rounds, args.seeds, args.splits, args.steps, args.per_round = 2, "0", "iid", 6, 3
-        args.probe_steps, args.probe_reps, args.eval_freq = 4, 1, 1
     args.lrs = dict(DEFAULT_LR)
-    for item in args.lr:
-        method, _, value = item.partition("=")
-        args.lrs[method] = float(value)
+    for rates in args.lr:
+        args.lrs.update(rates)
     return args
 
 
@@ -351,8 +354,7 @@ def main(argv: Sequence[str]) -> int:
     if args.probe_child:
         print(json.dumps(probe(args, args.probe_child)))
         return 0
-    methods, splits = args.methods.split(","), args.splits.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    methods, splits, seeds = args.methods, args.splits, args.seeds
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start, start_machine = time.time(), machine()

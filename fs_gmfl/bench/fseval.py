@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from fs_gmfl.bench.common import machine, markdown_table, progress, write_json
+from fs_gmfl.bench.options import BenchParser, integer, non_negative_real, output_dir, positive, subset
+from fs_gmfl.config.environment import THREADS
 from fs_gmfl.errors import InputError
 from fs_gmfl.hosts.fs.eval_data import write_eval_data
 from fs_gmfl.plots import MIB
@@ -50,20 +52,23 @@ MMLU_TOTAL = re.compile(r"Average accuracy: ([0-9.]+)")
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
-    p = argparse.ArgumentParser(prog="fs-gmfl bench fseval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench_out/fseval")
+    p = BenchParser("fseval", __doc__)
+    p.add_argument("--out", type=output_dir, default="bench_out/fseval")
     p.add_argument("--model", default="", help="a local Hugging Face model directory (default: the exported "
                    "SmolLM2-135M-Instruct; `bash scripts/install.sh --llm`)")
-    p.add_argument("--methods", default=",".join(SWITCHES), help="comma-separated subset of: " + ", ".join(SWITCHES))
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--steps", type=int, default=10, help="train.local_update_steps (batch 1, as the baseline)")
-    p.add_argument("--lr", type=float, default=0.0, help="train.optimizer.lr (default: the baseline's)")
-    p.add_argument("--gsm8k-questions", type=int, default=40)
-    p.add_argument("--mmlu-questions", type=int, default=40, help="test questions per MMLU subject (2 subjects)")
-    p.add_argument("--humaneval-problems", type=int, default=10)
-    p.add_argument("--scripts", default=",".join(SCRIPTS), help="comma-separated subset of: " + ", ".join(SCRIPTS))
-    p.add_argument("--threads", type=int, default=0, help="torch threads of the evaluation scripts "
-                   "(FS_GMFL_THREADS; default: the usable CPUs). One is much faster on a machine shared with other "
+    p.add_argument("--methods", type=subset(list(SWITCHES)), default=",".join(SWITCHES),
+                   help="comma-separated subset of: " + ", ".join(SWITCHES))
+    p.add_argument("--rounds", type=positive, default=10)
+    p.add_argument("--steps", type=positive, default=10, help="train.local_update_steps (batch 1, as the baseline)")
+    p.add_argument("--lr", type=non_negative_real, default=0.0,
+                   help="train.optimizer.lr (default 0: the baseline's)")
+    p.add_argument("--gsm8k-questions", type=positive, default=40)
+    p.add_argument("--mmlu-questions", type=positive, default=40, help="test questions per MMLU subject (2 subjects)")
+    p.add_argument("--humaneval-problems", type=positive, default=10)
+    p.add_argument("--scripts", type=subset(SCRIPTS, what="script"), default=",".join(SCRIPTS),
+                   help="comma-separated subset of: " + ", ".join(SCRIPTS))
+    p.add_argument("--threads", type=thread_count, default=0, help="torch threads of the evaluation scripts "
+                   "(FS_GMFL_THREADS; default 0: the usable CPUs). One is much faster on a machine shared with other "
                    "jobs; FederatedScope's standalone training always uses one")
     p.add_argument("--reuse-training", action="store_true", help="keep the trained checkpoints of an earlier "
                    "invocation with the same --out (its results.json) and only evaluate")
@@ -75,6 +80,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="extra override for training and evaluation (repeatable)")
     return p.parse_args(list(argv))
+
+
+def thread_count(text: str) -> int:
+    """0 (the usable CPUs) or a thread count ``FS_GMFL_THREADS`` accepts."""
+    return integer(text, 0, THREADS.high)
 
 
 def baseline_yaml() -> Path:
@@ -189,7 +199,7 @@ def evaluate(args: argparse.Namespace, name: str, checkpoint: Path, out: Path, c
     """Every selected script on one checkpoint (``name`` 'base': a path that does not exist = the raw model)."""
     results: dict[str, Any] = {}
     checkpoint.parent.mkdir(parents=True, exist_ok=True)  # the HumanEval script writes its answers beside it
-    for script in args.scripts.split(","):
+    for script in args.scripts:
         cmd = [sys.executable, "-m", "fs_gmfl", "fs-eval", script, "--cfg", str(baseline_yaml()), *common, *switch,
                "outdir", str(out / "eval" / name), "expname", f"{script}_{name}", "federate.save_to", str(checkpoint)]
         progress(f"fseval: {script} on {name}")
@@ -296,11 +306,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if args.sim_eval_only:
         return add_simulator_scores(Path(args.out).resolve())
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(SWITCHES)) + sorted(set(args.scripts.split(",")) - set(SCRIPTS))
-    if unknown:
-        raise InputError(f"--methods/--scripts: unknown {unknown}; allowed methods {list(SWITCHES)}, "
-                         f"scripts {list(SCRIPTS)}")
+    methods = args.methods
     out = Path(args.out).resolve()
     data = out / "data"
     written = write_eval_data(data, gsm8k_questions=args.gsm8k_questions, mmlu_questions=args.mmlu_questions,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from fs_gmfl.bench.common import machine, markdown_table, progress, write_json
+from fs_gmfl.bench.options import BenchParser, output_dir, positive
 from fs_gmfl.config import load_config
 from fs_gmfl.core.adapter import adapter_key
 from fs_gmfl.errors import InputError
@@ -43,11 +44,11 @@ BYTE_KEYS = ("uplink_bytes", "downlink_bytes", "uplink_control_bytes", "downlink
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
-    p = argparse.ArgumentParser(prog="fs-gmfl bench fshost", description=__doc__.split("\n\n")[0])
+    p = BenchParser("fshost", __doc__)
     p.add_argument("--cfg", default=str(DEFAULT_CFG), help="a configuration that loads in both hosts")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=1, help="alternating repetitions of the pair of runs")
-    p.add_argument("--out", default="bench_out/fshost")
+    p.add_argument("--rounds", type=positive, default=10)
+    p.add_argument("--repeats", type=positive, default=1, help="alternating repetitions of the pair of runs")
+    p.add_argument("--out", type=output_dir, default="bench_out/fshost")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="extra configuration override (repeatable)")
     return p.parse_args(list(argv))

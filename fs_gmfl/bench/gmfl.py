@@ -24,6 +24,8 @@ import torch
 
 from fs_gmfl.bench.common import (MAJORITY_LABEL, fmt_pm, machine, majority_rates, markdown_table, mean_curve, progress,
                                   run_config, write_json)
+from fs_gmfl.bench.options import (BenchParser, fraction, non_negative, output_dir, positive, positive_real,
+                                   seed_list, subset)
 from fs_gmfl.comm_estimate import estimate
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.adapter import adapter_parameters, adapter_state
@@ -58,55 +60,45 @@ METHODS = [
 #: the methods run by default (the random-selection ablation and the HAFL / FedHFT compositions are opt-in
 #: through ``--methods``).
 DEFAULT_METHODS = ("FedIT", "FedIT+GMFL", "FFA-LoRA", "FFA-LoRA+GMFL")
+METHOD_NAMES = [name for name, _ in METHODS]
+#: what ``--quick`` sets (options given explicitly keep their values).
+QUICK = {"rounds": "8", "period": "2", "seeds": "0", "steps": "3", "timing_repeats": "2"}
 BASE_OF = {"FedIT+GMFL": "FedIT", "FFA-LoRA+GMFL": "FFA-LoRA", "FedIT+GMFL(random)": "FedIT", "HAFL+GMFL": "HAFL",
            "FedHFT+GMFL": "FedHFT"}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
-    p = argparse.ArgumentParser(prog="fs-gmfl bench gmfl", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated subset of: " + ", ".join(name for name, _ in METHODS)
+    p = BenchParser("gmfl", __doc__, quick=QUICK, quick_help="a small smoke version (8 rounds, 1 seed)")
+    p.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--methods", type=subset(METHOD_NAMES), default=",".join(DEFAULT_METHODS),
+                   help="comma-separated subset of: " + ", ".join(METHOD_NAMES)
                         + " (a GMFL variant run without its base method gets no measured saving)")
-    p.add_argument("--rounds", type=int, default=24)
-    p.add_argument("--period", type=int, default=4, help="GMFL refresh period")
-    p.add_argument("--clients", type=int, default=20)
-    p.add_argument("--per-round", type=int, default=2)
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
-    p.add_argument("--steps", type=int, default=10, help="local steps per round")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rounds", type=positive, default=24)
+    p.add_argument("--period", type=positive, default=4, help="GMFL refresh period")
+    p.add_argument("--clients", type=positive, default=20)
+    p.add_argument("--per-round", type=positive, default=2)
+    p.add_argument("--alpha", type=positive_real, default=0.5, help="Dirichlet concentration of the label split")
+    p.add_argument("--steps", type=positive, default=10, help="local steps per round")
+    p.add_argument("--batch-size", type=positive, default=16)
+    p.add_argument("--lr", type=positive_real, default=1e-3)
+    p.add_argument("--rank", type=positive, default=16)
     p.add_argument("--dataset", default="health_tweets",
                    help="data.type (health_tweets: 16 classes; binary rotten_tomatoes does not learn under this "
                         "split, see BENCHMARKS.md)")
-    p.add_argument("--subsample", type=float, default=0.1, help="data.subsample")
+    p.add_argument("--subsample", type=fraction, default=0.1, help="data.subsample")
     p.add_argument("--model", default="minilm", help="model.type (minilm: the pre-trained MiniLM)")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="extra configuration override (repeatable)")
-    p.add_argument("--tok-len", type=int, default=48)
-    p.add_argument("--eval-freq", type=int, default=4)
-    p.add_argument("--timing-steps", type=int, default=12, help="steps per timing block")
-    p.add_argument("--timing-repeats", type=int, default=5,
+    p.add_argument("--tok-len", type=positive, default=48)
+    p.add_argument("--eval-freq", type=positive, default=4)
+    p.add_argument("--timing-steps", type=positive, default=12, help="steps per timing block")
+    p.add_argument("--timing-repeats", type=non_negative, default=5,
                    help="interleaved timing blocks per variant (0 skips the step-time micro-benchmark)")
-    p.add_argument("--out", default="bench_out/gmfl")
-    p.add_argument("--quick", action="store_true", help="a small smoke version (8 rounds, 1 seed)")
+    p.add_argument("--out", type=output_dir, default="bench_out/gmfl")
     args = p.parse_args(list(argv))
-    if args.quick:
-        args.rounds, args.period, args.seeds, args.steps, args.timing_repeats = 8, 2, "0", 3, 2
-    args.methods = selected_methods(p, args.methods)
+    args.methods = [name for name in METHOD_NAMES if name in args.methods]  # benchmark order
     return args
-
-
-def selected_methods(parser: argparse.ArgumentParser, spec: str) -> list[str]:
-    """The ``--methods`` names in benchmark order; an unknown name is refused."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    known = [name for name, _ in METHODS]
-    for name in names:
-        if name not in known:
-            parser.error(f"--methods: unknown method {name!r}; allowed: {', '.join(known)}")
-    return [name for name in known if name in names]
 
 
 def common_overrides(args: argparse.Namespace, out: Path) -> list[str]:
@@ -206,7 +198,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     common = common_overrides(args, out)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     methods = [(name, extra) for name, extra in METHODS if name in args.methods]
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in methods}
     for seed in seeds:

@@ -15,14 +15,14 @@ local step (torch profiler). Writes ``results.json``, ``table.md`` and
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fs_gmfl.bench.common import (MAJORITY_LABEL, fmt_pm, machine, majority_rates, markdown_table, mean_curve,
-                                  peak_step_memory, progress, write_json)
+from fs_gmfl.bench.common import (MAJORITY_LABEL, earlier_summary, fmt_pm, machine, majority_rates, markdown_table,
+                                  mean_curve, peak_step_memory, progress, write_json)
+from fs_gmfl.bench.options import BenchParser, output_dir, positive, seed_list, subset
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.adapter import adapter_state
 from fs_gmfl.core.message import Message
@@ -53,25 +53,32 @@ PROFILE_CLIENTS = [
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
-    p = argparse.ArgumentParser(prog="fs-gmfl bench hafl", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", default="0,1,42", help="comma-separated seeds (the paper's: 0,1,42)")
-    p.add_argument("--rounds", type=int, default=20, help="communication rounds (even)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p = BenchParser("hafl", __doc__, quick=QUICK, quick_help="a smoke version: 2 rounds, 1 seed, 2 timing blocks")
+    p.add_argument("--seeds", type=seed_list, default="0,1,42", help="comma-separated seeds (the paper's: 0,1,42)")
+    p.add_argument("--rounds", type=even_rounds, default=20, help="communication rounds (even)")
+    p.add_argument("--methods", type=subset(list(METHODS)), default=",".join(METHODS),
+                   help="comma-separated subset of: " + ", ".join(METHODS))
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="extra configuration override for every run (repeatable)")
-    p.add_argument("--timing-steps", type=int, default=4, help="local steps per timing block")
-    p.add_argument("--timing-repeats", type=int, default=5, help="interleaved timing blocks per profile")
+    p.add_argument("--timing-steps", type=positive, default=4, help="local steps per timing block")
+    p.add_argument("--timing-repeats", type=positive, default=5, help="interleaved timing blocks per profile")
     p.add_argument("--no-profiles", action="store_true", help="skip the per-profile step time and memory")
     p.add_argument("--fresh", action="store_true", help="rerun runs whose summary.json already exists")
-    p.add_argument("--out", default="bench_out/hafl")
-    p.add_argument("--quick", action="store_true", help="a smoke version: 2 rounds, 1 seed, 2 timing blocks")
-    args = p.parse_args(list(argv))
-    if args.quick:
-        args.rounds, args.seeds, args.timing_repeats, args.timing_steps = 2, "0", 2, 2
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
-    if unknown or args.rounds < 2 or args.rounds % 2:
-        p.error(f"unknown methods {unknown}" if unknown else "--rounds must be even and at least 2")
-    return args
+    p.add_argument("--out", type=output_dir, default="bench_out/hafl")
+    return p.parse_args(list(argv))
+
+
+#: what ``--quick`` sets (options given explicitly keep their values).
+QUICK = {"rounds": "2", "seeds": "0", "timing_repeats": "2", "timing_steps": "2"}
+
+
+def even_rounds(text: str) -> int:
+    """An even number of rounds, at least 2 (the table reports the halfway round)."""
+    rounds = positive(text)
+    if rounds % 2:
+        raise argparse.ArgumentTypeError(f"{rounds} is odd; the rounds must be even (the table reports the "
+                                         "halfway round)")
+    return rounds
 
 
 def eval_freq(rounds: int) -> int:
@@ -87,10 +94,10 @@ def method_config(method: str, overrides: Sequence[str]) -> RunConfig:
 
 def run_or_load(cfg: RunConfig, *, fresh: bool) -> dict[str, Any]:
     """Run ``cfg`` on the simulator, or reuse the summary a previous run of it wrote."""
-    path = Path(cfg.outdir) / cfg.run_name / "summary.json"
-    if path.is_file() and not fresh:
-        progress(f"  reusing {path}")
-        return json.loads(path.read_text(encoding="utf-8"))
+    summary = earlier_summary(cfg, fresh=fresh)
+    if summary is not None:
+        progress(f"  reusing {Path(cfg.outdir) / cfg.run_name}")
+        return summary
     summary = Simulation(cfg, quiet=True, overwrite=True).run()  # a benchmark re-run replaces its runs
     progress(f"  {cfg.run_name}: {summary['wall_seconds']:.0f}s, test_acc {summary['final'].get('test_acc', 0):.4f}")
     return summary
@@ -212,11 +219,11 @@ def main(argv: Sequence[str]) -> int:
     """Run the HAFL benchmark; returns an exit code."""
     args = parse_args(argv)
     out = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     extra = [word for pair in args.set for word in pair]
     common = ["federate.total_round_num", str(args.rounds), "eval.freq", str(eval_freq(args.rounds)),
               "outdir", str(out / "runs"), *extra]
-    methods = args.methods.split(",")
+    methods = args.methods
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for seed in seeds:
         for name in methods:

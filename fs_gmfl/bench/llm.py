@@ -34,7 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fs_gmfl.bench.common import fmt_pm, machine, markdown_table, mean_curve, peak_step_memory, progress, write_json
+from fs_gmfl.bench.common import (earlier_summary, fmt_pm, machine, markdown_table, mean_curve, peak_step_memory,
+                                  progress, write_json)
+from fs_gmfl.bench.options import BenchParser, output_dir, positive, seed_list, subset
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.hosts.sim.runner import Simulation, precision_of
 from fs_gmfl.plots import MIB, plot_runs
@@ -55,6 +57,12 @@ def hafl_overrides(scheme: str, r_max: int) -> list[str]:
             profiles]
 
 
+#: the benchmarked methods, in table order (see :func:`method_overrides`).
+METHODS = ("FedIT", "FedIT+GMFL", "FFA-LoRA", "ITALoRA", "IFALoRA")
+#: what ``--quick`` sets besides the tiny model and data (options given explicitly keep their values).
+QUICK = {"seeds": "0", "timing_steps": "2", "timing_repeats": "2"}
+
+
 def method_overrides(r_max: int, gmfl_period: int) -> dict[str, list[str]]:
     """Each benchmarked method as overrides of the base configuration."""
     return {
@@ -68,19 +76,20 @@ def method_overrides(r_max: int, gmfl_period: int) -> dict[str, list[str]]:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
-    p = argparse.ArgumentParser(prog="fs-gmfl bench llm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--methods", default="FedIT,FedIT+GMFL,FFA-LoRA,ITALoRA,IFALoRA")
-    p.add_argument("--rounds", type=int, default=None, help="federate.total_round_num (default: the config's)")
-    p.add_argument("--gmfl-period", type=int, default=2, help="GMFL refresh period for the short schedule")
+    p = BenchParser("llm", __doc__, quick=QUICK, quick_help="tiny random Llama on generated arithmetic rows, 1 seed")
+    p.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--methods", type=subset(METHODS), default=",".join(METHODS),
+                   help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--rounds", type=positive, default=None, help="federate.total_round_num (default: the config's)")
+    p.add_argument("--gmfl-period", type=positive, default=2, help="GMFL refresh period for the short schedule")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="extra configuration override for every run (repeatable)")
-    p.add_argument("--timing-steps", type=int, default=4, help="local steps per precision timing block")
-    p.add_argument("--timing-repeats", type=int, default=3, help="interleaved timing blocks per precision")
+    p.add_argument("--timing-steps", type=positive, default=4, help="local steps per precision timing block")
+    p.add_argument("--timing-repeats", type=positive, default=3, help="interleaved timing blocks per precision")
     p.add_argument("--no-timing", action="store_true", help="skip the precision timing block")
-    p.add_argument("--fresh", action="store_true", help="rerun runs whose summary.json already exists")
-    p.add_argument("--out", default="bench_out/llm")
-    p.add_argument("--quick", action="store_true", help="tiny random Llama on generated arithmetic rows, 1 seed")
+    p.add_argument("--fresh", action="store_true", help="rerun runs whose summary.json already exists (replacing "
+                   "them; without it, --out may hold only earlier runs of the same configuration)")
+    p.add_argument("--out", type=output_dir, default="bench_out/llm")
     return p.parse_args(list(argv))
 
 
@@ -112,12 +121,12 @@ def _run_in_child(overrides: list[str]) -> None:
     Simulation(load_config(BASE_CONFIG, overrides), quiet=True).run()
 
 
-def run_config(cfg: RunConfig, overrides: list[str], *, fresh: bool) -> dict[str, Any]:
-    """Run ``cfg`` in a fresh process (so ``peak_rss_bytes`` is this run's own), or reuse an earlier summary."""
+def run_config(cfg: RunConfig, overrides: list[str]) -> dict[str, Any]:
+    """Run ``cfg`` in a fresh process (so ``peak_rss_bytes`` is this run's own) and return its summary.
+
+    What an unfinished or ``--fresh``-replaced run left in the run directory is removed first.
+    """
     path = Path(cfg.outdir) / cfg.run_name / "summary.json"
-    if path.is_file() and not fresh:
-        progress(f"  reusing {path}")
-        return json.loads(path.read_text(encoding="utf-8"))
     if path.parent.exists():
         shutil.rmtree(path.parent)
     child = multiprocessing.get_context("spawn").Process(target=_run_in_child, args=(overrides,))
@@ -130,6 +139,22 @@ def run_config(cfg: RunConfig, overrides: list[str], *, fresh: bool) -> dict[str
     progress(f"  {cfg.run_name}: {summary['wall_seconds']:.0f}s, exact match {final.get('test_exact_match', 0):.3f}, "
              f"token loss {final.get('test_token_loss', 0):.3f}, peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
     return summary
+
+
+#: one run of the benchmark: (method, seed, configuration, the overrides that build it).
+PlannedRun = tuple[str, int, RunConfig, list[str]]
+
+
+def planned_runs(args: argparse.Namespace, overrides: list[str], r_max: int) -> list[PlannedRun]:
+    """Every run, seed after seed and method after method: ``(method, seed, configuration, its overrides)``."""
+    methods = method_overrides(r_max, args.gmfl_period)
+    plan = []
+    for seed in args.seeds:
+        for method in args.methods:
+            name = f"{method.lower().replace('+', '_').replace('-', '')}_s{seed}"
+            words = [*overrides, *methods[method], "seed", str(seed), "expname", name]
+            plan.append((method, seed, load_config(BASE_CONFIG, words), words))
+    return plan
 
 
 def at(summary: dict[str, Any], rnd: int, metric: str) -> float:
@@ -265,23 +290,22 @@ def main(argv: Sequence[str]) -> int:
     """Run the benchmark; print the table."""
     args = parse_args(argv)
     out = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",")] if not args.quick else [0]
     overrides = base_overrides(args, out)
     reference = load_config(BASE_CONFIG, overrides)
-    methods = method_overrides(reference.lora.r, args.gmfl_period)
-    chosen = [m for m in args.methods.split(",") if m in methods]
+    plan = planned_runs(args, overrides, reference.lora.r)
+    earlier = [earlier_summary(cfg, fresh=args.fresh) for _, _, cfg, _ in plan]  # refuses foreign runs up front
     start = time.time()
     timing = None
     if not args.no_timing:
         progress("[bench llm] precision timing")
-        timing = precision_timing(overrides, steps=args.timing_steps if not args.quick else 2,
-                                  repeats=args.timing_repeats if not args.quick else 2)
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in chosen}
-    for seed in seeds:
-        for method in chosen:
+        timing = precision_timing(overrides, steps=args.timing_steps, repeats=args.timing_repeats)
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+    for (method, seed, cfg, words), summary in zip(plan, earlier):
+        if summary is None:
             progress(f"[bench llm] seed {seed}: {method}")
-            name = f"{method.lower().replace('+', '_').replace('-', '')}_s{seed}"
-            words = [*overrides, *methods[method], "seed", str(seed), "expname", name]
-            results[method].append(run_config(load_config(BASE_CONFIG, words), words, fresh=args.fresh))
-    print(write_outputs(out, results, seeds, timing, reference, time.time() - start))
+            summary = run_config(cfg, words)
+        else:
+            progress(f"[bench llm] seed {seed}: {method}: reusing {Path(cfg.outdir) / cfg.run_name}")
+        results[method].append(summary)
+    print(write_outputs(out, results, args.seeds, timing, reference, time.time() - start))
     return 0

@@ -43,32 +43,33 @@ import torch
 import torch.nn.functional as F
 
 from fs_gmfl.bench.common import machine, markdown_table, progress, write_json
+from fs_gmfl.bench.options import BenchParser, output_dir, positive, subset
 from fs_gmfl.config import load_config
 from fs_gmfl.hosts.sim.runner import Simulation
 from fs_gmfl.hosts.sim.training import autocast_context, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CFG = ROOT / "yaml_configs" / "quickstart.yaml"
+#: the measurement blocks, in the order they run by default.
+BLOCKS = ("train", "eval", "threads", "hosts")
+#: what ``--quick`` sets (options given explicitly keep their values).
+QUICK = {"rounds": "1", "repeats": "1", "thread_steps": "2"}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Benchmark options."""
-    p = argparse.ArgumentParser(prog="fs-gmfl bench perf", description=__doc__.split("\n\n")[0])
+    p = BenchParser("perf", __doc__, quick=QUICK, quick_help="smoke version: 1 round, 1 repeat, 2 thread steps")
     p.add_argument("--cfg", default=str(DEFAULT_CFG), help="a sequence-classification or causal-LM configuration")
-    p.add_argument("--rounds", type=int, default=2, help="rounds of each simulator run in the train block")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every variant")
-    p.add_argument("--thread-steps", type=int, default=12, help="training steps per threads-block measurement")
-    p.add_argument("--blocks", default="train,eval,threads,hosts", help="comma-separated subset of: train, eval, "
-                   "threads, hosts (hosts is skipped without FederatedScope)")
+    p.add_argument("--rounds", type=positive, default=2, help="rounds of each simulator run in the train block")
+    p.add_argument("--repeats", type=positive, default=3, help="interleaved repetitions of every variant")
+    p.add_argument("--thread-steps", type=positive, default=12, help="training steps per threads-block measurement")
+    p.add_argument("--blocks", type=subset(BLOCKS, what="block"), default=",".join(BLOCKS),
+                   help=f"comma-separated subset of: {', '.join(BLOCKS)} (hosts is skipped without FederatedScope)")
     p.add_argument("--hosts-cfg", default=str(ROOT / "yaml_configs" / "fs" / "gmfl_fedit_minilm_both_hosts.yaml"))
-    p.add_argument("--hosts-rounds", type=int, default=4)
-    p.add_argument("--out", default="bench_out/perf")
-    p.add_argument("--quick", action="store_true", help="smoke version: 1 round, 1 repeat, 2 thread steps")
+    p.add_argument("--hosts-rounds", type=positive, default=4)
+    p.add_argument("--out", type=output_dir, default="bench_out/perf")
     p.add_argument("--threads-child", default="", help=argparse.SUPPRESS)
-    args = p.parse_args(list(argv))
-    if args.quick:
-        args.rounds, args.repeats, args.thread_steps = 1, 1, 2
-    return args
+    return p.parse_args(list(argv))
 
 
 def config(args: argparse.Namespace, run_dir: Path, name: str, *extra: str) -> Any:
@@ -293,7 +294,7 @@ def main(argv: Sequence[str]) -> int:
     results: dict[str, Any] = {"machine": machine(), "cfg": args.cfg, "args": vars(args)}
     blocks = {"train": lambda: train_block(args, out), "eval": lambda: eval_block(args, out),
               "threads": lambda: threads_block(args), "hosts": lambda: hosts_block(args, out)}
-    for name in args.blocks.split(","):
+    for name in args.blocks:
         results[name] = blocks[name]()
         write_json(out / "results.json", results)
     (out / "table.md").write_text(table(results) + "\n", encoding="utf-8")

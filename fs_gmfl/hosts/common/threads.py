@@ -8,8 +8,8 @@ threads than it has CPUs, and OpenMP's busy-waiting threads slow every step
 
     min(CPUs in this process's affinity mask, ceil(cgroup CPU quota)),
 
-and ``FS_GMFL_THREADS=N`` overrides it (a positive integer; a larger value
-than the usable CPUs is honoured with a warning).
+and ``FS_GMFL_THREADS=N`` overrides it (an integer from 1 to 4096; a larger
+value than the usable CPUs is honoured with a warning).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from fs_gmfl.errors import ConfigError
+from fs_gmfl.config.environment import THREADS
 
 logger = logging.getLogger(__name__)
 
-ENV = "FS_GMFL_THREADS"
+ENV = THREADS.name
 #: cgroup v2 quota file and the v1 pair (quota, period), relative to the cgroup file system root
 CGROUP_V2 = "cpu.max"
 CGROUP_V1 = ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")
@@ -79,14 +79,12 @@ def threads_from_env(value: str | None, usable: int) -> int:
     """The thread count: ``FS_GMFL_THREADS`` when set (validated), else ``usable``.
 
     Raises:
-        ConfigError: the variable is set to something other than a positive integer.
+        EnvironmentVariableError: the variable is set to anything but an integer from 1 to ``THREADS.high``
+            (empty included).
     """
-    if value is None or value.strip() == "":
+    if value is None:
         return usable
-    text = value.strip()
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(ENV, value, "a positive integer (torch threads), or unset for the usable CPUs")
-    threads = int(text)
+    threads = THREADS.parse(value)
     if threads > usable:
         logger.warning("%s=%d exceeds the %d CPU(s) this process may use; threads will compete for them",
                        ENV, threads, usable)
