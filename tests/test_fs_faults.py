@@ -11,6 +11,7 @@ processes that must not spin a core. Every test bounds its time and kills what i
 from __future__ import annotations
 
 import collections
+import datetime
 import os
 import re
 import signal
@@ -31,13 +32,16 @@ from fs_gmfl.hosts.fs.assets import write_tiny_llm_assets  # noqa: E402
 pytestmark = [pytest.mark.fs_host, pytest.mark.slow]
 
 #: short deadlines so that each fault costs seconds; rounds of ~60 local steps take a few seconds on two cores.
-TOLERANCE = {"heartbeat_s": 1, "client_timeout_s": 5, "round_timeout_s": 90, "join_timeout_s": 120,
-             "server_timeout_s": 30, "rpc_timeout_s": 10}
-SLOW_ROUNDS = ["train.local_update_steps", "60"]
-#: no test may take longer than this (a hang fails it instead of blocking the suite).
-DEADLINE_S = 300
+TOLERANCE = {"heartbeat_s": 1, "client_timeout_s": 5, "round_timeout_s": 300, "join_timeout_s": 240,
+             "server_timeout_s": 60, "rpc_timeout_s": 10}
+SLOW_ROUNDS = ["train.local_update_steps", "20"]
+#: no test may take longer than this (a hang fails it instead of blocking the suite); generous, since two cores
+#: shared with other jobs can make a round of the tiny model take a minute.
+DEADLINE_S = 600
 #: FederatedScope's log line when the server opens 0-based round ``n`` (``Round #1`` is the second round).
 NEW_ROUND = "Starting a new training round (Round #{})"
+#: time stamp of a FederatedScope log line.
+LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
 
 def tolerance(**changes: float) -> list[str]:
@@ -81,9 +85,18 @@ class Cluster:
             time.sleep(0.2)
         raise AssertionError(f"{role} did not log '{text}' within {timeout} s:\n{self.log(role)[-3000:]}")
 
-    def kill(self, role: str) -> None:
+    def kill(self, role: str) -> datetime.datetime:
+        """``kill -9`` of ``role``; when it happened (the clock the logs use)."""
         self.procs[role].send_signal(signal.SIGKILL)
         self.procs[role].wait(timeout=30)
+        return datetime.datetime.now()
+
+    def logged_at(self, role: str, text: str) -> datetime.datetime:
+        """Time stamp of the first line of ``role``'s log that contains ``text``."""
+        for line in self.log(role).splitlines():
+            if text in line and (stamp := LOG_TIME.search(line)):
+                return datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        raise AssertionError(f"{role} never logged '{text}'")
 
     def exit_codes(self, roles: tuple[str, ...] = ROLES) -> dict[str, int | str]:
         """Exit code of each role's current process, or 'hang' past the test's deadline."""
@@ -162,25 +175,25 @@ def start_all(cluster: Cluster, *opts: str) -> None:
         cluster.start(role, *tolerance(), *SLOW_ROUNDS, *opts)
 
 
-def kill_in_round_two(cluster: Cluster, role: str) -> None:
+def kill_in_round_two(cluster: Cluster, role: str) -> datetime.datetime:
     cluster.wait_for("server", NEW_ROUND.format(1))
     time.sleep(1.0)  # the clients are training round 2
-    cluster.kill(role)
+    return cluster.kill(role)
 
 
 def test_client_killed_mid_round_costs_its_replies(cluster):
     """``kill -9`` of a client in round 2: the round goes on without it after client_timeout_s, later rounds do
     not ask it (it has been silent), the server and the other client exit 0."""
     start_all(cluster)
-    kill_in_round_two(cluster, "client_2")
+    killed = kill_in_round_two(cluster, "client_2")
     assert_finished(cluster, ("server", "client_1"))
     rows = summary(cluster.out / "server")["per_round"]
     assert [r["accepted"] for r in rows] == [2, 1, 1, 1]
     assert [r.get("lost_clients") for r in rows] == [None, [2], [2], [2]]
     log = cluster.log("server")
-    assert "round 2: client #2 lost: no message for" in log
     assert "round 3: client #2 lost: not asked: no message for" in log  # no downlink is sent to a gone client
-    assert time.monotonic() - cluster.began < 200
+    noticed = cluster.logged_at("server", "round 2: client #2 lost: no message for") - killed
+    assert noticed.total_seconds() < TOLERANCE["client_timeout_s"] + 10, noticed
 
 
 def test_restarted_client_takes_its_old_place(cluster):
@@ -224,15 +237,16 @@ def test_server_killed_and_restarted_from_its_checkpoint_is_rejoined(cluster):
 def test_server_killed_stops_its_clients_with_one_line(cluster):
     """A server that is gone: each client stops after server_timeout_s, exit 1, one error line, no traceback."""
     start_all(cluster, *tolerance(server_timeout_s=8))
-    kill_in_round_two(cluster, "server")
+    killed = kill_in_round_two(cluster, "server")
     codes = cluster.exit_codes(ROLES[1:])
+    stopped = datetime.datetime.now()
     assert codes == {"client_1": 1, "client_2": 1}, cluster.explain()
     for role in ROLES[1:]:
         log = cluster.log(role)
         lines = error_lines(log)
         assert len(lines) == 1 and "has been unreachable for" in lines[0] and "server_timeout_s" in lines[0]
         assert "Traceback" not in log
-    assert time.monotonic() - cluster.began < 150
+    assert (stopped - killed).total_seconds() < 8 + 60  # server_timeout_s after the round it was training, + exit
 
 
 def test_too_few_replies_stop_the_run_with_a_checkpoint(cluster):
@@ -254,13 +268,13 @@ def test_too_few_replies_stop_the_run_with_a_checkpoint(cluster):
 def test_late_client_costs_round_timeout_not_a_hang(cluster):
     """A live client that trains far longer than round_timeout_s: each round waits round_timeout_s, aggregates
     the punctual client, drops the late reply, and everyone finishes."""
-    cluster.start("server", *tolerance(round_timeout_s=20))
+    cluster.start("server", *tolerance(round_timeout_s=40))
     cluster.wait_for("server", "waiting for 2 clients to join")
-    cluster.start("client_1", *tolerance(round_timeout_s=20))
-    cluster.start("client_2", *tolerance(round_timeout_s=20), "train.local_update_steps", "400")
+    cluster.start("client_1", *tolerance(round_timeout_s=40))
+    cluster.start("client_2", *tolerance(round_timeout_s=40), "train.local_update_steps", "1500")
     assert_finished(cluster)
     log = cluster.log("server")
-    assert "round 1: client #2 lost: no reply within fault_tolerance.round_timeout_s = 20 s" in log
+    assert "round 1: client #2 lost: no reply within fault_tolerance.round_timeout_s = 40 s" in log
     assert "client #2 lost: not asked: still busy with an earlier round" in log  # no backlog in its queue
     assert accepted_per_round(cluster)[:2] == [1, 1]
 

@@ -276,6 +276,8 @@ class ResilientServer:
         elif before != session:
             logger.warning(f"fs_gmfl: client #{sender} restarted (new process at {address})")
             self._client_restarted(sender)
+        if content.get("idle") == 1:
+            self.busy_since.pop(sender, None)
         self.trigger_for_start()
         return None
 
@@ -338,15 +340,12 @@ class ResilientServer:
         ``client_timeout_s`` (gone or cut off: sending to it would fail or
         wait ``rpc_timeout_s``; it is asked again once its heartbeat is back),
         and a late client still busy with a round whose deadline it missed
-        (until its late reply arrives or ``round_timeout_s`` more passed), so
+        (until its late reply arrives or a heartbeat says it is idle), so
         messages do not pile up in its queue and it keeps up once it is done.
         """
         if not self.distributed:
             return receivers, {}
         now, tolerance = time.monotonic(), self.tolerance
-        for cid, since in list(self.busy_since.items()):
-            if now - since > tolerance.round_timeout_s:
-                del self.busy_since[cid]
         skipped: dict[int, str] = {}
         for cid in receivers:
             silent = now - self.last_seen.get(cid, self.since_start)
@@ -482,7 +481,7 @@ class ResilientClient:
         self.comm_manager = make_resilient(self.comm_manager, self.tolerance.rpc_timeout_s)
         self.session = uuid.uuid4().hex
         self.server_contact = time.monotonic()
-        self.joined = self.out_of_contact = False
+        self.joined = self.out_of_contact = self.working = False
         self.stopped = threading.Event()
         data_idx = int(self._cfg.distribute.data_idx)
         if 1 <= data_idx <= self._cfg.federate.client_num:
@@ -518,9 +517,10 @@ class ResilientClient:
         return None
 
     def _announce(self) -> bool:
-        """One join message (also the heartbeat): this client's address and session token."""
+        """One join message (also the heartbeat): this client's address, session token and whether it is idle."""
+        idle = not self.working and not self.comm_manager.pending()
         message = Message(msg_type="join_in", sender=self.ID, receiver=[self.server_id], timestamp=0,
-                          content={**self.local_address, "session": self.session})
+                          content={**self.local_address, "session": self.session, "idle": int(idle)})
         delivered = not self.comm_manager.send(message, quiet=True)
         if delivered and self.out_of_contact and self.joined:
             logger.info(f"fs_gmfl: the server at {self.server_address} answers again")
@@ -564,7 +564,11 @@ class ResilientClient:
         if handler is None:
             logger.warning(f"fs_gmfl: message of unknown type '{message.msg_type}' ignored")
             return False
-        handler(message)
+        self.working = True  # heartbeats tell the server whether this client is busy
+        try:
+            handler(message)
+        finally:
+            self.working = False
         return message.msg_type == "finish"
 
     def _check_server(self) -> None:
