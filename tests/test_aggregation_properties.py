@@ -1,5 +1,8 @@
 """Property-based tests of every aggregator: permutation invariance, fixed points, untouched masked entries.
 
+FedAvg, HAFL and FedKRSO are the production running sums (``tests/streamed_aggregation.py``); FedHFT's masked
+mixture is the list-form reference (``tests/reference_aggregation.py``) its streamed strategy is checked against.
+
 Hypothesis draws the number of clients, shapes, weights, masks and a seed; tensors come from a torch generator
 seeded by that draw, so each example is cheap and reproducible.
 """
@@ -10,13 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fs_gmfl.core.fedavg import LoraFedAvg, weighted_average
-from fs_gmfl.core.fedhft.ops import masked_mixture_average, weighted_heads
-from fs_gmfl.core.fedkrso.ops import average_accumulators
+from fs_gmfl.core.fedavg import LoraFedAvg
 from fs_gmfl.core.gmfl import GlobalMasking, GMFLConfig
 from fs_gmfl.core.gmfl.wrapper import gmfl_over_lora_fedavg
-from fs_gmfl.core.hafl.ops import ComponentUpdate, adaptive_rank1_average, zero_padding_average
+from fs_gmfl.core.hafl.ops import ComponentUpdate
 from fs_gmfl.core.message import Message, Reply, samples_tensor
+from tests.reference_aggregation import masked_mixture_average, weighted_heads
+from tests.streamed_aggregation import (adaptive_rank1_average, average_accumulators, weighted_average,
+                                        zero_padding_average)
 
 SETTINGS = settings(max_examples=25, deadline=None)
 seeds = st.integers(0, 2**31 - 1)

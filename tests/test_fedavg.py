@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from fs_gmfl.config.fields import make
-from fs_gmfl.core.fedavg import LoraFedAvg, base_trainable_keys, mask_candidate_keys, weighted_average
+from fs_gmfl.core.fedavg import LoraFedAvg, base_trainable_keys, mask_candidate_keys
 from fs_gmfl.core.gmfl import GlobalMasking, GMFLConfig
 from fs_gmfl.core.gmfl.wrapper import gmfl_over_lora_fedavg
 from fs_gmfl.core.message import Message, Reply, samples_tensor, unpack_bits
 from fs_gmfl.errors import AggregationError
+from tests import reference_aggregation as reference
+from tests import streamed_aggregation as streamed
 
 A1, B1 = "m.l1.q.lora_A.weight", "m.l1.q.lora_B.weight"
 A2, B2 = "m.l1.v.lora_A.weight", "m.l1.v.lora_B.weight"
@@ -27,7 +29,13 @@ def reply(cid: int, tensors: dict[str, torch.Tensor], n: int) -> Reply:
     return Reply(cid, Message(tensors, {"num_samples": samples_tensor(n)}))
 
 
-def test_weighted_average_hand_computed():
+#: FedAvg as the list-form reference and as the production running sum fed the same list.
+AVERAGES = pytest.mark.parametrize("weighted_average", [reference.weighted_average, streamed.weighted_average],
+                                   ids=["reference", "streamed"])
+
+
+@AVERAGES
+def test_weighted_average_hand_computed(weighted_average):
     """Weights 1 and 3: (1*2 + 3*6) / 4 = 5."""
     # Prepare
     s1, s2 = {"x": torch.tensor([2.0, 0.0])}, {"x": torch.tensor([6.0, 4.0])}
@@ -37,7 +45,8 @@ def test_weighted_average_hand_computed():
     assert torch.equal(avg["x"], torch.tensor([5.0, 3.0]))
 
 
-def test_weighted_average_does_not_mutate_inputs():
+@AVERAGES
+def test_weighted_average_does_not_mutate_inputs(weighted_average):
     """Inputs are bit-identical after the call (FederatedScope's averaging mutates its first input)."""
     s1, s2 = {"x": torch.randn(4)}, {"x": torch.randn(4)}
     before = [s1["x"].clone(), s2["x"].clone()]
@@ -45,8 +54,9 @@ def test_weighted_average_does_not_mutate_inputs():
     assert torch.equal(s1["x"], before[0]) and torch.equal(s2["x"], before[1])
 
 
+@AVERAGES
 @pytest.mark.parametrize("weights", [[], [0, 0], [1, -1], [1, float("nan")]])
-def test_weighted_average_rejects_degenerate_weights(weights):
+def test_weighted_average_rejects_degenerate_weights(weighted_average, weights):
     """No, zero, negative or non-finite weights raise AggregationError."""
     states = [{"x": torch.ones(1)} for _ in weights] or [{"x": torch.ones(1)}]
     with pytest.raises(AggregationError):

@@ -1,4 +1,5 @@
-"""FedHFT pure functions: row energies, row masks, masked averaging, SVD factors, levels, memberships."""
+"""FedHFT pure functions (row energies, row masks, SVD factors, levels, memberships) and, by hand, the list-form
+masked averaging of ``tests/reference_aggregation.py`` that the streamed strategy is checked against."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 
 from fs_gmfl.core.fedhft import (align_memberships, assign_levels, gmm_memberships, kept_row_count,
-                                 low_rank_factors, masked_mixture_average, mixture, row_energies, top_rows,
-                                 weighted_heads)
+                                 low_rank_factors, mixture, row_energies, top_rows)
 from fs_gmfl.core.fedhft.wire import ROW_BITS, ROW_INDEX, decode_rows, encode_rows
+from tests.reference_aggregation import masked_mixture_average, weighted_heads
 
 # Three clients, d_out = d_in = 2, K = 2; each update is rank 1 (rows [x, x]).
 UPDATES = [torch.tensor([[1.0, 1.0], [2.0, 2.0]]), torch.tensor([[3.0, 3.0], [4.0, 4.0]]),

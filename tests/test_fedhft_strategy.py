@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fs_gmfl.config.fields import make
-from fs_gmfl.core.fedhft import FedHFTConfig, FedHFTStrategy, masked_mixture_average, uplink_message
+from fs_gmfl.core.fedhft import FedHFTConfig, FedHFTStrategy, uplink_message
 from fs_gmfl.core.fedhft.wire import LEVEL, ROW_BITS, ROW_INDEX, SEED
 from fs_gmfl.core.message import NUM_SAMPLES, Message, Reply, pack_bits, samples_tensor
+from tests.reference_aggregation import masked_mixture_average
 
 Q, V = "m.l0.q", "m.l0.v"
 HEAD = "m.classifier.modules_to_save.weight"

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from fs_gmfl.core.fedkrso import wire
-from fs_gmfl.core.fedkrso.ops import (apply_update_, average_accumulators, expected_seeds_used, interval_slot_generator,
-                                      layer_rank, merge_, next_slot, projected_decay_grad, projection, round_seeds,
-                                      transform_moment)
+from fs_gmfl.core.fedkrso.ops import (apply_update_, expected_seeds_used, interval_slot_generator, layer_rank, merge_,
+                                      next_slot, projected_decay_grad, projection, round_seeds, transform_moment)
 from fs_gmfl.core.message import Message, samples_tensor
 from fs_gmfl.core.targets import TargetLayer, canonical_key, resolve_targets
 from fs_gmfl.errors import ConfigError
 from fs_gmfl.hosts.common.models import build_backbone
+from tests import reference_aggregation as reference
+from tests import streamed_aggregation as streamed
 
 KEY = "bert.encoder.layer.0.attention.self.query"
 HASH_SNIPPET = ("import hashlib; from fs_gmfl.core.fedkrso.ops import projection; "
@@ -96,7 +97,9 @@ def test_apply_update_rejects_a_shape_mismatch():
         apply_update_(torch.zeros(6, 9), torch.zeros(2, 6, 2), [1, 2, 3], layer=layer(d_out=6, d_in=9), rank=2)
 
 
-def test_average_accumulators_hand_computed_with_zero_for_non_users():
+@pytest.mark.parametrize("average_accumulators", [reference.average_accumulators, streamed.average_accumulators],
+                         ids=["reference", "streamed"])
+def test_average_accumulators_hand_computed_with_zero_for_non_users(average_accumulators):
     """p = (1/2, 1/4, 1/4); slots {0,2}, {2}, {1}: Bbar_0 = a/2, Bbar_1 = d/4, Bbar_2 = b/2 + c/4."""
     # Prepare
     a, b, c, d = (torch.full((2, 1), v) for v in (4.0, 8.0, 16.0, 12.0))

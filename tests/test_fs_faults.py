@@ -75,7 +75,7 @@ class Cluster:
     def log(self, role: str, start: int | None = None) -> str:
         return self.log_path(role, start).read_text(errors="replace")
 
-    def wait_for(self, role: str, text: str, timeout: float = 120) -> None:
+    def wait_for(self, role: str, text: str, timeout: float = 300) -> None:
         """Until ``role``'s current log contains ``text`` (fails if the process ends or the time runs out)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:

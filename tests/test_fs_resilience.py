@@ -162,3 +162,37 @@ def test_evaluation_without_results_still_finishes_the_last_round():
     server.watch("eval", 3, [1, 2], lost=dict.fromkeys([1, 2], resilience.UNDELIVERED))
     server._check_deadlines()
     assert saved == [True] and server.msg_buffer["eval"] == {3: {}}
+
+
+def test_hostile_joins_are_ignored_and_a_new_session_is_a_restart():
+    """A join with a made-up id, a port that is not an integer, or no address changes nothing; the same id with a
+    new session token is a restarted process (its old place, the restart handling)."""
+    server = FakeServer()
+    neighbors, restarted = {}, []
+    server.comm_manager = SimpleNamespace(neighbors=neighbors, add_neighbors=lambda neighbor_id, address:
+                                          neighbors.__setitem__(neighbor_id, address))
+    server.sessions, server.started = {}, False
+    server._client_restarted = restarted.append
+    server.trigger_for_start = lambda short_handed=False: None
+
+    def join(sender, content):
+        server.callback_funcs_for_join_in(SimpleNamespace(msg_type="join_in", sender=sender, content=content))
+
+    join(99, {"host": "127.0.0.1", "port": 5, "session": "a"})
+    join(1, {"host": "127.0.0.1", "port": "5; rm -rf /", "session": "a"})
+    join(1, {"host": "127.0.0.1", "port": True, "session": "a"})
+    join(1, "127.0.0.1:5")
+    assert neighbors == {} and server.sessions == {}
+    join(1, {"host": "127.0.0.1", "port": 5, "session": "a", "idle": 1})
+    join(1, {"host": "127.0.0.1", "port": 5, "session": "a", "idle": 1})  # a heartbeat
+    assert neighbors == {1: "127.0.0.1:5"} and restarted == []
+    join(1, {"host": "127.0.0.1", "port": 6, "session": "b", "idle": 1})
+    assert neighbors == {1: "127.0.0.1:6"} and restarted == [1]
+
+
+def test_an_unreadable_message_is_dropped_not_raised():
+    from federatedscope.core.proto import gRPC_comm_manager_pb2
+
+    comm = SimpleNamespace(inbox=resilience.Inbox())
+    comm.inbox.append(gRPC_comm_manager_pb2.MessageRequest())  # no sender, no type
+    assert resilience.DeadlineCommManager.receive(comm, 0.1) is None

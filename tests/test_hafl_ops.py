@@ -11,11 +11,13 @@ from peft.tuners.adalora.layer import RankAllocator
 from torch import nn
 
 from fs_gmfl.core.adapter import LoraPair
-from fs_gmfl.core.hafl import (ComponentUpdate, ImportanceTracker, adaptive_rank1_average, assign_profiles,
-                               component_scores, element_score, largest_remainder, product_norm, rank1_norms,
-                               sensitivity, smooth_importance, take_components, top_components, truncated_factors,
-                               update_importance, zero_padding_average)
+from fs_gmfl.core.hafl import (ComponentUpdate, ImportanceTracker, assign_profiles, component_scores, element_score,
+                               largest_remainder, product_norm, rank1_norms, sensitivity, smooth_importance,
+                               take_components, top_components, truncated_factors, update_importance)
+from fs_gmfl.core.hafl.ops import ComponentSums
 from fs_gmfl.errors import AggregationError
+from tests import reference_aggregation as reference
+from tests import streamed_aggregation as streamed
 
 F64 = torch.float64
 
@@ -169,7 +171,15 @@ def test_truncated_factors_are_the_rank_n_model():
     assert torch.equal(small_a[0], a[2]) and torch.equal(small_b[:, 1], b[:, 0])
 
 
-# -- aggregation ---------------------------------------------------------------------------------
+# -- aggregation: the list-form reference and the production running sums, on the same inputs -----------
+ADAPTIVE = pytest.mark.parametrize("adaptive_rank1_average",
+                                   [reference.adaptive_rank1_average, streamed.adaptive_rank1_average],
+                                   ids=["reference", "streamed"])
+ZERO_PADDING = pytest.mark.parametrize("zero_padding_average",
+                                       [reference.zero_padding_average, streamed.zero_padding_average],
+                                       ids=["reference", "streamed"])
+
+
 def three_clients():
     """r=4, d_in=2, d_out=2. Client 0 trains {0, 1}, client 1 trains {1}, client 2 trains {1, 2}; nobody trains 3."""
     a = torch.arange(8, dtype=torch.float32).reshape(4, 2)
@@ -184,7 +194,8 @@ def three_clients():
     return a, b, ups
 
 
-def test_adaptive_aggregation_hand_computed():
+@ADAPTIVE
+def test_adaptive_aggregation_hand_computed(adaptive_rank1_average):
     """Weights 1, 2, 1: comp 0 = client 0's; comp 1 = (1*20 + 2*40 + 1*80)/4 = 45; comp 2 = client 2's; comp 3 kept."""
     a, b, ups = three_clients()
     w = [torch.full((2,), 1.0), torch.full((1,), 2.0), torch.full((2,), 1.0)]
@@ -193,7 +204,8 @@ def test_adaptive_aggregation_hand_computed():
     assert new_b.tolist() == [[1.0, (2 + 8 + 8) / 4, 3.0, -3.0], [1.0, 4.5, 3.0, -7.0]]
 
 
-def test_adaptive_aggregation_zero_weights_fall_back_to_uniform():
+@ADAPTIVE
+def test_adaptive_aggregation_zero_weights_fall_back_to_uniform(adaptive_rank1_average):
     """A component whose contributors all have weight 0 is their plain mean; a zero-weight client is ignored otherwise."""
     a, b, ups = three_clients()
     w = [torch.tensor([5.0, 0.0]), torch.tensor([0.0]), torch.tensor([0.0, 0.0])]
@@ -203,44 +215,13 @@ def test_adaptive_aggregation_zero_weights_fall_back_to_uniform():
     assert new_a[2].tolist() == [30.0, 30.0]
 
 
-def test_zero_padding_hand_computed():
+@ZERO_PADDING
+def test_zero_padding_hand_computed(zero_padding_average):
     """Weights 1, 2, 1 over all clients (1/4, 1/2, 1/4): comp 0 = 10/4; comp 1 = 45; comp 2 = 30/4; comp 3 -> 0."""
     a, b, ups = three_clients()
     new_a, new_b = zero_padding_average(a, b, ups, [1.0, 2.0, 1.0])
     assert new_a.tolist() == [[2.5, 2.5], [45.0, 45.0], [7.5, 7.5], [0.0, 0.0]]
     assert new_b.tolist() == [[0.25, 4.5, 0.75, 0.0], [0.25, 4.5, 0.75, 0.0]]
-
-
-def reference_adaptive(a, b, ups, weights):
-    """Spec 8.1, written as the loop over components and clients."""
-    a, b = a.clone().to(F64), b.clone().to(F64)
-    for i in range(a.shape[0]):
-        contrib = [(u, float(w[list(u.indices).index(i)])) for u, w in zip(ups, weights) if i in u.indices.tolist()]
-        if not contrib:
-            continue
-        z = sum(w for _, w in contrib)
-        a_i = torch.zeros_like(a[i])
-        b_i = torch.zeros_like(b[:, i])
-        for u, w in contrib:
-            j = u.indices.tolist().index(i)
-            omega = w / z if z > 0 else 1 / len(contrib)
-            a_i += omega * u.a_rows[j].to(F64)
-            b_i += omega * u.b_cols[:, j].to(F64)
-        a[i], b[:, i] = a_i, b_i
-    return a, b
-
-
-def reference_zero_padding(a, b, ups, weights):
-    """Spec 8.2: pad every client to rank r with zeros, then a weighted average of the padded factors."""
-    total = sum(weights)
-    out_a, out_b = torch.zeros_like(a, dtype=F64), torch.zeros_like(b, dtype=F64)
-    for u, w in zip(ups, weights):
-        pad_a, pad_b = torch.zeros_like(out_a), torch.zeros_like(out_b)
-        pad_a[u.indices] = u.a_rows.to(F64)
-        pad_b[:, u.indices] = u.b_cols.to(F64)
-        out_a += w / total * pad_a
-        out_b += w / total * pad_b
-    return out_a, out_b
 
 
 def random_updates(seed, clients=5, r=8, d_in=6, d_out=4):
@@ -256,38 +237,44 @@ def random_updates(seed, clients=5, r=8, d_in=6, d_out=4):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_aggregations_match_reference_loops(seed):
-    """Vectorised adaptive and zero-padding aggregation equal the straightforward loops (float64)."""
+def test_running_sums_match_the_reference_loops(seed):
+    """The production running sums equal the component-by-component reference loops (float64)."""
     a, b, ups, weights = random_updates(seed)
-    for got, ref in ((adaptive_rank1_average(a, b, ups, weights), reference_adaptive(a, b, ups, weights)),
-                     (zero_padding_average(a, b, ups, [float(w[0]) for w in weights]),
-                      reference_zero_padding(a, b, ups, [float(w[0]) for w in weights]))):
+    client_weights = [float(w[0]) for w in weights]
+    for got, ref in ((streamed.adaptive_rank1_average(a, b, ups, weights),
+                      reference.adaptive_rank1_average(a, b, ups, weights)),
+                     (streamed.zero_padding_average(a, b, ups, client_weights),
+                      reference.zero_padding_average(a, b, ups, client_weights))):
         torch.testing.assert_close(got[0], ref[0])
         torch.testing.assert_close(got[1], ref[1])
 
 
-def test_aggregations_do_not_mutate_inputs_and_ignore_client_order():
-    """Inputs are bit-identical after the call; permuting clients gives the same result."""
+def test_running_sums_do_not_mutate_inputs_and_ignore_client_order():
+    """Inputs are bit-identical after folding; permuting clients gives the same result."""
     a, b, ups, weights = random_updates(7)
     before = [t.clone() for u in ups for t in (u.indices, u.a_rows, u.b_cols)] + [a.clone(), b.clone()]
-    reference = adaptive_rank1_average(a, b, ups, weights)
-    zero_padding_average(a, b, ups, [1.0] * len(ups))
+    first = streamed.adaptive_rank1_average(a, b, ups, weights)
+    streamed.zero_padding_average(a, b, ups, [1.0] * len(ups))
     after = [t for u in ups for t in (u.indices, u.a_rows, u.b_cols)] + [a, b]
     assert all(torch.equal(x, y) for x, y in zip(before, after))
     for perm in itertools.islice(itertools.permutations(range(len(ups))), 1, 4):
-        got = adaptive_rank1_average(a, b, [ups[i] for i in perm], [weights[i] for i in perm])
-        torch.testing.assert_close(got[0], reference[0])
-        torch.testing.assert_close(got[1], reference[1])
+        got = streamed.adaptive_rank1_average(a, b, [ups[i] for i in perm], [weights[i] for i in perm])
+        torch.testing.assert_close(got[0], first[0])
+        torch.testing.assert_close(got[1], first[1])
 
 
-def test_identical_full_updates_aggregate_to_themselves():
+@pytest.mark.parametrize("rule", ["adaptive", "zero_padding"])
+@pytest.mark.parametrize("module", [reference, streamed], ids=["reference", "streamed"])
+def test_identical_full_updates_aggregate_to_themselves(module, rule):
     """Every client uploads the same full-rank factors: both rules return them."""
     a, b = torch.randn(3, 4, dtype=F64), torch.randn(2, 3, dtype=F64)
     up = ComponentUpdate(torch.tensor([2, 0, 1]), a[[2, 0, 1]] + 1, b[:, [2, 0, 1]] - 1)
-    for new_a, new_b in (adaptive_rank1_average(a, b, [up, up], [torch.ones(3), torch.full((3,), 3.0)]),
-                         zero_padding_average(a, b, [up, up], [1.0, 3.0])):
-        torch.testing.assert_close(new_a, a + 1)
-        torch.testing.assert_close(new_b, b - 1)
+    if rule == "adaptive":
+        new_a, new_b = module.adaptive_rank1_average(a, b, [up, up], [torch.ones(3), torch.full((3,), 3.0)])
+    else:
+        new_a, new_b = module.zero_padding_average(a, b, [up, up], [1.0, 3.0])
+    torch.testing.assert_close(new_a, a + 1)
+    torch.testing.assert_close(new_b, b - 1)
 
 
 @pytest.mark.parametrize("indices,a_rows,b_cols,weight,match", [
@@ -298,7 +285,7 @@ def test_identical_full_updates_aggregate_to_themselves():
     (torch.tensor([0]), torch.ones(1, 2), torch.ones(2, 1), torch.ones(2), "one per component"),
 ])
 def test_malformed_updates_raise(indices, a_rows, b_cols, weight, match):
-    """Duplicate or out-of-range indices, wrong shapes and bad weights raise AggregationError."""
+    """Duplicate or out-of-range indices, wrong shapes and bad weights raise AggregationError in the running sums."""
     a, b = torch.zeros(4, 2), torch.zeros(2, 4)
     with pytest.raises(AggregationError, match=match):
-        adaptive_rank1_average(a, b, [ComponentUpdate(indices, a_rows, b_cols)], [weight])
+        ComponentSums(a, b).add(ComponentUpdate(indices, a_rows, b_cols), weight)

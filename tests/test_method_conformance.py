@@ -6,6 +6,14 @@ simulation completes, a malformed uplink is rejected without touching the
 global state, its aggregation is a streaming fold (the same state from a list
 or a one-shot generator, no reply kept once folded), and its byte estimator
 (if any) reports both directions.
+
+Behavioural checks against independent values: a reply sent twice or from an
+unsampled client folds nothing; a round of real uplinks equals the method's
+list-form reference (``tests/reference_aggregation.py``) over exactly the
+accepted replies (FedAvg of the uploads by default; HAFL per component over
+the clients that trained it, FedKRSO through the seeded projections, FedHFT
+the masked cluster mixture); an uplink carries only what the client's plan
+trained (and FedHFT exactly the kept rows of the client's level).
 """
 
 from __future__ import annotations
@@ -17,12 +25,20 @@ import weakref
 
 import pytest
 import torch
+from torch import Tensor
 
 from fs_gmfl.comm_estimate import estimate
 from fs_gmfl.config.schema import RunConfig
+from fs_gmfl.core.adapter import adapter_state
+from fs_gmfl.core.fedhft.wire import decode_rows
+from fs_gmfl.core.fedkrso import wire as krso_wire
+from fs_gmfl.core.hafl.ops import ComponentUpdate
+from fs_gmfl.core.hafl.wire import INDICES
 from fs_gmfl.core.message import Message, Reply
+from fs_gmfl.core.protocol import LocalPlan, Strategy
 from fs_gmfl.core.registry import method_specs, register_method, spec_of, unregister_method
 from fs_gmfl.hosts.sim.runner import Simulation
+from tests import reference_aggregation as reference
 from tests.conftest import tiny_config
 from tests.toy_method.spec import TOY
 
@@ -96,10 +112,10 @@ def test_byte_estimate_reports_both_directions(tmp_path, method):
 STREAMING_EXTRA = {"fedhft": ("fedhft.num_clusters", "2", "fedhft.cluster_warmup_rounds", "0")}
 
 
-def round_one_uplinks(tmp_path, method: str) -> tuple[Simulation, list[Reply]]:
+def round_one_uplinks(tmp_path, method: str, *extra: str) -> tuple[Simulation, list[Reply]]:
     """A set-up simulation whose strategy configured round 1 for clients 0-3, and their real uplinks in the
     order 0, 3, 1, 2, client 3's made malformed (one NaN)."""
-    cfg = config(tmp_path, method, "federate.sample_client_num", "4", *STREAMING_EXTRA.get(method, ()))
+    cfg = config(tmp_path, method, "federate.sample_client_num", "4", *STREAMING_EXTRA.get(method, ()), *extra)
     sim = Simulation(cfg, quiet=True)
     sim.setup()
     downlinks = sim.method.strategy.configure_round(1, [0, 1, 2, 3])
@@ -181,3 +197,181 @@ def test_replies_pushed_on_arrival_fold_like_aggregate(tmp_path, method):
     assert_same_state(pushed, pulled)
     with pytest.raises(RuntimeError, match="already aggregated"):
         aggregation.add(replies[0])
+
+
+# -- screening: a reply counts once, and only from a sampled client ------------------------------------------------
+def intruder_round(tmp_path, method: str, intruder: str) -> tuple[Strategy, list[Reply], Reply]:
+    """A strategy that sampled clients 0 and 1 for round 1, their real replies, and an intruder reply.
+
+    ``duplicate``: client 0's reply sent again. ``unsampled``: a real reply of client 2, trained from the
+    downlink a copy of the strategy wrote for it (so only the sampling makes it wrong).
+    """
+    sim = Simulation(config(tmp_path, method, "federate.sample_client_num", "2"), quiet=True)
+    sim.setup()
+    strategy = sim.method.strategy
+    spare = copy.deepcopy(strategy)
+    downlinks = {**strategy.configure_round(1, [0, 1]), 2: spare.configure_round(1, [2])[2]}
+    replies = {c: Reply(c, sim._fit_client(1, c, downlinks[c].detached_copy())) for c in (0, 1, 2)}
+    extra = Reply(0, replies[0].message.detached_copy()) if intruder == "duplicate" else replies[2]
+    return strategy, [replies[0], replies[1]], extra
+
+
+@pytest.mark.parametrize("intruder", ["duplicate", "unsampled"])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_duplicate_or_unsampled_reply_is_rejected_and_folds_nothing(tmp_path, method, intruder):
+    """A reply sent twice, or from a client the round did not sample, is rejected; the round equals the one
+    without it, bit for bit (so nothing of it was folded)."""
+    # Prepare
+    strategy, honest, extra = intruder_round(tmp_path, method, intruder)
+    clean, dirty = copy.deepcopy(strategy), copy.deepcopy(strategy)
+    # Execute
+    clean.aggregate(1, honest)
+    report = dirty.aggregate(1, [honest[0], extra, honest[1]])
+    # Assert
+    assert report.accepted == [0, 1] and list(report.rejected) == [extra.client_id]
+    assert_same_state(dirty, clean)
+
+
+# -- the round against an independent reference (tests/reference_aggregation.py) ------------------------------
+def accepted_round(tmp_path, method: str, *extra: str) -> tuple[Strategy, Strategy, list[Reply]]:
+    """The strategy before and after round 1 of :func:`round_one_uplinks`, and the replies it accepted."""
+    sim, replies = round_one_uplinks(tmp_path, method, *extra)
+    before = copy.deepcopy(sim.method.strategy)
+    report = sim.method.strategy.aggregate(1, replies)
+    accepted = [r for r in replies if r.client_id in report.accepted]
+    assert len(accepted) == 3
+    return before, sim.method.strategy, accepted
+
+
+def assert_close(actual: Tensor, expected: Tensor, *, atol: float = 1e-6) -> None:
+    """Equal to the float64 reference up to float32 rounding."""
+    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), rtol=1e-5, atol=atol)
+
+
+def sample_weighted_mean(before: Strategy, after: Strategy, accepted: list[Reply]) -> None:
+    """FedAvg: every uploaded tensor becomes ``sum n_i u_i / sum n_i``; what nobody uploaded keeps its value."""
+    expected = reference.weighted_average([r.message.tensors for r in accepted],
+                                          [r.message.num_samples for r in accepted])
+    old, new = before.global_adapter(), after.global_adapter()
+    assert set(expected) <= set(old)
+    for key in old:
+        if key in expected:
+            assert_close(new[key], expected[key])
+        else:
+            assert torch.equal(new[key], old[key]), key
+
+
+def components_over_their_trainers(before: Strategy, after: Strategy, accepted: list[Reply]) -> None:
+    """HAFL adaptive: each rank-1 component is the sample-weighted mean over the clients that trained it only."""
+    old, new = before.global_adapter(), after.global_adapter()
+    trainers = [r.message.control[INDICES].shape[1] for r in accepted]
+    assert len(set(trainers)) == len(trainers)  # the profiles make some components trained by a strict subset
+    for row, pair in enumerate(before.pairs):
+        updates = [ComponentUpdate(r.message.control[INDICES][row].long(), r.message.tensors[pair.a_key],
+                                   r.message.tensors[pair.b_key]) for r in accepted]
+        weights = [torch.full((u.indices.numel(),), float(r.message.num_samples)) for u, r in zip(updates, accepted)]
+        expected_a, expected_b = reference.adaptive_rank1_average(old[pair.a_key].double(), old[pair.b_key].double(),
+                                                                  updates, weights)
+        assert_close(new[pair.a_key], expected_a)
+        assert_close(new[pair.b_key], expected_b)
+
+
+def seeded_subspace_updates(before: Strategy, after: Strategy, accepted: list[Reply]) -> None:
+    """FedKRSO: each layer moves by ``sum_k Bbar_k P_k``, ``P_k`` drawn from the round's seed ``k`` and the layer."""
+    seeds = before.seeds_of(1)
+    counts = [float(r.message.num_samples) for r in accepted]
+    weights = [c / sum(counts) for c in counts]
+    assert len(set(seeds)) > 1
+    for layer in before.layers:
+        uploads = [(r.message.control[krso_wire.SLOTS].tolist(), r.message.tensors[krso_wire.acc_key(layer.name)])
+                   for r in accepted]
+        union, averaged = reference.average_accumulators(uploads, weights)
+        delta = reference.subspace_update(averaged, [seeds[s] for s in union], layer.key, d_in=layer.d_in)
+        moved = after.weights[layer.name].double() - before.weights[layer.name].double()
+        assert_close(moved.T if layer.transposed else moved, delta, atol=1e-6)
+
+
+def masked_cluster_mixture(before: Strategy, after: Strategy, accepted: list[Reply]) -> None:
+    """FedHFT: each cluster's update grows by the masked, membership-weighted mean of the clients' kept rows."""
+    cfg = before.config
+    weights = [r.message.num_samples for r in accepted] if cfg.client_weighting == "samples" else None
+    memberships = before.memberships[[r.client_id for r in accepted]]
+    for pair in before.layout.pairs:
+        d_out, _, rank = before.layout.shapes[pair.module]
+        dense, masks = [], []
+        for r in accepted:
+            b_rows = r.message.tensors[pair.b_key]
+            rows = decode_rows(r.message.control, pair.module, d_out, b_rows.shape[0])
+            b = torch.zeros(d_out, rank, dtype=torch.float64).index_copy_(0, rows, b_rows.double())
+            dense.append(before.scaling * b @ r.message.tensors[pair.a_key].double())
+            masks.append(torch.zeros(d_out, dtype=torch.bool).index_fill_(0, rows, True))
+        expected = reference.masked_mixture_average(dense, masks, memberships, weights=weights, norm=cfg.norm)
+        for j, mixture in enumerate(expected):
+            grown = after.cumulative[j][pair.module].double() - before.cumulative[j][pair.module].double()
+            assert_close(grown, mixture)
+
+
+#: three HAFL profiles (n_k = 1, 2, 4 of r = 4) and sample-count weights: components trained by a strict subset.
+HAFL_PROFILES = ("hafl.profiles", "[{clients: [0], freeze_ratio: 0.75}, {clients: [1], freeze_ratio: 0.5}, "
+                 "{clients: [2, 3], freeze_ratio: 0.0}]", "hafl.weighting", "datasize")
+#: a method's reference check and the overrides it needs; any other method is FedAvg of its uploads.
+REFERENCE_ROUNDS = {"hafl": (components_over_their_trainers, HAFL_PROFILES),
+                    "fedkrso": (seeded_subspace_updates, ()),
+                    "fedhft": (masked_cluster_mixture, ())}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_round_equals_the_reference_aggregation_of_the_accepted_replies(tmp_path, method):
+    """A round of real uplinks equals the method's list-form reference over exactly the accepted replies
+    (FedAvg of the uploads unless ``REFERENCE_ROUNDS`` names the method's own property)."""
+    check, extra = REFERENCE_ROUNDS.get(method, (sample_weighted_mean, ()))
+    check(*accepted_round(tmp_path, method, *extra))
+
+
+# -- uplinks carry what the plan trained, nothing more -----------------------------------------------------------
+def trained_entries(plan: LocalPlan, key: str) -> int:
+    """Entries of ``plan.trainable[key]`` the optimiser may change (its gradient mask's ones, if masked)."""
+    mask = plan.grad_masks.get(key)
+    return int(mask.count_nonzero()) if mask is not None else plan.trainable[key].numel()
+
+
+def one_client_with_its_plan(tmp_path, method: str, *extra: str) -> tuple[Simulation, LocalPlan, Message]:
+    """Client 0 trained in round 1: the simulation, the plan its algorithm made, and its uplink."""
+    sim = Simulation(config(tmp_path, method, *extra), quiet=True)
+    sim.setup()
+    client, plans = sim.method.client, []
+    prepare = client.prepare
+    client.prepare = lambda *args: plans.append(prepare(*args)) or plans[-1]
+    uplink = sim._fit_client(1, 0, sim.method.strategy.configure_round(1, [0])[0].detached_copy())
+    return sim, plans[0], uplink
+
+
+def kept_rows_of_the_level(sim: Simulation, plan: LocalPlan, uplink: Message) -> None:
+    """FedHFT: each ``lora_B`` upload has ``max(1, round(s * d_out))`` rows, ``s`` the client's level's keep ratio."""
+    strategy = sim.method.strategy
+    keep = sim.cfg.fedhft.levels.keep_ratio[strategy.levels[0]]
+    assert keep < 1
+    for pair in strategy.layout.pairs:
+        d_out = plan.trainable[pair.b_key].shape[0]
+        assert uplink.tensors[pair.b_key].shape[0] == max(1, int(keep * d_out + 0.5)), pair.b_key
+
+
+#: method-specific checks of what an uplink holds.
+UPLINK_CHECKS = {"fedhft": kept_rows_of_the_level}
+#: overrides under which a method trains part of a tensor (HAFL: client 0 trains one of four components).
+UPLINK_EXTRA = {"hafl": HAFL_PROFILES}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_uplink_carries_only_what_the_plan_trained(tmp_path, method):
+    """An uploaded tensor named like a model tensor is one the plan trained, with at most its trained entries;
+    method-specific selections (FedHFT's kept rows) have exactly their hand-computed size."""
+    sim, plan, uplink = one_client_with_its_plan(tmp_path, method, *UPLINK_EXTRA.get(method, ()))
+    model_keys = set(adapter_state(plan.model)) | {name for name, _ in plan.model.named_parameters()}
+    for key, tensor in uplink.tensors.items():
+        if key in plan.trainable:
+            assert tensor.numel() <= trained_entries(plan, key), key
+        else:
+            assert key not in model_keys, f"{key} is uploaded but was not trained"
+    if method in UPLINK_CHECKS:
+        UPLINK_CHECKS[method](sim, plan, uplink)

@@ -1,5 +1,5 @@
-"""Streaming aggregation (issue 16 item 4): the running-sum ops equal their reference functions, and the
-simulator keeps one uplink alive at a time.
+"""Streaming aggregation (issue 16 item 4): the running-sum ops equal the list-form references of
+``tests/reference_aggregation.py``, and the simulator keeps one uplink alive at a time.
 
 The running sums divide by the total weight at the end, where the reference
 functions normalise the weights first; in float64 the two agree to rounding,
@@ -13,11 +13,14 @@ import weakref
 import pytest
 import torch
 
-from fs_gmfl.core.fedavg.ops import WeightedSum, weighted_average
-from fs_gmfl.core.fedkrso.ops import SeedSums, average_accumulators
-from fs_gmfl.core.hafl.ops import ComponentSums, ComponentUpdate, adaptive_rank1_average, zero_padding_average
+from fs_gmfl.core.fedavg.ops import WeightedSum
+from fs_gmfl.core.fedkrso.ops import SeedSums
+from fs_gmfl.core.hafl.ops import ComponentSums, ComponentUpdate
 from fs_gmfl.errors import AggregationError
 from fs_gmfl.hosts.sim.runner import Simulation
+from tests import streamed_aggregation as streamed
+from tests.reference_aggregation import (adaptive_rank1_average, average_accumulators, weighted_average,
+                                         zero_padding_average)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 F64 = torch.float64
@@ -32,11 +35,7 @@ def float32_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.view(torch.int32).long() - b.view(torch.int32).long()).abs().max())
 
 
-def weighted_sum_average(states, weights, dtype=None):
-    sums = WeightedSum(list(states[0]))
-    for state, w in zip(states, weights):
-        sums.add(state, w)
-    return sums.average({k: dtype or v.dtype for k, v in states[0].items()})
+weighted_sum_average = streamed.weighted_average
 
 
 # -- FedAvg ---------------------------------------------------------------------------------------
@@ -107,11 +106,7 @@ def hafl_updates(seed: int, rank: int = 4, d_in: int = 5, d_out: int = 6):
     return a, b, ups
 
 
-def component_sums(a, b, ups, weights):
-    sums = ComponentSums(a, b)
-    for u, w in zip(ups, weights):
-        sums.add(u, w)
-    return sums
+component_sums = streamed.component_sums
 
 
 def test_component_sums_match_adaptive_average():
@@ -159,7 +154,7 @@ def test_seed_sums_match_average_accumulators():
                ([1, 2], torch.randn(2, 3, 2, generator=g, dtype=F64))]
     weights = [5.0, 1.0, 2.0]
     union, ref = average_accumulators(uploads, [w / sum(weights) for w in weights])
-    sums = SeedSums(4, 3, 2)
+    sums = SeedSums(4, 3, 2)  # one slot more than used: it stays out of the union
     for (slots, values), w in zip(uploads, weights):
         sums.add(slots, values, w)
     got_union, out = sums.average(F64)

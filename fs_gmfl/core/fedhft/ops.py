@@ -1,4 +1,4 @@
-"""FedHFT pure functions: row masks, masked mixture averaging, low-rank factors, memberships.
+"""FedHFT pure functions: row masks, cluster mixtures, low-rank factors, memberships.
 
 Ilhan et al., "FedHFT: Efficient Federated Finetuning with Heterogeneous Edge
 Clients" (IEEE CogMI 2025, arXiv 2510.14054); reference code
@@ -7,7 +7,8 @@ Clients" (IEEE CogMI 2025, arXiv 2510.14054); reference code
 
 * row energy ``e = diag(B (A Aᵀ) Bᵀ) · s²`` = squared row norms of ``ΔW = s B A`` (§4);
 * row mask ``M = TopRows_k(e)`` with ``k = max(1, round(s_level · d_out))`` (§5, §10.10);
-* masked, membership-weighted average ``Ū_j = Σ_i ω_i π_ij M_i ⊙ ΔW_i / n`` (§5);
+* masked, membership-weighted average ``Ū_j = Σ_i ω_i π_ij M_i ⊙ ΔW_i / n`` (§5), folded reply by reply
+  in :meth:`fs_gmfl.core.fedhft.strategy.FedHFTStrategy.fold_reply`;
 * personalised start ``SVD_r(Σ_j π_ij G_j)`` (§5);
 * memberships: Gaussian-mixture posteriors of client features (§4).
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -67,51 +68,6 @@ def top_rows(scores: Tensor, k: int, *, generator: torch.Generator | None = None
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     ranked = torch.sort(scores.detach().flatten()[order], descending=True, stable=True).indices
     return order[ranked[:k]].sort().values
-
-
-def rows_to_mask(rows: Tensor, d_out: int) -> Tensor:
-    """Boolean row mask of length ``d_out`` with ``rows`` set."""
-    mask = torch.zeros(d_out, dtype=torch.bool)
-    mask[rows.to(torch.long)] = True
-    return mask
-
-
-def masked_mixture_average(
-    updates: Sequence[Tensor],
-    masks: Sequence[Tensor],
-    memberships: Tensor,
-    *,
-    weights: Sequence[float] | None = None,
-    norm: str = "count",
-) -> list[Tensor]:
-    """Reference (non-streaming) masked, membership-weighted average, one result per cluster.
-
-    ``Ū_j[a, b] = Σ_i ω_i π_ij M_i[a] ΔW_i[a, b] / n_j[a]`` with
-    ``n_j[a] = Σ_i ω_i M_i[a]`` (``norm="count"``, the code) or
-    ``Σ_i ω_i π_ij M_i[a]`` (``norm="soft"``); rows nobody sent get ``n = 1``
-    (they stay 0). Computed in float64.
-
-    Args:
-        updates: dense ``ΔW_i`` per client (``d_out × d_in``).
-        masks: row mask ``M_i`` per client (bool, length ``d_out``).
-        memberships: ``π``, shape ``clients × K``.
-        weights: ``ω_i`` (default 1 each).
-        norm: ``"count"`` or ``"soft"``.
-    """
-    if norm not in ("count", "soft"):
-        raise ValueError(f"unknown normalisation {norm!r}")
-    w = [1.0] * len(updates) if weights is None else [float(x) for x in weights]
-    if not (len(updates) == len(masks) == len(w) == memberships.shape[0]):
-        raise ValueError("updates, masks, weights and memberships disagree on the number of clients")
-    pi = memberships.to(torch.float64)
-    rows = [m.to(torch.float64) for m in masks]
-    out = []
-    for j in range(pi.shape[1]):
-        num = sum(w[i] * pi[i, j] * rows[i][:, None] * updates[i].to(torch.float64) for i in range(len(updates)))
-        coef = [w[i] * (pi[i, j] if norm == "soft" else 1.0) for i in range(len(updates))]
-        den = sum(c * r for c, r in zip(coef, rows))
-        out.append(num / torch.where(den == 0, torch.ones_like(den), den)[:, None])
-    return out
 
 
 def mixture(matrices: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -165,34 +121,6 @@ def _randomized_svd(m: Tensor, q: int, *, seed: int, power_iters: int) -> tuple[
         basis = torch.linalg.qr(m @ torch.linalg.qr(m.T @ basis).Q).Q
     u_small, s, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)
     return basis @ u_small, s, vh
-
-
-def weighted_heads(
-    heads: Sequence[Mapping[str, Tensor]],
-    memberships: Tensor,
-    *,
-    weights: Sequence[float] | None = None,
-    norm: str = "count",
-    previous: Sequence[Mapping[str, Tensor]],
-) -> list[dict[str, Tensor]]:
-    """Cluster heads ``C_j = Σ_i ω_i π_ij C_i / d_j`` (replaced each round, not accumulated).
-
-    ``d_j = Σ_i ω_i`` (``norm="count"``, the code's division by the number of
-    participants) or ``Σ_i ω_i π_ij`` (``"soft"``). A cluster with ``d_j = 0``
-    or no membership mass keeps ``previous[j]``.
-    """
-    w = torch.tensor([1.0] * len(heads) if weights is None else [float(x) for x in weights], dtype=torch.float64)
-    pi = memberships.to(torch.float64)
-    out = []
-    for j in range(pi.shape[1]):
-        coef = w * pi[:, j]
-        den = float(coef.sum() if norm == "soft" else w.sum())
-        if den <= 0 or float(coef.sum()) <= 0:
-            out.append({k: v.clone() for k, v in previous[j].items()})
-            continue
-        out.append({key: (sum(float(c) * h[key].to(torch.float64) for c, h in zip(coef, heads)) / den)
-                    .to(previous[j][key].dtype) for key in previous[j]})
-    return out
 
 
 def assign_levels(num_clients: int, shares: Sequence[float], *, seed: int) -> list[int]:

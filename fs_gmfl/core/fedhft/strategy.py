@@ -224,7 +224,11 @@ class FedHFTStrategy(ScreenedStrategy):
 
     def _fold_module(self, sums: _RoundSums, module: str, rows: Tensor, b_rows: Tensor, a: Tensor, pi: Tensor,
                      w: float) -> None:
-        """Streaming form of :func:`ops.masked_mixture_average` for one client and module (float64)."""
+        """Fold one client's kept rows of one module into every cluster's sums (float64).
+
+        ``Σ_i ω_i π_ij M_i ⊙ ΔW_i`` and its row denominators ``Σ_i ω_i M_i`` (count) or ``Σ_i ω_i π_ij M_i``
+        (soft): the masked mixture average of spec §5.
+        """
         kept_delta = self.scaling * (b_rows.to(torch.float64) @ a.to(torch.float64))  # the only dense part
         for j, cluster_sum in enumerate(sums.modules[module]):
             coef = w * float(pi[j])
@@ -248,7 +252,10 @@ class FedHFTStrategy(ScreenedStrategy):
         report.metrics.update(self.membership_metrics())
 
     def _cluster_heads(self, sums: _RoundSums) -> list[dict[str, Tensor]]:
-        """:func:`ops.weighted_heads` from the running sums: ``C_j = Σ_i ω_i π_ij C_i / d_j``."""
+        """Cluster heads from the running sums: ``C_j = Σ_i ω_i π_ij C_i / d_j``.
+
+        ``d_j = Σ_i ω_i`` (count) or ``Σ_i ω_i π_ij`` (soft); a cluster with no membership mass keeps its head.
+        """
         w = torch.tensor(sums.weights, dtype=torch.float64)
         pi = self.memberships[sums.client_ids]
         out = []

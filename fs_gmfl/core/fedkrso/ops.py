@@ -91,45 +91,15 @@ def apply_update_(weight: Tensor, averaged: Tensor, seeds: Sequence[int], *, lay
     return weight
 
 
-def average_accumulators(
-    uploads: Sequence[tuple[Sequence[int], Tensor]],
-    weights: Sequence[float],
-) -> tuple[list[int], Tensor]:
-    """Per-seed weighted average of one layer's accumulators (spec §4 step 5).
-
-    ``Bbar_k = sum_n p_n Acc_{n,k}``, where a client that did not use seed
-    ``k`` contributes zero (it is *not* left out of the normalisation, spec
-    §9.4). Accumulated in float64 and cast back to the uploads' dtype.
-
-    Args:
-        uploads: per client, its slot indices (strictly increasing) and its
-            accumulators ``[len(slots), d_out, r]``.
-        weights: normalised aggregation weights ``p_n`` (one per upload).
-
-    Returns:
-        The sorted union of slots and ``Bbar`` of shape ``[len(union), d_out, r]``.
-    """
-    if not uploads or len(uploads) != len(weights):
-        raise AggregationError(f"{len(uploads)} uploads but {len(weights)} weights")
-    union = sorted({int(s) for slots, _ in uploads for s in slots})
-    position = {s: i for i, s in enumerate(union)}
-    first = uploads[0][1]
-    acc = torch.zeros((len(union), *first.shape[1:]), dtype=torch.float64)
-    for (slots, values), w in zip(uploads, weights):
-        for j, slot in enumerate(slots):
-            acc[position[int(slot)]].add_(values[j].to(torch.float64), alpha=float(w))
-    return union, acc.to(first.dtype)
-
-
 class SeedSums:
-    """Running per-seed sums of one layer's accumulators: the streaming form of :func:`average_accumulators`.
+    """Running per-seed sums of one layer's accumulators: ``Bbar_k = sum_n p_n Acc_{n,k}`` (spec §4 step 5).
 
     :meth:`add` folds one client's accumulators into ``[num_seeds, d_out, r]``
     float64 sums (weight ``w``, not yet normalised) and keeps no reference to
     them; :meth:`average` divides by the total weight of every client added
     (a client that did not use a seed counts as zero, spec §9.4). Equal to
-    :func:`average_accumulators` to float64 rounding (which normalises the
-    weights first).
+    the list-form reference of ``tests/reference_aggregation.py`` to float64
+    rounding (which normalises the weights first).
 
     Args:
         num_seeds: ``K``.

@@ -198,83 +198,14 @@ def _check_updates(a: Tensor, b: Tensor, updates: Sequence[ComponentUpdate], wei
             raise AggregationError(f"component indices {u.indices.tolist()} are not distinct values in [0, {r})")
 
 
-def adaptive_rank1_average(a: Tensor, b: Tensor, updates: Sequence[ComponentUpdate],
-                           weights: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """HAFL adaptive aggregation (Algorithm 1 as reconstructed in spec section 8.1).
-
-    For each component ``i`` with contributors ``C_i`` (the clients that
-    uploaded it) and per-(client, component) weights ``w_{k,i}``:
-    ``b_i = sum_{k in C_i} w_{k,i} / Z_i * b_{k,i}`` with
-    ``Z_i = sum_{k in C_i} w_{k,i}`` (likewise ``a_i``); uniform weights over
-    ``C_i`` when ``Z_i = 0``; a component nobody uploaded keeps its value.
-
-    Args:
-        a, b: the global factors before aggregation.
-        updates: one :class:`ComponentUpdate` per contributing client.
-        weights: per update, a non-negative weight for each of its components
-            (e.g. the client's Frobenius norm repeated, or rank-1 norms).
-
-    Returns:
-        New ``(A, B)`` in the input dtype, accumulated in float64.
-    """
-    _check_updates(a, b, updates, weights)
-    r = a.shape[0]
-    total = torch.zeros(r, dtype=F64)
-    count = torch.zeros(r, dtype=F64)
-    for u, w in zip(updates, weights):
-        w64 = torch.as_tensor(w, dtype=F64).reshape(-1)
-        if w64.numel() != u.indices.numel() or not bool(torch.isfinite(w64).all()) or bool((w64 < 0).any()):
-            raise AggregationError(f"weights {w64.tolist()} must be finite, non-negative, one per component")
-        total.index_add_(0, u.indices.to(torch.long), w64)
-        count.index_add_(0, u.indices.to(torch.long), torch.ones_like(w64))
-    acc_a = torch.zeros(a.shape, dtype=F64)
-    acc_b = torch.zeros(b.shape, dtype=F64)
-    for u, w in zip(updates, weights):
-        idx = u.indices.to(torch.long)
-        z, c = total[idx], count[idx]
-        omega = torch.where(z > 0, torch.as_tensor(w, dtype=F64).reshape(-1) / z.clamp_min(1e-300), 1.0 / c)
-        acc_a.index_add_(0, idx, u.a_rows.to(F64) * omega[:, None])
-        acc_b.index_add_(1, idx, u.b_cols.to(F64) * omega[None, :])
-    trained = count > 0
-    new_a = torch.where(trained[:, None], acc_a.to(a.dtype), a)
-    new_b = torch.where(trained[None, :], acc_b.to(b.dtype), b)
-    return new_a, new_b
-
-
-def zero_padding_average(a: Tensor, b: Tensor, updates: Sequence[ComponentUpdate],
-                         weights: Sequence[float]) -> tuple[Tensor, Tensor]:
-    """Zero-padding aggregation (IFZLoRA; HetLoRA-style, spec section 8.2).
-
-    Every client is padded to rank r with zero components; with
-    ``w_k = weights[k] / sum(weights)`` (uniform if the sum is 0),
-    ``b_i = sum_k w_k * 1[i in S_k] * b_{k,i}`` (likewise ``a_i``). A component
-    trained by a subset is shrunk by that subset's total weight; one trained by
-    nobody becomes zero.
-    """
-    _check_updates(a, b, updates, weights)
-    if not updates:
-        raise AggregationError("zero-padding aggregation needs at least one update")
-    w = torch.tensor([float(x) for x in weights], dtype=F64)
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise AggregationError(f"weights {w.tolist()} must be finite and non-negative")
-    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(updates))
-    acc_a = torch.zeros(a.shape, dtype=F64)
-    acc_b = torch.zeros(b.shape, dtype=F64)
-    for u, wk in zip(updates, w.tolist()):
-        idx = u.indices.to(torch.long)
-        acc_a.index_add_(0, idx, u.a_rows.to(F64) * wk)
-        acc_b.index_add_(1, idx, u.b_cols.to(F64) * wk)
-    return acc_a.to(a.dtype), acc_b.to(b.dtype)
-
-
 class ComponentSums:
-    """Running sums of one module's uploaded components: the streaming form of both aggregations above.
+    """Running sums of one module's uploaded components: HAFL's adaptive and zero-padding aggregation (spec 8).
 
     :meth:`add` folds one client's components (with their weights) into
     float64 sums and keeps no reference to them; :meth:`adaptive_average`
-    and :meth:`zero_padding_average` divide at the end, giving the results of
-    :func:`adaptive_rank1_average` and :func:`zero_padding_average` to
-    float64 rounding (those normalise the weights first). Memory: two
+    and :meth:`zero_padding_average` divide at the end, giving the list-form
+    references of ``tests/reference_aggregation.py`` to float64 rounding
+    (those normalise the weights first). Memory: two
     float64 copies of ``A`` and ``B`` plus per-component totals; components
     uploaded with weight exactly 0 (the uniform fallback) get a third copy,
     allocated only when one arrives.
@@ -323,7 +254,12 @@ class ComponentSums:
         self.zero_weight_b.index_add_(1, idx, b_cols * keep[None, :])
 
     def adaptive_average(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        """:func:`adaptive_rank1_average` of everything added: ``sum w b_i / Z_i``, uniform when ``Z_i = 0``."""
+        """Adaptive aggregation (spec 8.1) of everything added.
+
+        Component ``i`` becomes ``sum_k w_{k,i} b_{k,i} / Z_i`` over the clients
+        that uploaded it (``Z_i`` their total weight; uniform over them when
+        ``Z_i = 0``); a component nobody uploaded keeps its value in ``a``, ``b``.
+        """
         trained = self.count > 0
         z = self.weight.clamp_min(1e-300)
         value_a, value_b = self.weighted_a / z[:, None], self.weighted_b / z[None, :]
@@ -336,7 +272,11 @@ class ComponentSums:
                 torch.where(trained[None, :], value_b.to(b.dtype), b))
 
     def zero_padding_average(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        """:func:`zero_padding_average` of everything added (client weights; uniform when they sum to 0)."""
+        """Zero-padding aggregation (spec 8.2) of everything added: each client padded with zero components.
+
+        Client weights, normalised (uniform when they sum to 0); a component
+        a subset trained shrinks by that subset's weight, one nobody trained becomes 0.
+        """
         if not self.clients:
             raise AggregationError("zero-padding aggregation needs at least one update")
         if self.client_weight > 0:

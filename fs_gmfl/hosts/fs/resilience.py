@@ -137,7 +137,12 @@ class DeadlineCommManager(gRPCCommManager):
         if request is None:
             return None
         message = Message()
-        message.parse(request.msg)
+        try:
+            message.parse(request.msg)
+            int(message.sender)
+        except Exception as err:  # noqa: BLE001 - anything a peer sends must not stop this process
+            logger.warning(f"fs_gmfl: unreadable message dropped ({type(err).__name__}: {err})")
+            return None
         return message
 
     def pending(self) -> int:
@@ -167,6 +172,12 @@ def fault_tolerance_of(fs_cfg: Any) -> FaultToleranceConfig:
     from fs_gmfl.hosts.fs.config import to_run_config
 
     return to_run_config(fs_cfg).fault_tolerance
+
+
+def _is_address(content: Any) -> bool:
+    """Whether a join's content names a host (string) and a port (integer)."""
+    return isinstance(content, dict) and isinstance(content.get("host"), str) and \
+        isinstance(content.get("port"), int) and not isinstance(content.get("port"), bool)
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -263,8 +274,9 @@ class ResilientServer:
             if isinstance(content, dict):
                 self.sessions[self.join_in_client_num] = str(content.get("session", ""))
             return None
-        if not 1 <= sender <= self.client_num or not isinstance(content, dict) or "port" not in content:
-            logger.warning(f"fs_gmfl: join from an unknown client id {sender} ignored (ids are 1..{self.client_num})")
+        if not 1 <= sender <= self.client_num or not _is_address(content):
+            logger.warning(f"fs_gmfl: join from client id {sender} ignored (ids are 1..{self.client_num}, with a "
+                           "host and a port)")
             return None
         address = f"{content['host']}:{content['port']}"
         session, before = str(content.get("session", "")), self.sessions.get(sender)
