@@ -60,20 +60,6 @@ class InputError(FsGmflError, ValueError):
     """Bad input that is not a configuration value (missing file, bad data, ...)."""
 
 
-class PayloadRejected(FsGmflError):
-    """A client update failed validation and was not aggregated.
-
-    Args:
-        client_id: the client whose payload was rejected.
-        reason: why, in words (logged and counted in ``summary.json``).
-    """
-
-    def __init__(self, client_id: int, reason: str) -> None:
-        self.client_id = client_id
-        self.reason = reason
-        super().__init__(f"update of client {client_id} rejected: {reason}")
-
-
 class AggregationError(FsGmflError):
     """Aggregation cannot produce a result from the replies it was given."""
 

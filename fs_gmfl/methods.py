@@ -12,16 +12,11 @@ import torch
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.gmfl.wrapper import wrap_method
 from fs_gmfl.core.protocol import Strategy
-from fs_gmfl.core.registry import Method, MethodContext, MethodSpec, method_specs, register_method, spec_of
+from fs_gmfl.core.registry import Method, MethodContext, MethodSpec, register_method, spec_of
 from fs_gmfl.core.uplinks import UplinkPolicy
 
 __all__ = ["Method", "MethodContext", "MethodSpec", "build_method", "configure_uplinks", "register_method",
-           "registered_methods", "uplink_dtype"]
-
-
-def registered_methods() -> list[str]:
-    """Names of the registered methods (aliases left out), sorted."""
-    return sorted(spec.name for spec in method_specs())
+           "uplink_dtype"]
 
 
 def build_method(ctx: MethodContext) -> Method:

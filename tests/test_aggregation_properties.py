@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from fs_gmfl.core.fedavg import LoraFedAvg
 from fs_gmfl.core.gmfl import GlobalMasking, GMFLConfig
-from fs_gmfl.core.gmfl.wrapper import gmfl_over_lora_fedavg
 from fs_gmfl.core.hafl.ops import ComponentUpdate
 from fs_gmfl.core.message import Message, Reply, samples_tensor
+from tests.gmfl_parts import gmfl_over_lora_fedavg
 from tests.reference_aggregation import masked_mixture_average, weighted_heads
 from tests.streamed_aggregation import (adaptive_rank1_average, average_accumulators, weighted_average,
                                         zero_padding_average)

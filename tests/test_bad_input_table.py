@@ -222,7 +222,7 @@ def test_memory_budget_comes_from_the_environment(tmp_path, capsys, monkeypatch)
 def test_estimate_matches_the_hand_computed_bytes():
     """The weight and activation terms equal the formulas in the module docstring for a known shape."""
     from fs_gmfl.config import load_config
-    from fs_gmfl.preflight import Shape, estimate_bytes
+    from fs_gmfl.hosts.common.preflight import Shape, estimate_bytes
 
     cfg = load_config(None, [*BASE, "dataloader.batch_size", "4", "eval.batch_size", "2"])
     shape = Shape(hidden=16, layers=2, heads=2, vocab=200, intermediate=32, positions=None, max_positions=None)

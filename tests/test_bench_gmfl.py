@@ -11,7 +11,8 @@ import torch
 from fs_gmfl.bench.common import MAJORITY_LABEL, fmt_pm, markdown_table, mean_curve
 from fs_gmfl.bench.gmfl import common_overrides, main, parse_args
 from fs_gmfl.config import load_config
-from fs_gmfl.hosts.common.data import HashTokenizer, federated_data_for, majority_class_rate
+from fs_gmfl.hosts.common.corpus import HashTokenizer
+from fs_gmfl.hosts.common.data import federated_data_for, majority_class_rate
 
 
 def test_bench_gmfl_tiny_end_to_end(tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 
 from fs_gmfl.bench.common import MAJORITY_LABEL
 from fs_gmfl.bench.hafl import eval_freq, main, method_config, per_seed_rows
-from fs_gmfl.hosts.common.data import HashTokenizer, federated_data_for
+from fs_gmfl.hosts.common.corpus import HashTokenizer
+from fs_gmfl.hosts.common.data import federated_data_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

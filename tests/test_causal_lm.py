@@ -12,7 +12,7 @@ from fs_gmfl.config import load_config
 from fs_gmfl.errors import ConfigError
 from fs_gmfl.hosts.common.causal_data import (IGNORE_INDEX, alpaca_prompt, encode_instruction_rows, fit_to_length,
                                               meta_partition, rows_from_corpus)
-from fs_gmfl.hosts.common.data import HashTokenizer, TextCorpus
+from fs_gmfl.hosts.common.corpus import HashTokenizer, TextCorpus
 from fs_gmfl.hosts.common.instructions import InstructionRow
 from fs_gmfl.hosts.common.llm_eval import (EvalSettings, exact_match, greedy_answers, losses_and_answers,
                                            normalize_answer, response_losses)
@@ -340,7 +340,7 @@ def test_a_huge_max_new_tokens_is_refused_before_anything_is_loaded(tmp_path):
     """10^12 new tokens: the KV cache of one batch of answers (keys and values, 8 rows x layers x 10^12 tokens x
     hidden 16 x 4 B) cannot fit; refused naming eval.max_new_tokens. With loss only (no decoding) the key is
     unused and not refused."""
-    from fs_gmfl.preflight import check_run
+    from fs_gmfl.hosts.common.preflight import check_run
 
     with pytest.raises(ConfigError, match="eval.max_new_tokens"):
         check_run(causal_config(tmp_path, "eval.max_new_tokens", str(10 ** 12)))
@@ -349,7 +349,7 @@ def test_a_huge_max_new_tokens_is_refused_before_anything_is_loaded(tmp_path):
 
 def test_prompt_plus_answer_must_fit_the_position_table(tmp_path):
     """max_position_embeddings 64, tok_len 48: at most 16 new tokens."""
-    from fs_gmfl.preflight import check_sequence_length, shape_of
+    from fs_gmfl.hosts.common.preflight import check_sequence_length, shape_of
 
     shape = shape_of(causal_config(tmp_path), {"max_position_embeddings": 64, "hidden_size": 16})
     check_sequence_length(causal_config(tmp_path, "eval.max_new_tokens", "16"), shape)

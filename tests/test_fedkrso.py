@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fs_gmfl.comm_estimate import MIB, estimate
+from fs_gmfl.comm_estimate import estimate
 from fs_gmfl.config.fields import make
+from fs_gmfl.core.estimate import MIB
 from fs_gmfl.core.fedkrso import FedKRSOClient, FedKRSOConfig, FedKRSOStrategy, exclude_from_weight_decay, wire
 from fs_gmfl.core.message import Reply
 from fs_gmfl.core.protocol import TrainStats

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from fs_gmfl.core.gmfl import GlobalMasking, GMFLConfig
-from fs_gmfl.core.gmfl.wrapper import gmfl_lora_client, gmfl_over_lora_fedavg
+from fs_gmfl.core.gmfl.wrapper import gmfl_lora_client
 from fs_gmfl.core.message import Reply
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, Strategy, TrainStats
+from tests.gmfl_parts import gmfl_over_lora_fedavg
 
 # Four LoRA tensors of unequal sizes (numel 100, 4, 10, 50) and a head of 6 entries.
 A1, B1 = "l1.q.lora_A.weight", "l1.q.lora_B.weight"

@@ -13,7 +13,7 @@ import pytest
 
 from fs_gmfl.errors import ConfigError, InputError
 from fs_gmfl.hosts.common import instructions
-from fs_gmfl.hosts.common.data import search_dirs
+from fs_gmfl.hosts.common.corpus import search_dirs
 from fs_gmfl.hosts.common.instructions import (EVALS_MATH_TASKS, EVALS_WHEEL, InstructionRow, chat_to_row,
                                                conversation_pairs, is_instruction_data, read_instruction_set,
                                                stable_subset, write_instruction_jsonl)
@@ -233,7 +233,7 @@ def test_evals_wheel_damaged_is_one_line(tmp_path):
 
 
 def test_chatterbot_missing_names_the_install_command(tmp_path, monkeypatch):
-    monkeypatch.setattr("fs_gmfl.hosts.common.data.search_dirs", lambda root: [Path(root)])
+    monkeypatch.setattr("fs_gmfl.hosts.common.corpus.search_dirs", lambda root: [Path(root)])
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(InputError, match=r"chatterbot-corpus==1\.3\.3"):
         read_instruction_set("chatterbot_en", str(tmp_path))

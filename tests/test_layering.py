@@ -1,95 +1,83 @@
-"""The package's layers import only downwards (issue 15, item 4): hosts are peers over the cores.
+"""The package's layers import only downwards, the hosts are peers, and nothing imports itself back (issue 24).
 
-core (the algorithm cores and the protocol) imports no other fs_gmfl layer except the option-declaring helpers
-of ``fs_gmfl.config.fields`` (each method declares its own config section with them); config imports only core;
-hosts.common (what both hosts share) imports no host; the simulator and the FederatedScope adapter never
-import each other. Function-local imports count too (read from the syntax tree, not from ``sys.modules``); imports under
-``if TYPE_CHECKING:`` (annotations only, never executed) do not.
+The layers and the checks are :mod:`fs_gmfl.layers`: every module belongs to one layer and imports only its own
+layer or lower ones; the simulator and the FederatedScope adapter never import each other; the import graph has
+no cycle. Function-local imports count (read from the syntax tree, not from ``sys.modules``); imports under
+``if TYPE_CHECKING:`` (annotations only, never executed) do not. docs/architecture.md shows the graph, generated.
 """
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
-import pytest
+from fs_gmfl import layers
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fs_gmfl"
 
-#: layer (a module prefix) -> fs_gmfl module prefixes it must never import.
-FORBIDDEN = {
-    "fs_gmfl.core": ("fs_gmfl.config.schema", "fs_gmfl.config.loader", "fs_gmfl.config.faults", "fs_gmfl.hosts", "fs_gmfl.bench", "fs_gmfl.cli", "fs_gmfl.methods",
-                     "fs_gmfl.preflight", "fs_gmfl.comm_estimate", "fs_gmfl.plots"),
-    "fs_gmfl.config": ("fs_gmfl.hosts", "fs_gmfl.bench", "fs_gmfl.cli", "fs_gmfl.methods", "fs_gmfl.preflight",
-                       "fs_gmfl.comm_estimate"),
-    "fs_gmfl.hosts.common": ("fs_gmfl.hosts.sim", "fs_gmfl.hosts.fs", "fs_gmfl.bench", "fs_gmfl.cli"),
-    "fs_gmfl.hosts.sim": ("fs_gmfl.hosts.fs", "fs_gmfl.bench", "fs_gmfl.cli"),
-    "fs_gmfl.hosts.fs": ("fs_gmfl.hosts.sim", "fs_gmfl.bench", "fs_gmfl.cli"),
-}
+
+def test_the_package_has_no_import_cycle():
+    cycles = layers.cycles(layers.import_graph(PACKAGE))
+    assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(cycle) for cycle in cycles)
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def test_every_module_has_a_layer_and_imports_only_downwards():
+    assert layers.violations(layers.import_graph(PACKAGE)) == []
 
 
-def is_type_checking_block(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+def test_architecture_page_shows_the_current_import_graph():
+    assert not layers.is_stale(ROOT), f"docs/architecture.md is out of date: run `{layers.REFRESH_COMMAND}`"
 
 
-def runtime_nodes(tree: ast.AST):
-    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` bodies."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        yield node
-        children = node.orelse if is_type_checking_block(node) else list(ast.iter_child_nodes(node))
-        stack.extend(children)
+def write_package(root: Path, files: dict[str, str]) -> Path:
+    """A package ``fs_gmfl`` under ``root`` with the given module sources (an ``__init__`` in every folder)."""
+    for name, source in {"__init__.py": "", **files}.items():
+        path = root / "fs_gmfl" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / "__init__.py").touch()
+        path.write_text(source, encoding="utf-8")
+    return root / "fs_gmfl"
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every absolute module name ``path`` imports at run time, at any depth of its syntax tree."""
-    names: set[str] = set()
-    for node in runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
+def test_the_checker_sees_function_local_imports_and_skips_type_checking(tmp_path):
+    """The checker itself: an import inside a function body is found, one under TYPE_CHECKING is not."""
+    package = write_package(tmp_path, {"probe.py": (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import fs_gmfl.bench\n"
+        "def f():\n    from fs_gmfl.hosts.sim.runner import Simulation\n    import fs_gmfl.hosts.fs\n"),
+        "hosts/sim/runner.py": "", "hosts/fs/__init__.py": "", "bench/__init__.py": ""})
+    graph = layers.import_graph(package)
+    assert graph["fs_gmfl.probe"] == {"fs_gmfl.hosts.sim.runner", "fs_gmfl.hosts.fs"}
 
 
-def within(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
+def test_the_checker_finds_a_cycle_through_a_function_local_import(tmp_path):
+    """errors -> core.message at module level, core.message -> errors inside a function: one cycle."""
+    package = write_package(tmp_path, {"errors.py": "from fs_gmfl.core.message import Message\n",
+                                       "core/message.py": "def f():\n    from fs_gmfl import errors\n"})
+    assert layers.cycles(layers.import_graph(package)) == [["fs_gmfl.core.message", "fs_gmfl.errors"]]
 
 
-def violations(layer: str) -> list[str]:
-    found = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        mod = module_name(path)
-        if not within(mod, layer):
-            continue
-        for imported in sorted(imported_modules(path)):
-            for banned in FORBIDDEN[layer]:
-                if within(imported, banned):
-                    found.append(f"{mod} imports {imported}")
-    return found
+def test_the_checker_names_upward_imports_peer_imports_and_unplaced_modules(tmp_path):
+    package = write_package(tmp_path, {"core/x.py": "import fs_gmfl.methods\n", "methods.py": "",
+                                       "hosts/sim/a.py": "from fs_gmfl.hosts.fs import b\n", "hosts/fs/b.py": "",
+                                       "newcomer.py": ""})
+    found = layers.violations(layers.import_graph(package))
+    assert "fs_gmfl.core.x imports fs_gmfl.methods, a higher layer (methods)" in found
+    assert "fs_gmfl.hosts.sim.a imports fs_gmfl.hosts.fs.b, a peer" in found
+    assert any(line.startswith("fs_gmfl.newcomer belongs to no layer") for line in found)
 
 
-@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
-def test_layer_imports_only_downwards(layer):
-    assert violations(layer) == []
-
-
-def test_the_checker_sees_function_local_imports(tmp_path):
-    """The checker itself: an import inside a function body is found (so the test above can fail)."""
-    source = tmp_path / "probe.py"
-    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import fs_gmfl.bench\n"
-                      "def f():\n    from fs_gmfl.hosts.sim.runner import Simulation\n    import fs_gmfl.hosts.fs\n")
-    found = imported_modules(source)
-    assert {"fs_gmfl.hosts.sim.runner", "fs_gmfl.hosts.sim.runner.Simulation", "fs_gmfl.hosts.fs"} <= found
-    assert "fs_gmfl.bench" not in found
+def test_check_mode_reports_a_stale_page(tmp_path, capsys):
+    """``--check`` exits 1 on a stale page and names the command; the rewrite makes it current."""
+    (tmp_path / "docs").mkdir()
+    write_package(tmp_path, {"errors.py": "", "core/__init__.py": "from fs_gmfl import errors\n"})
+    (tmp_path / layers.PAGE).write_text("intro\n<!-- layers -->\nold\n<!-- /layers -->\nend\n", encoding="utf-8")
+    assert layers.main(["--check", "--root", str(tmp_path)]) == 1
+    assert layers.REFRESH_COMMAND in capsys.readouterr().err
+    assert layers.main(["--root", str(tmp_path)]) == 0
+    assert layers.main(["--check", "--root", str(tmp_path)]) == 0
+    text = (tmp_path / layers.PAGE).read_text(encoding="utf-8")
+    assert text.startswith("intro\n<!-- layers -->\n| layer |") and text.endswith("<!-- /layers -->\nend\n")
+    assert "| `fs_gmfl.core` | core | `fs_gmfl.errors` |" in text
 
 
 def test_simulator_and_federatedscope_host_are_peers_under_hosts():

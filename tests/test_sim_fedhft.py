@@ -15,7 +15,8 @@ from fs_gmfl.core.fedhft import FedHFTClient, downlink_message, row_energies, to
 from fs_gmfl.core.fedhft.client import SESSION
 from fs_gmfl.core.fedhft.layers import RowSubsetLinear
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.hosts.common.data import HashTokenizer, build_federated_data
+from fs_gmfl.hosts.common.corpus import HashTokenizer
+from fs_gmfl.hosts.common.data import build_federated_data
 from fs_gmfl.hosts.common.models import build_backbone
 from fs_gmfl.hosts.sim.runner import Simulation
 from fs_gmfl.hosts.sim.training import train_local

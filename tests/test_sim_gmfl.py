@@ -10,7 +10,8 @@ import torch
 from fs_gmfl.core.adapter import LORA_A, adapter_parameters, kind_of
 from fs_gmfl.core.gmfl.wrapper import gmfl_lora_client
 from fs_gmfl.core.message import Message, pack_bits
-from fs_gmfl.hosts.common.data import HashTokenizer, build_federated_data
+from fs_gmfl.hosts.common.corpus import HashTokenizer
+from fs_gmfl.hosts.common.data import build_federated_data
 from fs_gmfl.hosts.common.models import build_backbone
 from fs_gmfl.hosts.sim.runner import Simulation
 from fs_gmfl.hosts.sim.training import train_local

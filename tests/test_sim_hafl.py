@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from fs_gmfl.cli import main
-from fs_gmfl.comm_estimate import ESTIMATORS, MIB
+from fs_gmfl.comm_estimate import estimate_context
 from fs_gmfl.config import load_config
 from fs_gmfl.core.adapter import adapter_parameters, adapter_state, load_adapter_tensors, lora_pairs
+from fs_gmfl.core.estimate import MIB
 from fs_gmfl.core.hafl import HAFLClient, HAFLStrategy, truncated_factors
 from fs_gmfl.core.hafl.wire import INDICES
 from fs_gmfl.core.message import Reply
-from fs_gmfl.hosts.common.data import HashTokenizer, build_federated_data
+from fs_gmfl.core.registry import spec_of
+from fs_gmfl.hosts.common.corpus import HashTokenizer
+from fs_gmfl.hosts.common.data import build_federated_data
 from fs_gmfl.hosts.common.models import AdapterVariants, build_backbone
 from fs_gmfl.hosts.sim.runner import Simulation
 from fs_gmfl.hosts.sim.training import train_local
@@ -189,7 +192,7 @@ def test_gpt2_large_uplink_bytes_match_the_paper(gpt2_large_initial, overrides, 
     if cfg.lora.r != 16:  # the same shapes at a lower rank: the first r rows of A and columns of B
         initial = {k: (v[: cfg.lora.r] if ".lora_A." in k else v[:, : cfg.lora.r] if ".lora_B." in k else v)
                    for k, v in initial.items()}
-    result = ESTIMATORS["hafl"](cfg, initial)
+    result = spec_of("hafl").estimator()(estimate_context(cfg, initial))
     per_round = result["per_round"]
     assert per_round["uplink_lora_mib"] == pytest.approx(mib, rel=1e-12)
     assert per_round["uplink_head_bytes"] == 0

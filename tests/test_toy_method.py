@@ -15,7 +15,7 @@ from fs_gmfl.comm_estimate import estimate
 from fs_gmfl.core import registry
 from fs_gmfl.hosts.fs.config import owned_methods
 from fs_gmfl.hosts.sim.runner import Simulation
-from tests.conftest import tiny_config
+from tests.conftest import TINY, tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,22 @@ def test_entry_point_adds_the_method_everywhere(tmp_path, toy_from_entry_point):
     estimated = estimate(cfg)["per_round"]
     assert (estimated["uplink_bytes"], estimated["downlink_bytes"]) == (counted["uplink_bytes"],
                                                                          counted["downlink_bytes"])
+
+
+def test_comm_command_and_preflight_serve_the_plugin(tmp_path, toy_from_entry_point, capsys):
+    """`fs-gmfl comm` runs the plug-in's own estimator (named by its spec, nothing in fs_gmfl names the method),
+    and the resource pre-flight accepts it."""
+    from fs_gmfl.cli import main
+    from fs_gmfl.hosts.common.preflight import check_run
+
+    cfg_file = tmp_path / "toy.yaml"
+    cfg_file.write_text("federate:\n  method: toy_head\n", encoding="utf-8")
+    assert main(["comm", "--cfg", str(cfg_file), *TINY, "outdir", str(tmp_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    cfg = tiny_config(tmp_path, "federate.method", "toy_head")
+    assert printed["method"] == "toy_head" and printed["per_round"] == estimate(cfg)["per_round"]
+    assert printed["per_round"]["uplink_bytes"] > printed["per_round"]["downlink_bytes"] > 0
+    assert check_run(cfg) == []
 
 
 def test_unknown_method_error_lists_the_plugin(tmp_path, toy_from_entry_point):
@@ -81,7 +97,7 @@ importlib.metadata.entry_points = lambda **kw: [entry] if kw.get("group") == "fs
 from fs_gmfl.cli import main
 from fs_gmfl.errors import ConfigError
 from fs_gmfl.hosts.sim.runner import Simulation
-from tests.conftest import tiny_config
+from tests.conftest import TINY, tiny_config
 cfg = tiny_config(sys.argv[1], "federate.method", "toy_head_tuned", "toy_head_tuned.server_lr", "0.5",
                   "federate.total_round_num", "1")
 summary = Simulation(cfg, quiet=True).run()

@@ -73,11 +73,6 @@ def fail(section: Any, name: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{prefix}{name}", value, allowed)
 
 
-def key_of(section: Any, name: str) -> str:
-    """The dotted key of field ``name`` in a built section (for messages)."""
-    return f"{getattr(section, _PATH_ATTR, '')}{name}"
-
-
 def describe_range(meta: Mapping[str, Any]) -> str:
     """Human-readable form of a field's numeric bounds, e.g. ``[0, 1)``."""
     lo = "(-inf" if meta["ge"] is None and meta["gt"] is None else (

@@ -108,9 +108,26 @@ class Method:
         return self.load_global is not None
 
 
+@dataclass
+class EstimateContext:
+    """What a byte estimator (``fs-gmfl comm``, :attr:`MethodSpec.estimate`) receives; nothing in it holds weights.
+
+    Attributes:
+        cfg: the run configuration.
+        initial: the initial global adapter (LoRA factors and head) on the meta device.
+        build_method: builds the method as a host would for ``cfg`` (GMFL's wrapper included) on ``initial``.
+        meta_model: builds a fresh backbone on the meta device (for methods that train backbone weights).
+    """
+
+    cfg: RunConfig
+    initial: dict[str, Tensor]
+    build_method: Callable[[], Method]
+    meta_model: Callable[[], nn.Module]
+
+
 Builder = Callable[[MethodContext], Method]
-#: ``estimate(cfg, initial)`` -> JSON-ready bytes per round (``fs-gmfl comm``); ``initial`` is on the meta device.
-Estimator = Callable[["RunConfig", dict[str, Tensor]], dict[str, Any]]
+#: ``estimate(ctx)`` -> JSON-ready bytes per round (``fs-gmfl comm``; helpers in :mod:`fs_gmfl.core.estimate`).
+Estimator = Callable[[EstimateContext], dict[str, Any]]
 #: ``check(lookup)`` on a FederatedScope config; ``lookup(key)`` returns the plain value or ``None`` if absent.
 HostCheck = Callable[[Callable[[str], Any]], None]
 
@@ -139,7 +156,8 @@ class MethodSpec:
         advise_config: warnings about valid settings that quietly do less than
             they seem to (one line each), logged at pre-flight by both hosts
             (:mod:`fs_gmfl.config.advice`).
-        estimate: the ``fs-gmfl comm`` estimator (``None``: not supported).
+        estimate: the ``fs-gmfl comm`` estimator, a function of the method's own folder
+            (``estimate.py``; ``None``: not supported).
         hosts: hosts that can run it (``"sim"``, ``"fs"``).
         trains_backbone: trains full backbone weights (not an adapter).
         gmfl_base: ``gmfl.use`` may wrap it: its strategy and client implement

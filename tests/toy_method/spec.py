@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from torch import Tensor
-
 from fs_gmfl.core.message import Message, samples_tensor, tensor_bytes
-from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
+from fs_gmfl.core.registry import EstimateContext, Method, MethodContext, MethodSpec
 from tests.toy_method.client import HeadClient
 from tests.toy_method.config import ToyConfig
 from tests.toy_method.strategy import HeadAverage
@@ -29,11 +27,11 @@ def head_method(strategy: HeadAverage) -> Method:
     return Method(strategy, HeadClient(strategy.head_keys), {"head_tensors": len(strategy.head_keys)})
 
 
-def estimate(cfg: Any, initial: dict[str, Tensor]) -> dict[str, Any]:
+def estimate(ctx: EstimateContext) -> dict[str, Any]:
     """Bytes per round: the head each way, plus the sample count on the uplink."""
-    head = HeadAverage(initial).configure_round(1, [0])[0]
+    head = HeadAverage(ctx.initial).configure_round(1, [0])[0]
     uplink = Message(head.tensors, {"num_samples": samples_tensor(1)})
-    clients = cfg.federate.clients_per_round()
+    clients = ctx.cfg.federate.clients_per_round()
     return {"per_round": {"clients": clients, "uplink_bytes": clients * uplink.nbytes,
                           "downlink_bytes": clients * sum(tensor_bytes(t) for t in head.tensors.values())}}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fs_gmfl.core.fedavg.client import LoraClient, processed_samples_cap
 from fs_gmfl.core.fedavg.strategy import LoraFedAvg
+from fs_gmfl.core.fedavg.estimate import estimate_lora_fedavg
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
 
 
@@ -21,11 +22,11 @@ FEDIT = MethodSpec(
     name="fedit", aliases=("fedavg",), build=build_lora_fedavg, gmfl_base=True, gmfl_stateful_sync=True,
     client_weighting=True,
     summary="FedAvg of the LoRA factors A and B (FedIT); 'fedavg' is an alias",
-    estimate="fs_gmfl.comm_estimate:estimate_lora_fedavg",
+    estimate=estimate_lora_fedavg,
     example_overrides=("federate.method", "fedit"))
 FFA_LORA = MethodSpec(
     name="ffa_lora", build=build_lora_fedavg, gmfl_base=True, gmfl_stateful_sync=True, client_weighting=True,
     summary="FedAvg of the LoRA B factors, A frozen at its initial value (FFA-LoRA)",
-    estimate="fs_gmfl.comm_estimate:estimate_lora_fedavg",
+    estimate=estimate_lora_fedavg,
     example_overrides=("federate.method", "ffa_lora"))
 SPECS = [FEDIT, FFA_LORA]

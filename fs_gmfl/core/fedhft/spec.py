@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fs_gmfl.core.fedhft.client import FedHFTClient
 from fs_gmfl.core.fedhft.config import FedHFTConfig
 from fs_gmfl.core.fedhft.strategy import FedHFTStrategy
+from fs_gmfl.core.fedhft.estimate import estimate_fedhft
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
 from fs_gmfl.errors import ConfigError
 
@@ -77,7 +78,7 @@ FEDHFT = MethodSpec(
     name="fedhft", build=build_fedhft, config_section="fedhft", config_class=FedHFTConfig, check_config=check_run,
     gmfl_base=True,
     summary="clustered, resource-masked LoRA with per-cluster cumulative updates (FedHFT)",
-    estimate="fs_gmfl.comm_estimate:estimate_fedhft",
+    estimate=estimate_fedhft,
     host_defaults={"fedhft.eval": "global"}, check_host_config=check_fs_run,
     example_overrides=("federate.method", "fedhft", "fedhft.eval", "global"))
 SPECS = [FEDHFT]

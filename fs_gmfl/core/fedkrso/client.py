@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from fs_gmfl.core.adapter import HEAD, adapter_parameters, kind_of, load_model_tensors
+from fs_gmfl.core.adapter import adapter_parameters, load_model_tensors
 from fs_gmfl.core.fedkrso import wire
 from fs_gmfl.core.fedkrso.config import FedKRSOConfig
 from fs_gmfl.core.fedkrso.ops import (apply_update_, interval_slot_generator, layer_rank, merge_, next_slot,
@@ -328,8 +328,3 @@ class FedKRSOClient(ClientAlgorithm):
                     params[name].copy_(value)
         finally:
             os.remove(path)
-
-
-def head_keys_of(keys: Sequence[str]) -> list[str]:
-    """The head keys among adapter keys."""
-    return [k for k in keys if kind_of(k) == HEAD]

@@ -8,6 +8,7 @@ from fs_gmfl.core.adapter import HEAD, kind_of, load_model_tensors
 from fs_gmfl.core.fedkrso.client import FedKRSOClient
 from fs_gmfl.core.fedkrso.config import FedKRSOConfig
 from fs_gmfl.core.fedkrso.strategy import FedKRSOStrategy
+from fs_gmfl.core.fedkrso.estimate import estimate_fedkrso
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.core.targets import disable_lora_branches, resolve_targets, target_weights
@@ -37,7 +38,7 @@ def build_fedkrso(ctx: MethodContext) -> Method:
 FEDKRSO = MethodSpec(
     name="fedkrso", build=build_fedkrso, config_section="fedkrso", config_class=FedKRSOConfig, trains_backbone=True,
     summary="full fine-tuning in shared random low-rank subspaces, sent as seeds and accumulators (FedKRSO)",
-    estimate="fs_gmfl.comm_estimate:estimate_fedkrso",
+    estimate=estimate_fedkrso,
     gmfl_refusal="False with federate.method 'fedkrso': FedKRSO trains full weights through per-round random "
                  "subspaces, so there is no persistent adapter tensor whose global update GMFL could rank and freeze",
     example_overrides=("federate.method", "fedkrso", "fedkrso.num_seeds", "2", "fedkrso.interval", "1"))

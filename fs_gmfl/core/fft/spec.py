@@ -6,6 +6,7 @@ from fs_gmfl.core.adapter import HEAD, kind_of, load_model_tensors
 from fs_gmfl.core.fedavg.strategy import LoraFedAvg
 from fs_gmfl.core.fft.client import FullWeightClient
 from fs_gmfl.core.fft.config import FFTConfig
+from fs_gmfl.core.fft.estimate import estimate_fft
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
 from fs_gmfl.core.targets import disable_lora_branches, resolve_targets, target_weights
 
@@ -27,7 +28,7 @@ def build_fft(ctx: MethodContext) -> Method:
 FFT = MethodSpec(
     name="fft", build=build_fft, config_section="fft", config_class=FFTConfig, trains_backbone=True,
     summary="federated full fine-tuning of the targeted weights and the head (baseline)",
-    estimate="fs_gmfl.comm_estimate:estimate_fft",
+    estimate=estimate_fft,
     gmfl_refusal="False with federate.method 'fft': GMFL freezes LoRA adapter units and full fine-tuning has "
                  "none (its wrapper interface is not implemented for whole weight matrices)",
     example_overrides=("federate.method", "fft"))

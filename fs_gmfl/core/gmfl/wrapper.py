@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from fs_gmfl.core.fedavg.client import LoraClient
-from fs_gmfl.core.fedavg.strategy import LoraFedAvg
 from fs_gmfl.core.gmfl.base import GMFLBase, GMFLBaseClient, frozen_keys
 from fs_gmfl.core.gmfl.strategy import GlobalMasking
 from fs_gmfl.core.gmfl.wire import MASK
@@ -250,16 +249,6 @@ def wrap_method(method: Method, cfg: RunConfig) -> Method:
     client = GMFLClient(method.client, units, cache_mask=cfg.gmfl.downlink == "stateful_sync")
     return dataclasses.replace(method, strategy=strategy, client=client,
                                info={**method.info, "mask_candidates": len(units)})
-
-
-def gmfl_over_lora_fedavg(initial: Mapping[str, Tensor], masking: GlobalMasking, *, variant: str = "fedit",
-                          downlink: str = "stateless") -> GMFLStrategy:
-    """GMFL's server over FedIT or FFA-LoRA built from parts (what :func:`wrap_method` builds from a config).
-
-    ``downlink`` is ``gmfl.downlink``: under ``stateful_sync`` the base sends only
-    changed tensors and the mask travels only when it changed.
-    """
-    return GMFLStrategy(LoraFedAvg(initial, variant=variant, downlink=downlink), masking, mask_sync=downlink)
 
 
 def gmfl_lora_client(variant: str, candidate_keys: Sequence[str], *, stateful: bool = False) -> GMFLClient:

@@ -8,6 +8,7 @@ from fs_gmfl.core.hafl.client import HAFLClient
 from fs_gmfl.core.hafl.config import HAFLConfig
 from fs_gmfl.core.hafl.profiles import client_capacities, profile_report
 from fs_gmfl.core.hafl.strategy import HAFLStrategy
+from fs_gmfl.core.hafl.estimate import estimate_hafl
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
 
 if TYPE_CHECKING:
@@ -43,6 +44,6 @@ HAFL = MethodSpec(
     advise_config=advise,
     gmfl_base=True,
     summary="heterogeneous rank-1 truncation or freezing with adaptive rank-1 aggregation (HAFL)",
-    estimate="fs_gmfl.comm_estimate:estimate_hafl",
+    estimate=estimate_hafl,
     example_overrides=("federate.method", "hafl"))
 SPECS = [HAFL]

@@ -35,7 +35,7 @@ from torch import Tensor
 from fs_gmfl.config.schema import DataConfig, is_instruction_data_type
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.errors import ConfigError, InputError
-from fs_gmfl.hosts.common.data import Encoded, HashTokenizer, TextCorpus, read_corpus, synthetic_dataset
+from fs_gmfl.hosts.common.corpus import Encoded, HashTokenizer, TextCorpus, read_corpus, synthetic_dataset
 from fs_gmfl.hosts.common.instructions import InstructionRow, read_instruction_set
 
 logger = logging.getLogger(__name__)

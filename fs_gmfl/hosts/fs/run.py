@@ -35,7 +35,7 @@ def run_module(module: str, argv: Sequence[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fs_gmfl.hosts.fs import register_all
 
-    from fs_gmfl.hosts.fs.config import set_command_line
+    from fs_gmfl.hosts.fs.config import command_line, set_command_line
     from fs_gmfl.hosts.fs.workers import CLIENTS, SERVERS
 
     saved = sys.argv
@@ -72,27 +72,6 @@ def _outcome(servers: Sequence[object], clients: Sequence[object] = ()) -> int:
                   "and summary.json)", file=sys.stderr)
             return EXIT_NOTHING_ACCEPTED
     return 0
-
-
-def command_line(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """``(--cfg file, global KEY VALUE overrides)`` of a FederatedScope command line, parsed as its main does
-    (``client_<i>.KEY`` overrides, which go to ``--client_cfg``, are left out)."""
-    import argparse
-
-    from federatedscope.core.cmd_args import parse_client_cfg
-
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--cfg", dest="cfg_file", default=None)
-    parser.add_argument("--client_cfg", default=None)
-    parser.add_argument("--local_rank", default=None)
-    parser.add_argument("--help", nargs="?", default="")
-    parser.add_argument("opts", nargs=argparse.REMAINDER)
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit:  # FederatedScope's own parser reports it
-        return None, []
-    opts, _ = parse_client_cfg(list(args.opts or []))
-    return args.cfg_file, list(opts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

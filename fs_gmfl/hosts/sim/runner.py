@@ -43,6 +43,7 @@ from fs_gmfl.hosts.common.data import FederatedData, federated_data_for
 from fs_gmfl.hosts.common.llm_eval import EvalSettings, evaluate_causal_lm
 from fs_gmfl.hosts.common.models import (AdapterVariants, build_backbone, choose_device, load_tokenizer,
                                          prepare_for_training)
+from fs_gmfl.hosts.common.preflight import check_run as check_resources
 from fs_gmfl.hosts.common.rundir import RunDirectory
 from fs_gmfl.hosts.common.sanity import check_data
 from fs_gmfl.hosts.common.store import ClientStateStore
@@ -54,7 +55,6 @@ from fs_gmfl.hosts.sim.records import RUN_RECORDS, all_rejected_rounds, is_all_r
 from fs_gmfl.hosts.sim.training import autocast_context, evaluate, train_local
 from fs_gmfl.methods import Method, MethodContext, build_method
 from fs_gmfl.plots import MIB
-from fs_gmfl.preflight import check_run as check_resources
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from fs_gmfl.core.adapter import adapter_parameters
 from fs_gmfl.core.protocol import LocalPlan, TrainStats
 from fs_gmfl.core.seeding import derive_seed
 from fs_gmfl.hosts.common.batches import batch_schedule, count_batches
-from fs_gmfl.hosts.common.data import Encoded
+from fs_gmfl.hosts.common.corpus import Encoded
 from fs_gmfl.hosts.common.llm_eval import length_sorted_batches
 
 
