@@ -128,6 +128,23 @@ def test_use_false_keeps_only_use_after_freeze_and_still_converts():
     assert to_run_config(cfg).gmfl.use is False
 
 
+def test_fedprox_switches_federatescopes_own_fedprox_section_on_so_mu_survives_freeze():
+    """FederatedScope declares fedprox.use/fedprox.mu itself and deletes mu at freeze while use is False: the
+    fedprox method turns FederatedScope's switch on, so its mu reaches the method."""
+    from fs_gmfl.hosts.fs.config import to_run_config
+
+    cfg = fs_config("federate.method", "fedprox", "fedprox.mu", 0.3)
+    cfg.freeze(save=False, inform=False)
+    assert cfg.fedprox.use is True and cfg.fedprox.mu == 0.3 and to_run_config(cfg).fedprox.mu == 0.3
+
+
+def test_federatescopes_own_fedprox_on_its_fedavg_stays_federatescopes():
+    """fedprox.use on FederatedScope's fedavg is FederatedScope's own FedProx: neither refused nor taken over."""
+    cfg = fs_config("federate.method", "fedavg", "gmfl.use", False, "trainer.type", "llmtrainer", "fedprox.use", True,
+                    "fedprox.mu", 0.2)
+    assert (cfg.federate.method, cfg.trainer.type, cfg.fedprox.mu) == ("fedavg", "llmtrainer", 0.2)
+
+
 # -- transport ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("msg_type", ["model_para", "evaluate"])
 def test_payload_survives_federatescope_grpc_encoding(msg_type):
@@ -244,7 +261,8 @@ HEAD_KEYS = {"base_model.model.classifier.modules_to_save.weight", "base_model.m
 PARITY = [pytest.param("fedit", [], [0.0, 0.5], id="fedit"),
           pytest.param("ffa_lora", ["federate.sample_client_num", "2"], [0.0, 0.5], id="ffa_lora-2-of-3-clients"),
           pytest.param("hafl", ["gmfl.use", "False"], None, id="hafl"),
-          pytest.param("fedhft", ["gmfl.use", "False", "fedhft.eval", "global"], None, id="fedhft")]
+          pytest.param("fedhft", ["gmfl.use", "False", "fedhft.eval", "global"], None, id="fedhft"),
+          pytest.param("fedprox", ["fedprox.mu", "0.5"], [0.0, 0.5], id="fedprox")]
 
 
 @pytest.mark.parametrize("method, extra, frozen", PARITY)

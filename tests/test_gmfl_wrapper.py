@@ -112,14 +112,16 @@ def test_a_mask_never_cuts_a_module(method, tiny):
 
 
 NEVER_FREEZES = ["gmfl.use", "True", "gmfl.period", "1", "gmfl.c", "0", "gmfl.beta", "0"]
+#: every base GMFL wraps, alone: FedIT and FedProx (one tensor per unit) and the module-unit compositions.
+BASES = {"fedit": ["federate.method", "fedit"], "fedprox": ["federate.method", "fedprox", "fedprox.mu", "0.1"],
+         **COMPOSITIONS}
 
 
-@pytest.mark.parametrize("name", ["fedit", *sorted(COMPOSITIONS)])
+@pytest.mark.parametrize("name", sorted(BASES))
 def test_gmfl_that_never_freezes_is_bit_identical_to_the_base_alone(name, tmp_path, single_thread):
     """c = beta = 0 freezes nothing: the wrapped base gives the same global adapter (SHA-256), the same loss and
     accuracy every round and the same uplink bytes as the base alone; the downlink only adds the 1-byte mask."""
-    base = COMPOSITIONS.get(name, ["federate.method", "fedit"])
-    overrides = [*base, "federate.total_round_num", "3", "eval.freq", "1"]
+    overrides = [*BASES[name], "federate.total_round_num", "3", "eval.freq", "1"]
     alone = fingerprint(overrides, str(tmp_path / "alone"))
     wrapped = fingerprint([*overrides, *NEVER_FREEZES], str(tmp_path / "wrapped"))
     assert wrapped["adapter_sha256"] == alone["adapter_sha256"]

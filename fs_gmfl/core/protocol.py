@@ -45,8 +45,10 @@ class LocalPlan:
             (entries selected by ``grad_masks == 0``), so decoupled weight
             decay cannot move frozen entries.
         after_step: optional callback ``f(step_index)`` after each optimiser step.
-        weight_decay_mask_via_loss: ask the host to apply weight decay as an
-            explicit L2 loss on unmasked entries only instead of in the optimiser.
+        extra_loss: optional term ``f(model) -> scalar tensor`` the host adds
+            to every batch's loss before the backward pass (a regulariser of
+            the local objective, e.g. FedProx's proximal term); the loss the
+            host reports includes it. :meth:`total_loss` applies it.
         info: free-form values the algorithm wants back in :meth:`ClientAlgorithm.finish`.
         on_optimizer: optional callback ``f(optimizer)`` the host calls once
             with the optimiser it built over ``trainable``, before the first
@@ -59,21 +61,16 @@ class LocalPlan:
     grad_masks: dict[str, Tensor] = field(default_factory=dict)
     frozen_values: dict[str, Tensor] = field(default_factory=dict)
     after_step: Callable[[int], None] | None = None
-    weight_decay_mask_via_loss: bool = False
+    extra_loss: Callable[[nn.Module], Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     on_optimizer: Callable[[Any], None] | None = None
 
-    def masked_l2_penalty(self, weight_decay: float) -> Tensor:
-        """``wd/2 * sum ||mask * p||^2`` over the trainable tensors: weight decay on trained entries only.
-
-        The loss term a host adds when ``weight_decay_mask_via_loss`` is set
-        (its optimiser then runs without weight decay).
-        """
-        total = torch.zeros(())
-        for key, p in self.trainable.items():
-            mask = self.grad_masks.get(key)
-            total = total + ((p * mask) if mask is not None else p).pow(2).sum()
-        return 0.5 * weight_decay * total
+    def total_loss(self, loss: Tensor) -> Tensor:
+        """``loss`` plus :attr:`extra_loss` of the model (on ``loss``'s device), or ``loss`` itself; every host calls it
+        on each batch's loss before the backward pass."""
+        if self.extra_loss is None:
+            return loss
+        return loss + self.extra_loss(self.model).to(loss.device)
 
     @torch.no_grad()
     def restore_frozen_values(self) -> None:

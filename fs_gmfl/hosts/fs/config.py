@@ -251,8 +251,9 @@ def _check_effective(cfg: Any) -> None:
         node = plain(cfg.get(name)) or {}
         if node.get("use", True) is False:
             continue
-        build(section_cls, node, prefix=name + ".")
-        if "use" in node and not ours:
+        fs_switch = name in FS_OWN_SECTIONS  # FederatedScope's own algorithm when the method is not fs_gmfl's
+        build(section_cls, {k: v for k, v in node.items() if not (fs_switch and k == "use")}, prefix=name + ".")
+        if "use" in node and not ours and not fs_switch:
             raise ConfigError(f"{name}.use", True, f"federate.method one of {owned_methods()} (fs_gmfl's workers), "
                               f"or '{FS_FEDAVG}' which it turns into '{FEDAVG_EQUIVALENT}'; '{method}' is run by "
                               f"FederatedScope itself, which would ignore '{name}'")
@@ -294,6 +295,11 @@ def resolve_switches(cfg: Any, *, announce: bool = True) -> None:
     * ``federate.method: fedavg`` (FederatedScope's default) with an enabled
       method subtree that rides on FedIT (``gmfl.use: True``) becomes
       ``fedit``: LoRA FedAvg is FedIT;
+    * for an fs_gmfl method whose section FederatedScope declares too
+      (``fedprox``), FederatedScope's ``use`` of that section is switched on:
+      FederatedScope deletes every other key of a section whose ``use`` is
+      False when the run starts (the fs_gmfl trainer then leaves out
+      FederatedScope's own proximal regulariser: the method adds its term);
     * for an fs_gmfl method, ``trainer.type: llmtrainer`` (FederatedScope's,
       set by every baseline config) becomes ``fs_gmfl_llmtrainer``.
 
@@ -310,6 +316,11 @@ def resolve_switches(cfg: Any, *, announce: bool = True) -> None:
         method = FEDAVG_EQUIVALENT
         changes.append(f"federate.method '{FS_FEDAVG}' -> '{FEDAVG_EQUIVALENT}' ({', '.join(riders)}.use is True; "
                        "LoRA FedAvg is FedIT)")
+    section = spec_of(method).config_section if method in owned_methods() else None
+    if section in FS_OWN_SECTIONS and plain(lookup(cfg, f"{section}.use")) is False:
+        cfg[section].use = True
+        changes.append(f"{section}.use False -> True (FederatedScope deletes the other {section}.* keys while its "
+                       f"own switch is off, and federate.method '{method}' reads them)")
     if method in owned_methods() and str(plain(lookup(cfg, "trainer.type"))).lower() == FS_LLM_TRAINER:
         cfg.trainer.type = TRAINER_TYPE
         changes.append(f"trainer.type '{FS_LLM_TRAINER}' -> '{TRAINER_TYPE}' (fs_gmfl's subclass of it, "
@@ -326,6 +337,11 @@ SWITCHES: list[str] = []
 
 def _enabled(cfg: Any, section: str) -> bool:
     return plain(lookup(cfg, f"{section}.use")) is True
+
+
+#: method sections FederatedScope declares itself, with a ``use`` switch of its own (its FedProx plug-in,
+#: ``fedprox.use`` and ``fedprox.mu``, in ``federatedscope/core/configs/cfg_fl_algo.py``).
+FS_OWN_SECTIONS = ("fedprox",)
 
 
 # -- paths that do not depend on the working directory ---------------------------------------------

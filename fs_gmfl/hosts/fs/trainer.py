@@ -14,8 +14,10 @@ on_fit_start       ``_hook_on_fit_start_plan`` (after init)        ``client.prep
                                                                    outside the model; dropout seed; the round's
                                                                    batch schedule
 on_batch_start     ``_hook_on_batch_start_timer`` (first)          step timer
-on_batch_forward   ``_hook_on_batch_forward_plan`` (after forward) masked L2 when the plan asks for it; a
-                                                                   non-finite loss or nothing to train skips the batch
+on_batch_forward   ``_hook_on_batch_forward_plan`` (after forward) the plan's extra loss term; a non-finite
+                                                                   loss or nothing to train skips the batch
+on_batch_forward   ``_hook_on_batch_forward_regularizer`` (own)    FederatedScope's regulariser, left out when the
+                                                                   plan has an extra loss
 on_batch_backward  ``_hook_on_batch_backward_plan`` (last)         restore ``plan.frozen_values``; ``plan.after_step``
 on_batch_end       ``_hook_on_batch_end_record`` (last)            loss and step time of the batch
 on_fit_end         ``_hook_on_fit_end_finish`` (first)             remove tensor hooks, restore ``requires_grad``
@@ -170,10 +172,7 @@ class FsGmflTrainer(LLMTrainer):
     @staticmethod
     def _optimizer_for(ctx: Any, plan: LocalPlan) -> tuple[Any, Any]:
         """The optimizer over ``plan.trainable`` (handed to ``plan.on_optimizer``), then its scheduler."""
-        kwargs = dict(ctx.cfg.train.optimizer)
-        if plan.weight_decay_mask_via_loss:
-            kwargs["weight_decay"] = 0.0
-        optimizer = get_optimizer(list(plan.trainable.values()), **kwargs)
+        optimizer = get_optimizer(list(plan.trainable.values()), **ctx.cfg.train.optimizer)
         if plan.on_optimizer is not None:
             plan.on_optimizer(optimizer)  # may regroup parameters: before the scheduler reads the groups
         return optimizer, get_scheduler(optimizer, **ctx.cfg.train.scheduler)
@@ -199,22 +198,43 @@ class FsGmflTrainer(LLMTrainer):
         ctx.fs_gmfl_fit.started = time.perf_counter()
 
     def _hook_on_batch_forward_plan(self, ctx: Any) -> None:
-        """Add the plan's masked L2 term; skip the batch on a non-finite loss or when nothing is trained.
+        """Add the plan's extra loss term; skip the batch on a non-finite loss or when nothing is trained.
+
+        Runs before FederatedScope's regulariser hook, so ``ctx.loss_task`` (what it backpropagates) includes the
+        term, and so does the recorded loss, as in the simulator.
 
         ==========================  ==========================================
         ``ctx`` attribute           operation
         ==========================  ==========================================
-        ``ctx.loss_batch``          plus ``0.5 * wd * ||unmasked||^2`` if asked
+        ``ctx.loss_batch``          plus ``plan.extra_loss(model)`` if set
         ``ctx.skip_this_batch``     True for a non-finite loss / empty plan
         ==========================  ==========================================
         """
         plan = ctx.fs_gmfl_fit.plan
-        wd = float(ctx.cfg.train.optimizer.get("weight_decay", 0.0))
-        if plan.weight_decay_mask_via_loss and wd > 0 and plan.trainable:
-            ctx.loss_batch = CtxVar(ctx.loss_batch + plan.masked_l2_penalty(wd).to(ctx.loss_batch.device),
-                                    LIFECYCLE.BATCH)
+        if plan.extra_loss is not None and plan.trainable:
+            ctx.loss_batch = CtxVar(plan.total_loss(ctx.loss_batch), LIFECYCLE.BATCH)
         if not plan.trainable or not bool(torch.isfinite(ctx.loss_batch)):
             ctx.skip_this_batch = CtxVar(True, LIFECYCLE.BATCH)
+
+    def _hook_on_batch_forward_regularizer(self, ctx: Any) -> None:
+        """FederatedScope's regulariser term, unless the plan brings its own (``plan.extra_loss``).
+
+        A plan's extra loss is the method's regulariser (FedProx's proximal term), so FederatedScope's plug-in of
+        the same name (``fedprox.use``, which the FedProx method switches on to keep ``fedprox.mu``) adds nothing.
+
+        ==========================  ==========================================
+        ``ctx`` attribute           operation
+        ==========================  ==========================================
+        ``ctx.loss_regular``        0 with an extra loss, else FederatedScope's
+        ``ctx.loss_task``           ``ctx.loss_batch`` (+ ``ctx.loss_regular``)
+        ==========================  ==========================================
+        """
+        fit = ctx.get("fs_gmfl_fit")
+        if fit is None or fit.plan.extra_loss is None:
+            super()._hook_on_batch_forward_regularizer(ctx)
+            return
+        ctx.loss_regular = CtxVar(0.0, LIFECYCLE.BATCH)
+        ctx.loss_task = CtxVar(ctx.loss_batch, LIFECYCLE.BATCH)
 
     def _hook_on_batch_backward_plan(self, ctx: Any) -> None:
         """After the optimizer step: restore frozen entries exactly, then call ``plan.after_step``."""

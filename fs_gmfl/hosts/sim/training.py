@@ -2,8 +2,9 @@
 
 :func:`train_local` runs what a :class:`~fs_gmfl.core.protocol.LocalPlan`
 describes: only the plan's tensors get ``requires_grad`` and optimiser state,
-gradient masks are applied through tensor hooks, and masked entries are
-restored after every step so decoupled weight decay cannot move them.
+the plan's extra loss term is added to every batch's loss, gradient masks are
+applied through tensor hooks, and masked entries are restored after every
+step so decoupled weight decay cannot move them.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from fs_gmfl.hosts.common.corpus import Encoded
 from fs_gmfl.hosts.common.llm_eval import length_sorted_batches
 
 
-def make_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter], lr: float, *,
-                   weight_decay: float | None = None) -> torch.optim.Optimizer:
+def make_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """The local optimizer of ``train.optimizer`` over ``params``."""
-    wd = cfg.weight_decay if weight_decay is None else weight_decay
+    wd = cfg.weight_decay
     if cfg.type == "SGD":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
     cls = torch.optim.AdamW if cfg.type == "AdamW" else torch.optim.Adam
@@ -113,9 +113,7 @@ def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, cli
     _set_trainable(plan)
     torch.manual_seed(derive_seed(cfg.seed, "dropout", rnd, client_id))
     lr = round_lr(cfg, rnd)
-    wd = cfg.train.optimizer.weight_decay
-    optimizer = make_optimizer(cfg.train.optimizer, list(plan.trainable.values()), lr,
-                               weight_decay=0.0 if plan.weight_decay_mask_via_loss else wd)
+    optimizer = make_optimizer(cfg.train.optimizer, list(plan.trainable.values()), lr)
     if plan.on_optimizer is not None:
         plan.on_optimizer(optimizer)
     hooks = [plan.trainable[k].register_hook(lambda g, m=m: g * m) for k, m in plan.grad_masks.items()]
@@ -131,8 +129,7 @@ def train_local(plan: LocalPlan, data: Encoded, cfg: RunConfig, *, rnd: int, cli
             batch = {k: v.to(device) for k, v in data.batch(index).items()}
             with autocast_context(cfg, device):
                 loss = plan.model(**batch).loss
-            if plan.weight_decay_mask_via_loss and wd > 0:
-                loss = loss + plan.masked_l2_penalty(wd)
+            loss = plan.total_loss(loss)
             if not torch.isfinite(loss):
                 continue
             backward_and_step(loss, optimizer, scaler, list(plan.trainable.values()), cfg.grad.grad_clip)
