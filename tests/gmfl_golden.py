@@ -4,6 +4,8 @@
 ``tests/gmfl_pre_wrapper.json``; it was run once on the commit before the wrapper existed, and
 ``tests/test_gmfl_wrapper.py`` asserts that today's code reproduces every value bit for bit: the SHA-256 of the
 final global adapter, every round's test loss and accuracy (exact float reprs), bytes and frozen fractions.
+The adapter's digest is recorded per CPU capability (torch's kernels differ in the last bits between AVX2 and
+AVX512; every metric and byte is the same): run the script on the pre-wrapper commit (f2c20e2) to add a CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ ROUND_FIELDS = ("round", "clients", "uplink_bytes", "downlink_bytes", "uplink_co
                 "test_loss")
 
 
+def cpu_capability() -> str:
+    """The CPU kernels torch dispatches to (``AVX512``, ``AVX2``, ...): float results, and so the adapter's bits,
+    may differ between them, while every metric and byte count stays the same."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
 def adapter_digest(adapter: dict[str, torch.Tensor]) -> str:
     """SHA-256 over the keys (sorted) and the raw bytes of each tensor."""
     h = hashlib.sha256()
@@ -57,7 +65,12 @@ def fingerprint(overrides: list[str], outdir: str) -> dict:
 
 
 if __name__ == "__main__":
+    recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         record = {name: fingerprint(overrides, f"{tmp}/{name}") for name, overrides in CASES.items()}
+    for name, row in record.items():  # keep the adapter digests other CPUs gave; add this CPU's
+        digests = recorded.get(name, {}).get("adapter_sha256", {})
+        row["adapter_sha256"] = {**(digests if isinstance(digests, dict) else {}), cpu_capability(): row[
+            "adapter_sha256"]}
     GOLDEN.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN}")
