@@ -97,3 +97,16 @@ def test_the_plugin_runs_one_round_like_the_builtin(plugin_site, tmp_path, singl
     expected = Simulation(builtin(tmp_path / "builtin", "expname", "run"), quiet=True).run()
     assert summary["method"] == NAME and summary["rejected_updates"]["total"] == 0
     assert summary["comm"] == expected["comm"] and summary["final"] == expected["final"]
+
+
+def test_the_plugin_runs_one_round_under_federatedscope(plugin_site, tmp_path):
+    """``fs-gmfl fs-run``: the plug-in, found through the entry point, runs one round of a both-hosts YAML under
+    FederatedScope with every update accepted (skipped where FederatedScope is not importable)."""
+    pytest.importorskip("federatedscope", reason="FederatedScope (branch llm) is not installed: FederatedScope host "
+                        "tests skipped")
+    cfg = ROOT / "yaml_configs" / "fs" / "gmfl_fedit_tiny_bert_both_hosts.yaml"
+    fs_gmfl(plugin_site, "fs-run", "--cfg", str(cfg), "federate.method", NAME, f"{NAME}.mu", "0.1", "gmfl.use",
+            "False", "federate.total_round_num", "1", "outdir", str(tmp_path), "expname", "plugin")
+    summary = json.loads((tmp_path / "plugin" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["host"] == "federatedscope" and summary["method"] == NAME
+    assert summary["accepted_updates"] == 3 and summary["rejected_updates"]["total"] == 0

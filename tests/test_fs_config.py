@@ -181,9 +181,14 @@ def test_half_precision_adam_with_an_eps_float16_loses_is_refused(optimizer, hal
     assert torch.tensor(optimizer.get("eps", 1e-8), dtype=torch.float16).item() == 0.0  # the fact behind it
 
 
+FS_MISSING = "FederatedScope (branch llm) is not installed: FederatedScope host tests skipped"
+
+
+@pytest.mark.fs_host
 def test_a_model_path_does_not_nest_the_output_directory(tmp_path):
     """Issue #28: FederatedScope's default expname holds model.type, so a model *path* nested the run directory
     along it; for an fs_gmfl method the default keeps FederatedScope's pattern with the last path component."""
+    pytest.importorskip("federatedscope", reason=FS_MISSING)
     from fs_host_helpers import FS_CONFIGS, merged_like_main
 
     from fs_gmfl.hosts.fs import register_all
@@ -196,7 +201,9 @@ def test_a_model_path_does_not_nest_the_output_directory(tmp_path):
     assert named.expname == "mine"
 
 
+@pytest.mark.fs_host
 def test_a_restored_run_into_an_existing_directory_is_warned_about_sub_exp(tmp_path, caplog):
+    pytest.importorskip("federatedscope", reason=FS_MISSING)
     from fs_host_helpers import FS_CONFIGS, merged_like_main
 
     from fs_gmfl.hosts.fs import register_all
