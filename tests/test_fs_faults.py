@@ -199,10 +199,10 @@ def test_client_killed_mid_round_costs_its_replies(cluster):
 
 def test_restarted_client_takes_its_old_place(cluster):
     """A killed client started again joins under its own id (distribute.data_idx), not as client #3, and trains
-    again: the last rounds aggregate both clients."""
-    start_all(cluster)
+    again: the last round aggregates both clients."""
+    start_all(cluster, "federate.total_round_num", "8")  # rounds enough for the restarted process to load and join
     kill_in_round_two(cluster, "client_2")
-    cluster.start("client_2", *tolerance(), *SLOW_ROUNDS)
+    cluster.start("client_2", *tolerance(), *SLOW_ROUNDS, "federate.total_round_num", "8")
     assert_finished(cluster)
     assert "client #2 restarted" in cluster.log("server") or "client #2 joined" in cluster.log("server")
     assert "Client #3" not in cluster.log("server")
