@@ -155,7 +155,7 @@ def bare_server(outdir: Path) -> FsGmflServer:
     server.method = SimpleNamespace(strategy=SimpleNamespace(name="fedit+gmfl"), info={})
     server.total_round_num, server.wire_dtype, server.ledger = 2, torch.float16, CommLedger()
     server.rounds, server.rejections, server.accepted_total, server.mostly_rejected_rounds = {}, {}, 0, []
-    server.evaluation = {"broadcasts": 0, "bytes": 0}
+    server.evaluation, server.warnings = {"broadcasts": 0, "bytes": 0}, []
     return server
 
 

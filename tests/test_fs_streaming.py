@@ -48,7 +48,7 @@ def bare_server(outdir: Path) -> FsGmflServer:
                                   quantization=SimpleNamespace(method="none"), asyn=SimpleNamespace(use=False))
     server.total_round_num, server.wire_dtype, server.ledger = 2, torch.float16, CommLedger()
     server.rounds, server.rejections, server.accepted_total, server.mostly_rejected_rounds = {}, {}, 0, []
-    server.evaluation = {"broadcasts": 0, "bytes": 0}
+    server.evaluation, server.warnings = {"broadcasts": 0, "bytes": 0}, []
     server.is_finish, server.state, server.cur_timestamp, server.staleness_toleration = False, 0, 0, 0
     server.msg_buffer, server.staled_msg_buffer, server.dropout_num = {"train": {}}, [], 0
     server.sampler = SimpleNamespace(change_state=lambda *args: None)
