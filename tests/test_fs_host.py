@@ -262,7 +262,8 @@ PARITY = [pytest.param("fedit", [], [0.0, 0.5], id="fedit"),
           pytest.param("ffa_lora", ["federate.sample_client_num", "2"], [0.0, 0.5], id="ffa_lora-2-of-3-clients"),
           pytest.param("hafl", ["gmfl.use", "False"], None, id="hafl"),
           pytest.param("fedhft", ["gmfl.use", "False", "fedhft.eval", "global"], None, id="fedhft"),
-          pytest.param("fedprox", ["fedprox.mu", "0.5"], [0.0, 0.5], id="fedprox")]
+          pytest.param("fedprox", ["fedprox.mu", "0.5"], [0.0, 0.5], id="fedprox"),
+          pytest.param("lora_a2", ["gmfl.use", "False"], None, id="lora_a2")]
 
 
 @pytest.mark.parametrize("method, extra, frozen", PARITY)

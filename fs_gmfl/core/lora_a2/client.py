@@ -1,0 +1,36 @@
+"""LoRA-A2's client (spec GMFL.md section 7.4): FedIT's client, the idle factor of the round frozen."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+from torch import nn
+
+from fs_gmfl.core.adapter import adapter_parameters
+from fs_gmfl.core.fedavg.client import LoraClient
+from fs_gmfl.core.lora_a2.ops import idle_keys
+from fs_gmfl.core.lora_a2.wire import round_of_parity
+from fs_gmfl.core.message import Message
+from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats
+
+
+class LoraA2Client(ClientAlgorithm):
+    """FedIT's client (``base``) that freezes the factor the downlink's parity leaves idle.
+
+    The frozen factor is left out of the plan (no gradient, no optimiser
+    state, unchanged) and so out of the uplink: a client uploads the factor
+    it trained and the head.
+    """
+
+    def __init__(self, base: LoraClient) -> None:
+        self.base = base
+
+    def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
+        """FedIT's plan without the round's idle factor (:func:`~fs_gmfl.core.lora_a2.ops.idle_factor`)."""
+        idle = idle_keys(adapter_parameters(model), round_of_parity(message))
+        return self.base.prepare_excluding(model, message, client_state, idle)
+
+    def finish(self, plan: LocalPlan, stats: TrainStats, client_state: MutableMapping[str, Any]) -> Message:
+        """FedIT's uplink: the trained tensors and the sample count."""
+        return self.base.finish(plan, stats, client_state)
