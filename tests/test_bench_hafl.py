@@ -69,3 +69,33 @@ def test_per_seed_rows_pair_each_seed_with_the_reference():
     assert rows[0] == ["HomLoRA r=16", "50.0", "60.0", "-"]
     # gaps -5.0 and +1.0 points, mean -2.0
     assert rows[1] == ["IFALoRA", "45.0", "61.0", "-2.0 (-5.0, +1.0)"]
+
+
+def test_profile_cost_bytes_are_the_trained_tensors_and_adams_state():
+    """--profile-cost's child measurement, run in-process on tiny_bert: the bytes follow the rank by hand arithmetic.
+
+    tiny_bert has 2 layers x (query, key, value) = 6 adapted modules of width 16; a rank-r LoRA on one is
+    A (r x 16) + B (16 x r) = 32 r float32 values. Adam keeps exp_avg and exp_avg_sq of each trained tensor
+    plus a 4-byte step per tensor (12 tensors). Freezing (IFALoRA) trains n of 16 components through a gradient
+    mask, so its tensors and optimizer state stay at rank 16.
+    """
+    from fs_gmfl.bench.hafl import cost_profiles, cost_rows, measure_profile_cost
+
+    profiles = {label: (method, profile) for label, method, profile in cost_profiles([1, 16])}
+    assert list(profiles) == ["ITALoRA r=1", "ITALoRA r=16", "IFALoRA n=1", "IFALoRA n=16"]
+    assert profiles["IFALoRA n=1"][1] == ["hafl.profiles", "[{share: 1.0, freeze_ratio: 0.9375}]"]
+    measured = {}
+    for label, (method, profile) in profiles.items():
+        measured[label] = row = measure_profile_cost(method, [*TINY, *profile], warmup=1, timed=2)
+        row.update(median_step_seconds=1.0, min_step_seconds=1.0, max_step_seconds=1.0)
+        assert len(row["step_seconds"]) == 2 and row["peak_rss_bytes"] >= row["rss_before_training_bytes"] > 0
+    for label, r, n in [("ITALoRA r=1", 1, 1), ("ITALoRA r=16", 16, 16), ("IFALoRA n=1", 16, 1),
+                        ("IFALoRA n=16", 16, 16)]:
+        row = measured[label]
+        assert row["trainable_params"] == 6 * 32 * r and row["trained_params"] == 6 * 32 * n, label
+        assert row["param_bytes"] == 6 * 32 * r * 4, label
+        assert row["optimizer_state_bytes"] == 2 * 6 * 32 * r * 4 + 12 * 4, label
+    rows = cost_rows(measured)
+    assert rows[0][:3] == ["ITALoRA r=1", "192", "192"] and rows[0][4] == "1.00"
+    assert rows[0][5:7] == ["0.8", "1.5"]  # 768 B and 1,584 B in KiB
+    assert all(row["peak_rss_reset_before_training"] for row in measured.values())  # Linux

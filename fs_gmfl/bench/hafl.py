@@ -10,19 +10,30 @@ global model truncated to each client rank, and, per client profile, the
 median local step time (interleaved on one process) and the peak memory of a
 local step (torch profiler). Writes ``results.json``, ``table.md`` and
 ``hafl_bench.png`` to ``--out``; finished runs are reused unless ``--fresh``.
+
+``--profile-cost`` instead measures one client's local training per HAFL
+profile (ITALoRA truncated to each of ``--cost-ranks``, IFALoRA training that
+many of 16 components), each in a fresh child process: the median time per
+step after warm-up, the child's peak resident memory during training
+(``VmHWM``, reset after loading), and the exact bytes of the trained tensors
+and the optimizer state (from the tensors themselves). Writes
+``profile_cost.json`` and ``profile_cost.md`` to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from fs_gmfl.bench.common import (MAJORITY_LABEL, earlier_summary, fmt_pm, machine, majority_rates, markdown_table,
                                   mean_curve, peak_step_memory, progress, write_json)
-from fs_gmfl.bench.options import BenchParser, output_dir, positive, seed_list, subset
+from fs_gmfl.bench.options import BenchParser, count, int_list, non_negative, output_dir, positive, seed_list, subset
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.adapter import adapter_state
 from fs_gmfl.core.message import Message
@@ -42,6 +53,8 @@ METHODS = {
     "IFZLoRA": "hafl_ifzlora_minilm_news",
 }
 REFERENCE = "HomLoRA r=16"
+#: r_max of the benchmark's configurations (``llm.adapter.args[0].r``).
+R_MAX = 16
 #: client profiles timed and measured: (label, method whose configuration builds it, profile name or None).
 PROFILE_CLIENTS = [
     ("HomLoRA r=16", "HomLoRA r=16", None), ("HomLoRA r=2", "HomLoRA r=2", None),
@@ -61,8 +74,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="extra configuration override for every run (repeatable)")
     p.add_argument("--timing-steps", type=positive, default=4, help="local steps per timing block")
-    p.add_argument("--timing-repeats", type=positive, default=5, help="interleaved timing blocks per profile")
+    p.add_argument("--timing-repeats", type=positive, default=5, help="interleaved timing blocks per profile (with --profile-cost: timed "
+                        "steps = --timing-steps x --timing-repeats)")
     p.add_argument("--no-profiles", action="store_true", help="skip the per-profile step time and memory")
+    p.add_argument("--profile-cost", action="store_true",
+                   help="only measure each profile's local step time, peak memory and tensor bytes, one fresh "
+                        "child process per profile (no runs); writes profile_cost.json and profile_cost.md")
+    p.add_argument("--cost-ranks", type=int_list(count(R_MAX), what="rank"), default="1,2,4,8,16",
+                   help=f"with --profile-cost: ITALoRA ranks and IFALoRA trained components (1..{R_MAX})")
+    p.add_argument("--cost-warmup", type=non_negative, default=2,
+                   help="with --profile-cost: untimed local steps before the timed ones")
     p.add_argument("--fresh", action="store_true", help="rerun runs whose summary.json already exists")
     p.add_argument("--out", type=output_dir, default="bench_out/hafl")
     return p.parse_args(list(argv))
@@ -215,12 +236,159 @@ def profile_rows(measured: dict[str, dict[str, Any]]) -> list[list[Any]]:
              f"{m['peak_step_bytes'] / MIB:.1f}"] for label, m in measured.items()]
 
 
+# -- per-profile cost, one fresh process per profile (--profile-cost) -----------------------------------------
+def cost_profiles(ranks: Sequence[int]) -> list[tuple[str, str, list[str]]]:
+    """(label, method, configuration overrides) of every profile whose cost ``--profile-cost`` measures.
+
+    Each configuration has a single profile (share 1.0), so client 0 has it.
+    """
+    out = [(f"ITALoRA r={r}", "ITALoRA", ["hafl.profiles", f"[{{share: 1.0, rank: {r}}}]"]) for r in ranks]
+    out += [(f"IFALoRA n={n}", "IFALoRA", ["hafl.profiles", f"[{{share: 1.0, freeze_ratio: {1 - n / R_MAX}}}]"])
+            for n in ranks]
+    return out
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes of every tensor in ``tensors`` (a tensor, or nested dicts / lists / tuples of them)."""
+    import torch
+
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    if isinstance(tensors, dict):
+        return sum(tensor_bytes(v) for v in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tensors)
+    return 0
+
+
+def status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in KiB; 0 where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current resident size (Linux ``clear_refs`` 5); ``False``: not reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
+    except OSError:
+        return False
+    return True
+
+
+def measure_profile_cost(method: str, overrides: Sequence[str], warmup: int, timed: int) -> dict[str, Any]:
+    """One client's local training under ``method`` + ``overrides``, measured in this (fresh) process.
+
+    Runs ``warmup + timed`` batch steps of client 0 from a real round-1 downlink
+    and returns the timed steps' seconds, the resident memory before training
+    and at its peak during training (``VmHWM``, reset after loading the model
+    and the data where the kernel allows; else the whole process's), the peak
+    of the loading itself, and the bytes
+    of the trained parameter tensors and of the optimizer state (the gradients,
+    freed after each step, take the parameters' bytes).
+    """
+    from fs_gmfl.hosts.common.threads import set_torch_threads
+
+    threads = set_torch_threads()
+    cfg = method_config(method, [*overrides, "train.batch_or_epoch", "batch",
+                                 "train.local_update_steps", str(warmup + timed)])
+    data = federated_data_for(cfg, load_tokenizer(cfg))
+    backbone = build_backbone(cfg, data.num_labels)
+    variants = AdapterVariants(backbone.model, cfg, backbone.target_modules)
+    m = build_method(MethodContext(cfg, adapter_state(backbone.model), variants))
+    plan = m.client.prepare(backbone.model, m.strategy.configure_round(1, [0])[0].detached_copy(), {})
+    seen: dict[str, Any] = {}
+    hook = plan.on_optimizer
+
+    def keep(optimizer: Any) -> None:
+        seen["optimizer"] = optimizer
+        if hook is not None:
+            hook(optimizer)
+
+    plan.on_optimizer = keep
+    client_data = data.client_data(0)
+    loading_peak, rss_before = status_kib("VmHWM"), status_kib("VmRSS")
+    reset = reset_peak_rss()
+    stats = train_local(plan, client_data, cfg, rnd=1, client_id=0)
+    trained = sum(int(plan.grad_masks[k].sum()) if k in plan.grad_masks else p.numel()
+                  for k, p in plan.trainable.items())
+    return {"method": method, "overrides": list(overrides), "threads": threads,
+            "step_seconds": stats.step_seconds[warmup:], "steps_warmup": warmup,
+            "loading_peak_rss_bytes": loading_peak * 1024, "rss_before_training_bytes": rss_before * 1024,
+            "peak_rss_bytes": status_kib("VmHWM") * 1024, "peak_rss_reset_before_training": reset,
+            "trainable_params": sum(p.numel() for p in plan.trainable.values()), "trained_params": trained,
+            "param_bytes": tensor_bytes(list(plan.trainable.values())),
+            "optimizer_state_bytes": tensor_bytes(list(seen["optimizer"].state.values())),
+            "loadavg_1min": os.getloadavg()[0]}
+
+
+def profile_costs(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """:func:`measure_profile_cost` of every profile of :func:`cost_profiles`, each in a fresh child process."""
+    import multiprocessing
+
+    timed = args.timing_steps * args.timing_repeats
+    out: dict[str, dict[str, Any]] = {}
+    for label, method, profile in cost_profiles(args.cost_ranks):
+        progress(f"[bench hafl] cost of {label} ({args.cost_warmup} + {timed} steps, fresh process)")
+        start = time.perf_counter()
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            row = pool.submit(measure_profile_cost, method, [*overrides, *profile], args.cost_warmup, timed).result()
+        steps = row["step_seconds"]
+        row.update(median_step_seconds=statistics.median(steps), min_step_seconds=min(steps),
+                   max_step_seconds=max(steps), child_wall_seconds=time.perf_counter() - start)
+        out[label] = row
+    return out
+
+
+def cost_rows(measured: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """Rows of the per-profile cost table (bytes of the trained tensors in KiB, memory in MiB)."""
+    if not measured:
+        return []
+    # the first profile with the most trainable parameters (ITALoRA at the largest rank) is the reference
+    full = max(measured.values(), key=lambda m: m["trainable_params"])["median_step_seconds"]
+    return [[label, f"{m['trainable_params']:,}", f"{m['trained_params']:,}",
+             f"{m['median_step_seconds'] * 1000:.0f} ({m['min_step_seconds'] * 1000:.0f}-"
+             f"{m['max_step_seconds'] * 1000:.0f})", f"{m['median_step_seconds'] / full:.2f}",
+             f"{m['param_bytes'] / 1024:.1f}", f"{m['optimizer_state_bytes'] / 1024:.1f}",
+             f"{m['loading_peak_rss_bytes'] / MIB:.0f}", f"{m['rss_before_training_bytes'] / MIB:.0f}",
+             f"{m['peak_rss_bytes'] / MIB:.0f}" + ("" if m["peak_rss_reset_before_training"] else " (whole process)"),
+             f"{m['loadavg_1min']:.2f}"] for label, m in measured.items()]
+
+
+def profile_cost_main(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """``--profile-cost``: measure, then write ``profile_cost.json`` and ``profile_cost.md``."""
+    out = Path(args.out)
+    measured = profile_costs(args, extra)
+    steps = args.timing_steps * args.timing_repeats
+    text = (f"Local training of client 0 per profile, one fresh process each ({args.cost_warmup} warm-up + {steps} "
+            "timed steps; step ms: median (min-max); ratio: median step over the largest profile's; KiB: exact "
+            "bytes of the trained tensors and of the optimizer's state (the gradients take the parameters' bytes); "
+            "RSS: the process's resident memory before training and its peak during training, VmHWM reset "
+            "after loading):\n\n")
+    text += markdown_table(["client profile", "trainable params", "trained params", "step ms", "ratio",
+                            "param KiB", "optimizer state KiB", "loading peak RSS MiB", "RSS before MiB",
+                            "peak RSS in training MiB",
+                            "load (1 min)"], cost_rows(measured))
+    write_json(out / "profile_cost.json", {"args": vars(args), "machine": machine(), "profiles": measured})
+    (out / "profile_cost.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    progress(f"[bench hafl] wrote {out / 'profile_cost.json'}, {out / 'profile_cost.md'}")
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     """Run the HAFL benchmark; returns an exit code."""
     args = parse_args(argv)
     out = Path(args.out)
     seeds = args.seeds
     extra = [word for pair in args.set for word in pair]
+    if args.profile_cost:
+        return profile_cost_main(args, extra)
     common = ["federate.total_round_num", str(args.rounds), "eval.freq", str(eval_freq(args.rounds)),
               "outdir", str(out / "runs"), *extra]
     methods = args.methods
