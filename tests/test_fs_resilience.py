@@ -74,9 +74,9 @@ class FakeServer(resilience.ResilientServer):
         self.tolerance = SimpleNamespace(**{**base, **tolerance})
         self.distributed, self.started, self.state, self.client_num = True, True, 1, 3
         self.msg_buffer = {"train": {}, "eval": {}}
-        self.waits, self.last_seen, self.busy_since, self.rounds = {}, {}, {}, {}
+        self.waits, self.last_seen, self.busy, self.rounds = {}, {}, set(), {}
         self.moved_on, self.failed, self.failure = [], [], None
-        self.since_start = self.started_at = time.monotonic()
+        self.since_start = time.monotonic()
 
     def check_and_move_on(self, check_eval_result=False, min_received_num=None):
         self.moved_on.append((check_eval_result, min_received_num))
@@ -127,7 +127,7 @@ def test_heartbeating_client_is_waited_for_until_round_timeout_then_marked_busy(
 
 def test_client_silent_past_client_timeout_is_not_asked_until_it_is_heard_again():
     server = FakeServer(client_timeout_s=5.0)
-    server.since_start = server.started_at = time.monotonic() - 60.0
+    server.since_start = time.monotonic() - 60.0
     server.last_seen = {1: time.monotonic(), 2: time.monotonic() - 10.0}
     asked, skipped = server.available([1, 2, 3])
     assert asked == [1] and set(skipped) == {2, 3} and "no message for 10 s" in skipped[2]

@@ -167,13 +167,6 @@ def make_resilient(comm_manager: gRPCCommManager, rpc_timeout_s: float) -> Deadl
     return comm_manager
 
 
-def fault_tolerance_of(fs_cfg: Any) -> FaultToleranceConfig:
-    """The ``fault_tolerance`` section of a FederatedScope config (validated like every fs_gmfl section)."""
-    from fs_gmfl.hosts.fs.config import to_run_config
-
-    return to_run_config(fs_cfg).fault_tolerance
-
-
 def _is_address(content: Any) -> bool:
     """Whether a join's content names a host (string) and a port (integer)."""
     return isinstance(content, dict) and isinstance(content.get("host"), str) and \
@@ -204,18 +197,18 @@ class ResilientServer:
     """Mixin for an fs_gmfl FederatedScope server (before ``Server`` in the bases): the deadlines of
     ``fault_tolerance.*`` in distributed mode; standalone runs are unchanged."""
 
-    def init_resilience(self) -> None:
-        """Called at the end of the server's ``__init__`` (the bookkeeping exists in both modes; only distributed
-        mode waits with deadlines)."""
+    def init_resilience(self, tolerance: FaultToleranceConfig) -> None:
+        """Called at the end of the server's ``__init__`` with the run's ``fault_tolerance`` section (the
+        bookkeeping exists in both modes; only distributed mode waits with deadlines)."""
         self.failure: str | None = None
-        self.tolerance = fault_tolerance_of(self._cfg)
-        self.started, self.started_at, self.finish_sent = False, 0.0, False
+        self.tolerance = tolerance
+        self.started, self.finish_sent = False, False
         self.since_start = time.monotonic()
         self.last_seen: dict[int, float] = {}
         self.sessions: dict[int, str] = {}
         self.waits: dict[str, Wait] = {}
         self.round_downlinks: dict[int, Any] = {}
-        self.busy_since: dict[int, float] = {}
+        self.busy: set[int] = set()
         if self.distributed:
             self.comm_manager = make_resilient(self.comm_manager, self.tolerance.rpc_timeout_s)
 
@@ -289,7 +282,7 @@ class ResilientServer:
             logger.warning(f"fs_gmfl: client #{sender} restarted (new process at {address})")
             self._client_restarted(sender)
         if content.get("idle") == 1:
-            self.busy_since.pop(sender, None)
+            self.busy.discard(sender)
         self.trigger_for_start()
         return None
 
@@ -298,7 +291,7 @@ class ResilientServer:
         if self.distributed:
             if self.started or (len(self.comm_manager.neighbors) < self.client_num and not short_handed):
                 return
-            self.started, self.started_at = True, time.monotonic()
+            self.started = True
             self.join_in_client_num = self.client_num  # what FederatedScope's start checks
         super().trigger_for_start()
 
@@ -326,7 +319,7 @@ class ResilientServer:
         of a method without client-held state; otherwise that client is lost
         for the round and takes part from the next one.
         """
-        self.busy_since.pop(cid, None)
+        self.busy.discard(cid)
         reset = self.method.clients_reset
         if reset is not None:
             reset()
@@ -361,9 +354,9 @@ class ResilientServer:
         skipped: dict[int, str] = {}
         for cid in receivers:
             silent = now - self.last_seen.get(cid, self.since_start)
-            if cid in self.busy_since:
+            if cid in self.busy:
                 skipped[cid] = "not asked: still busy with an earlier round it was late for"
-            elif self.started_at and silent > tolerance.client_timeout_s:
+            elif self.started and silent > tolerance.client_timeout_s:
                 skipped[cid] = f"not asked: no message for {silent:.0f} s (fault_tolerance.client_timeout_s = " \
                                f"{tolerance.client_timeout_s:g})"
         return [r for r in receivers if r not in skipped], skipped
@@ -399,7 +392,7 @@ class ResilientServer:
             return
         for cid in pending:
             self._lose(wait, cid, f"no reply within fault_tolerance.round_timeout_s = {tolerance.round_timeout_s:g} s")
-            self.busy_since[cid] = now
+            self.busy.add(cid)
         if wait.lost or not wait.expected:
             self._close(wait, len(received))
 
@@ -446,7 +439,7 @@ class ResilientServer:
         if not self.distributed:
             return True
         wait, sender = self.waits.get("train"), int(message.sender)
-        self.busy_since.pop(sender, None)
+        self.busy.discard(sender)
         if wait is not None and message.state == wait.state and sender in wait.expected:
             return True
         logger.warning(f"fs_gmfl: reply of client #{sender} for round {message.state + 1} dropped: "
@@ -484,12 +477,12 @@ class ResilientClient:
     """Mixin for an fs_gmfl FederatedScope client (before ``Client`` in the bases): join with retries, a
     stable id, heartbeats, and an exit when the server is gone; standalone runs are unchanged."""
 
-    def init_resilience(self) -> None:
-        """Called at the end of the client's ``__init__``."""
+    def init_resilience(self, tolerance: FaultToleranceConfig) -> None:
+        """Called at the end of the client's ``__init__`` with the run's ``fault_tolerance`` section."""
         self.failure: str | None = None
         if self._cfg.federate.mode != "distributed":
             return
-        self.tolerance = fault_tolerance_of(self._cfg)
+        self.tolerance = tolerance
         self.comm_manager = make_resilient(self.comm_manager, self.tolerance.rpc_timeout_s)
         self.session = uuid.uuid4().hex
         self.server_contact = time.monotonic()

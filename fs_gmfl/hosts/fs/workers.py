@@ -130,8 +130,9 @@ class FsGmflServer(ResilientServer, Server):
         super().__init__(ID, state, config, data, model, client_num, total_round_num, device, strategy,
                          unseen_clients_id, **kwargs)
         self.method = build_fs_method(config, self.models[0])
-        self.seed = to_run_config(config).seed
-        self.warnings = log_config_warnings(to_run_config(config), logger)
+        run_cfg = to_run_config(config)
+        self.seed = run_cfg.seed
+        self.warnings = log_config_warnings(run_cfg, logger)
         self.ledger = CommLedger()
         self.rounds: dict[int, dict[str, Any]] = {}
         self.rejections: dict[str, int] = {}
@@ -149,7 +150,7 @@ class FsGmflServer(ResilientServer, Server):
         self.aggregators = [self.aggregator]
         for change in SWITCHES:
             logger.info(f"fs_gmfl: {change}")
-        self.init_resilience()
+        self.init_resilience(run_cfg.fault_tolerance)
 
     def _restore_method_state(self, checkpoint: str) -> None:
         """With ``federate.restore_from``: load the strategy state saved beside it and continue after its round.
@@ -523,8 +524,9 @@ class FsGmflClient(ResilientClient, Client):
         state_dir = tempfile.mkdtemp(prefix="fs_gmfl_client_state_")
         weakref.finalize(self, shutil.rmtree, state_dir, True)
         self.store = ClientStateStore(state_dir)
-        self.seed = to_run_config(config).seed
-        self.init_resilience()
+        run_cfg = to_run_config(config)
+        self.seed = run_cfg.seed
+        self.init_resilience(run_cfg.fault_tolerance)
         CLIENTS.append(self)
 
     @property
