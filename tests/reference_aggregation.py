@@ -191,3 +191,24 @@ def weighted_heads(heads: Sequence[Mapping[str, Tensor]], memberships: Tensor, *
         out.append({key: (sum(float(c) * h[key].to(F64) for c, h in zip(coef, heads)) / den).to(previous[j][key].dtype)
                     for key in previous[j]})
     return out
+
+
+# -- FedEx-LoRA (GMFL spec section 7.2) -------------------------------------------------------------------------
+def fedex_lora_round(states: Sequence[Mapping[str, Tensor]], factors: Mapping[str, tuple[str, str]],
+                     base: Mapping[str, Tensor], *, scaling: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """FedEx-LoRA: the uniform mean of every uploaded tensor, and each base weight plus its residual.
+
+    ``factors`` maps a base weight's name to its module's ``(a_key, b_key)``
+    (weights stored ``d_out x d_in``); the new base weight is
+    ``W + scaling * (mean_k B_k A_k - mean_k B_k mean_k A_k)``, all in float64.
+    Returns ``(means, new base weights)`` in float64.
+    """
+    if not states:
+        raise AggregationError("FedEx-LoRA needs at least one state")
+    n = len(states)
+    means = {key: sum(s[key].to(F64) for s in states) / n for key in states[0]}
+    new_base = {}
+    for name, (a_key, b_key) in factors.items():
+        product = sum(s[b_key].to(F64) @ s[a_key].to(F64) for s in states) / n
+        new_base[name] = base[name].to(F64) + scaling * (product - means[b_key] @ means[a_key])
+    return means, new_base

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fs_gmfl.core.fedavg.ops import WeightedSum
+from fs_gmfl.core.fedex_lora.ops import ProductSums, ResidualTarget, fold_residual, residual
 from fs_gmfl.core.fedkrso.ops import SeedSums
 from fs_gmfl.core.hafl.ops import ComponentSums, ComponentUpdate
 
@@ -56,3 +57,17 @@ def average_accumulators(uploads: Sequence[tuple[Sequence[int], Tensor]],
     for (slots, values), weight in zip(uploads, weights, strict=True):
         sums.add(slots, values, weight)
     return sums.average(first.dtype)
+
+
+def fedex_lora_round(states: Sequence[Mapping[str, Tensor]], factors: Mapping[str, tuple[str, str]],
+                     base: Mapping[str, Tensor], *, scaling: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """FedEx-LoRA through :class:`WeightedSum` (weight 1 each) and :class:`ProductSums`, float64 results."""
+    targets = [ResidualTarget(name, a, b, name, False, scaling) for name, (a, b) in factors.items()]
+    sums, products = WeightedSum(list(states[0])), ProductSums(targets)
+    for state in states:
+        sums.add(state, 1.0)
+        products.add(state)
+    means = sums.average(dict.fromkeys(states[0], torch.float64))
+    return means, {t.weight: fold_residual(base[t.weight].to(torch.float64),
+                                           residual(products.mean(t), means[t.b_key], means[t.a_key],
+                                                    scaling=scaling), transposed=False) for t in targets}

@@ -311,13 +311,31 @@ def masked_cluster_mixture(before: Strategy, after: Strategy, accepted: list[Rep
             assert_close(grown, mixture)
 
 
+def uniform_mean_with_residual(before: Strategy, after: Strategy, accepted: list[Reply]) -> None:
+    """FedEx-LoRA: every uploaded tensor becomes the uniform mean of the uploads, and every adapted base weight
+    grows by ``(alpha/r)(mean_k B_k A_k - B̄ Ā)``; what nobody uploaded keeps its value."""
+    factors = {t.weight: (t.a_key, t.b_key) for t in before.targets}
+    scaling = {t.scaling for t in before.targets}.pop()
+    means, new_base = reference.fedex_lora_round([r.message.tensors for r in accepted], factors,
+                                                 before.base_weights, scaling=scaling)
+    old, new = before.global_adapter(), after.global_adapter()
+    assert set(means) < set(old) and set(new_base) < set(old)
+    for key in old:
+        if key in means or key in new_base:
+            assert_close(new[key], means[key] if key in means else new_base[key])
+        else:
+            assert torch.equal(new[key], old[key]), key
+    assert any(not torch.equal(new[k], old[k]) for k in new_base)  # the residual is not zero
+
+
 #: three HAFL profiles (n_k = 1, 2, 4 of r = 4) and sample-count weights: components trained by a strict subset.
 HAFL_PROFILES = ("hafl.profiles", "[{clients: [0], freeze_ratio: 0.75}, {clients: [1], freeze_ratio: 0.5}, "
                  "{clients: [2, 3], freeze_ratio: 0.0}]", "hafl.weighting", "datasize")
 #: a method's reference check and the overrides it needs; any other method is FedAvg of its uploads.
 REFERENCE_ROUNDS = {"hafl": (components_over_their_trainers, HAFL_PROFILES),
                     "fedkrso": (seeded_subspace_updates, ()),
-                    "fedhft": (masked_cluster_mixture, ())}
+                    "fedhft": (masked_cluster_mixture, ()),
+                    "fedex_lora": (uniform_mean_with_residual, ())}
 
 
 @pytest.mark.parametrize("method", METHODS)

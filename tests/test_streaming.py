@@ -18,6 +18,7 @@ from fs_gmfl.core.fedkrso.ops import SeedSums
 from fs_gmfl.core.hafl.ops import ComponentSums, ComponentUpdate
 from fs_gmfl.errors import AggregationError
 from fs_gmfl.hosts.sim.runner import Simulation
+from tests import reference_aggregation as reference
 from tests import streamed_aggregation as streamed
 from tests.reference_aggregation import (adaptive_rank1_average, average_accumulators, weighted_average,
                                          zero_padding_average)
@@ -166,6 +167,23 @@ def test_seed_sums_refuse_mismatched_accumulators():
     """An accumulator stack that does not fit its slots raises."""
     with pytest.raises(AggregationError, match="do not fit"):
         SeedSums(2, 3, 2).add([0, 1], torch.zeros(1, 3, 2), 1.0)
+
+
+# -- FedEx-LoRA -----------------------------------------------------------------------------------
+def test_fedex_lora_sums_match_the_reference():
+    """Three clients, two modules: the uniform means and W + s (mean B_k A_k - B̄ Ā) of the running sums equal the
+    list-form reference to float64 rounding."""
+    g = gen(7)
+    shapes = {"a1": (2, 5), "b1": (3, 2), "a2": (2, 4), "b2": (4, 2), "head": (2, 3)}
+    states = [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(3)]
+    factors = {"w1": ("a1", "b1"), "w2": ("a2", "b2")}
+    base = {"w1": torch.randn(3, 5, generator=g), "w2": torch.randn(4, 4, generator=g)}
+    want = reference.fedex_lora_round(states, factors, base, scaling=2.0)
+    got = streamed.fedex_lora_round(states, factors, base, scaling=2.0)
+    for expected, actual in zip(want, got):
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-14, atol=1e-14)
 
 
 # -- the simulator keeps one uplink alive --------------------------------------------------------
