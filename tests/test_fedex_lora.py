@@ -141,6 +141,24 @@ def test_gmfl_statistic_is_the_change_of_the_global_lora_tensors(tiny):
                                                                       .abs().sum()), rel=1e-12)
 
 
+def test_under_gmfl_a_module_with_a_frozen_factor_keeps_its_base_weight(tiny):
+    """GMFL over FedEx-LoRA freezing 2 of the 8 LoRA tensors after round 1 (c 0.25, exact_k, period 1; two lora_A,
+    which move least while B starts at 0): in round 2 the base weight of each module with a frozen factor keeps
+    every bit; the others take a residual."""
+    sim = Simulation(tiny(*FEDEX, "gmfl.use", "True", "gmfl.c", "0.25", "gmfl.tie_policy", "exact_k",
+                          "gmfl.period", "1"), quiet=True)
+    sim.setup()
+    strategy = sim.method.strategy
+    sim.run_round(1)
+    frozen, before = set(strategy.masking.frozen), strategy.global_adapter()
+    sim.run_round(2)
+    after = strategy.global_adapter()
+    touched = {t.weight for t in strategy.targets if t.a_key in frozen or t.b_key in frozen}
+    assert len(frozen) == 2 and len(touched) == 2
+    for t in strategy.targets:
+        assert torch.equal(after[t.weight], before[t.weight]) == (t.weight in touched), t.module
+
+
 def global_state_after(tmp_path, name: str, *extra: str) -> tuple[dict[str, torch.Tensor], dict]:
     sim = Simulation(tiny_config(tmp_path, *FEDEX, "expname", name, "federate.total_round_num", "3", *extra),
                      quiet=True)

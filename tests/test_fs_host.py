@@ -263,7 +263,8 @@ PARITY = [pytest.param("fedit", [], [0.0, 0.5], id="fedit"),
           pytest.param("hafl", ["gmfl.use", "False"], None, id="hafl"),
           pytest.param("fedhft", ["gmfl.use", "False", "fedhft.eval", "global"], None, id="fedhft"),
           pytest.param("fedprox", ["fedprox.mu", "0.5"], [0.0, 0.5], id="fedprox"),
-          pytest.param("lora_a2", ["gmfl.use", "False"], None, id="lora_a2")]
+          pytest.param("lora_a2", ["gmfl.use", "False"], None, id="lora_a2"),
+          pytest.param("fedex_lora", [], [0.0, 0.5], id="fedex_lora")]
 
 
 @pytest.mark.parametrize("method, extra, frozen", PARITY)
@@ -282,13 +283,15 @@ def test_same_yaml_gives_the_same_global_adapter_and_bytes_in_both_hosts(tmp_pat
     sim_adapter = sim.method.strategy.global_adapter()
     initial = adapter_state(build_backbone(sim.cfg, 2).model)
     untrained = set(sim_adapter) - set(fs_adapter)  # FederatedScope checkpoints requires_grad tensors only
-    assert set(fs_adapter) <= set(sim_adapter)
-    assert untrained == (HEAD_KEYS if method == "hafl" else set())  # HAFL leaves the head untrained by default
-    assert all(torch.equal(sim_adapter[k], initial[k]) for k in untrained)
+    folded = set(sim_adapter) - set(initial)  # FedEx-LoRA's base weights (residuals folded in), never trained
+    assert set(fs_adapter) <= set(sim_adapter) and folded <= untrained
+    assert untrained - folded == (HEAD_KEYS if method == "hafl" else set())  # HAFL leaves the head untrained
+    assert len(folded) == (4 if method == "fedex_lora" else 0)  # query and value of 2 layers
+    assert all(torch.equal(sim_adapter[k], initial[k]) for k in untrained - folded)
     for key, value in fs_adapter.items():
         torch.testing.assert_close(value, sim_adapter[key], rtol=0, atol=1e-6)
-    moved = [k for k in sim_adapter if not torch.equal(sim_adapter[k], initial[k])]
-    assert len(moved) > len(sim_adapter) // 2  # training happened (FFA-LoRA keeps every lora_A)
+    moved = [k for k in initial if not torch.equal(sim_adapter[k], initial[k])]
+    assert len(moved) > len(initial) // 2  # training happened (FFA-LoRA keeps every lora_A)
     fs_rows, sim_rows = summary(tmp_path / "fs" / "run")["per_round"], sim_summary["per_round"][1:]
     keys = ["clients", *(k for k in BYTE_KEYS if k in sim_rows[0])]
     assert [{k: r[k] for k in keys} for r in fs_rows] == [{k: r[k] for k in keys} for r in sim_rows]
@@ -345,6 +348,33 @@ def fedkrso_bytes(rows: list[dict]) -> list[tuple[int, int]]:
         out.append((3 * (8 * 3 + 16 + 4 * 34 + replay), 4 * 4 * 224 * used + 3 * (4 * 34 + 8) + used))
         replay = (8 + 4 * 4 * 224) * int(row["seeds_used"])
     return out
+
+
+def test_flora_gives_the_same_merged_model_and_bytes_in_both_hosts(tmp_path, monkeypatch):
+    """FLoRA, client 0 at rank 2 and clients 1-2 at rank 4 (the model shared by every standalone client): two rounds
+    of one YAML give the same merged global model in the simulator and in FederatedScope's checkpoint, which holds
+    exactly the merged base weights W0 + D, the zero LoRA factors and the head, and the same bytes round by round
+    (round 2's downlink adds the dense merged updates, 4 x 16 x 16 fp32 values per client)."""
+    # Prepare
+    monkeypatch.setenv("FS_GMFL_THREADS", "1")
+    opts = ["federate.method", "flora", "gmfl.use", "False",
+            "flora.profiles", "[{clients: [0], rank: 2}, {clients: [1, 2], rank: 4}]"]
+    # Execute
+    sim, sim_summary = run_both_hosts(tmp_path, opts)
+    # Assert
+    fs_state = checkpoint_adapter(tmp_path / "fs" / "final_run.ckpt")
+    sim_global = sim.method.strategy.global_adapter()
+    assert set(fs_state) == set(sim_global)
+    for key, value in fs_state.items():
+        torch.testing.assert_close(value, sim_global[key], rtol=0, atol=1e-6)
+    initial = build_backbone(sim.cfg, 2).model
+    initial_values = {k: p.detach() for k, p in model_tensor_map(initial, sim_global).items()}
+    merged = [m.weight_name for m in sim.method.strategy.modules]
+    assert len(merged) == 4 and all(not torch.equal(sim_global[k], initial_values[k]) for k in merged)
+    fs_rows, sim_rows = summary(tmp_path / "fs" / "run")["per_round"], sim_summary["per_round"][1:]
+    keys = ["clients", *(k for k in BYTE_KEYS if k in sim_rows[0])]
+    assert [{k: r[k] for k in keys} for r in fs_rows] == [{k: r[k] for k in keys} for r in sim_rows]
+    assert [r["downlink_bytes"] for r in fs_rows] == [3 * 146, 3 * (146 + 4 * 16 * 16 * 4)]
 
 
 # -- FederatedScope's own data and model types, and its evaluation script -------------------------------
