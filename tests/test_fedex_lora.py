@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_config
 
 from fs_gmfl.comm_estimate import estimate
+from fs_gmfl.config import load_config
 from fs_gmfl.core.adapter import kind_of, model_tensor_map
 from fs_gmfl.core.fedavg.client import LoraClient
 from fs_gmfl.core.fedex_lora.client import FedExLoraClient
@@ -91,6 +92,32 @@ def test_a_frozen_factor_adds_no_residual_and_keeps_its_value():
     new = strategy.global_adapter()
     assert torch.equal(new[A], random_adapter(0)[A]) and torch.equal(new[W], w0)
     torch.testing.assert_close(new[B], (clients[0][B] + clients[1][B]) / 2)
+
+
+def test_gpt2_conv1d_weights_take_the_residual_transposed(tmp_path):
+    """A real round on tiny GPT-2 (c_attn is a Conv1D stored d_in x d_out, peft fan_in_fan_out): every target is
+    transposed, and the merged global model W' + (alpha/r) B̄ Ā equals the mean of the two clients' merged models."""
+    cfg = load_config(None, ["model.type", "tiny_gpt2", "model.hidden_size", "16", "model.vocab_size", "200",
+                             "model.task", "causal_lm", "data.type", "synthetic", "data.synthetic_num_samples", "40",
+                             "federate.client_num", "2", "federate.sample_client_num", "2", "llm.tok_len", "16",
+                             "train.local_update_steps", "2", "train.optimizer.lr", "0.05", *FEDEX,
+                             "outdir", str(tmp_path)])
+    sim = Simulation(cfg, quiet=True)
+    sim.setup()
+    strategy, uploads = sim.method.strategy, []
+    fold = strategy.fold_reply
+    strategy.fold_reply = lambda reply, parsed: uploads.append(reply.message.detached_copy().tensors) or fold(
+        reply, parsed)
+    before = strategy.global_adapter()
+    sim.run_round(1)
+    after = strategy.global_adapter()
+    assert len(uploads) == 2 and strategy.targets and all(t.transposed for t in strategy.targets)
+    for t in strategy.targets:
+        clients = sum(before[t.weight].double().T + t.scaling * u[t.b_key].double() @ u[t.a_key].double()
+                      for u in uploads) / 2
+        merged = after[t.weight].double().T + t.scaling * after[t.b_key].double() @ after[t.a_key].double()
+        torch.testing.assert_close(merged, clients, rtol=0, atol=1e-5)
+        assert not torch.equal(after[t.weight], before[t.weight])
 
 
 def test_downlink_carries_the_folded_base_weight_and_an_uplink_of_it_is_rejected():
