@@ -9,6 +9,10 @@ Sub-commands:
 * ``keys [SECTION] [--markdown]``: every configuration key with default and help
   (``--markdown``: the table the docs show, see :mod:`fs_gmfl.config.doc_tables`);
 * ``bench NAME [...]``: benchmarks (see ``fs-gmfl bench --help``);
+* ``flower-run --cfg FILE [--quiet] [--resume] [--overwrite] [KEY VALUE ...]``: the
+  same run on Flower's simulation engine (needs the ``flower`` extra);
+* ``flower-app --cfg FILE --out DIR [KEY VALUE ...]``: write a Flower app folder
+  for ``flwr run DIR`` (local simulation or a deployment);
 * ``fs-run --cfg FILE [KEY VALUE ...]``: FederatedScope's unmodified main with
   fs_gmfl registered (needs FederatedScope installed);
 * ``fs-eval NAME --cfg FILE [KEY VALUE ...]``: a FederatedScope-LLM
@@ -72,6 +76,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"fs-gmfl: interrupted; the checkpoint of round {sim.saved_round} in {sim.run_dir / 'checkpoint'} "
                   f"is intact; resume with: {command}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    return 0
+
+
+def _flower_host() -> typing.Any:
+    """The Flower host's app module (one line and exit 2 when the ``flower`` extra is not installed)."""
+    try:
+        from fs_gmfl.hosts.flower import app
+    except ImportError as err:
+        raise InputError(f"the Flower host needs the flower extra (flwr[simulation]==1.42.0): bash scripts/install.sh "
+                         f"--flower, or pip install 'fs_gmfl[flower]' ({err})") from None
+    return app
+
+
+def _cmd_flower_run(args: argparse.Namespace) -> int:
+    from fs_gmfl.config import load_config
+
+    flower = _flower_host()
+    cfg = load_config(args.cfg, args.opts)
+    outcome = flower.simulate(flower.RunRequest(cfg, quiet=args.quiet, resume=args.resume, overwrite=args.overwrite))
+    if outcome.error is not None:
+        if isinstance(outcome.error, KeyboardInterrupt):
+            raise outcome.error
+        if isinstance(outcome.error, FsGmflError):
+            raise outcome.error
+        raise RuntimeError(f"the Flower server app failed: {outcome.error!r}") from outcome.error
+    return 0
+
+
+def _cmd_flower_app(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fs_gmfl.config import load_config
+
+    flower = _flower_host()
+    folder = flower.write_app(load_config(args.cfg, args.opts), Path(args.out))
+    print(f"fs-gmfl: Flower app written to {folder}; run it with: flwr run {shlex.quote(str(folder))}",
+          file=sys.stderr)
     return 0
 
 
@@ -156,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
                      "<outdir>/<expname> (without it such a run is refused)")
     run.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, e.g. federate.total_round_num 5")
     run.set_defaults(func=_cmd_run)
+    flower_run = sub.add_parser("flower-run", help="run a federated experiment on Flower's simulation engine "
+                                "(clients in parallel; needs the flower extra)")
+    flower_run.add_argument("--cfg", required=True, help="YAML configuration file (flower.* sets parallelism)")
+    flower_run.add_argument("--quiet", action="store_true", help="no progress bar")
+    flower_run.add_argument("--resume", action="store_true", help="continue from the run directory's latest "
+                            "checkpoint")
+    flower_run.add_argument("--overwrite", action="store_true", help="replace the outputs of a finished run")
+    flower_run.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    flower_run.set_defaults(func=_cmd_flower_run)
+    flower_app = sub.add_parser("flower-app", help="write a Flower app folder for 'flwr run' (simulation or "
+                                "deployment)")
+    flower_app.add_argument("--cfg", required=True, help="YAML configuration file")
+    flower_app.add_argument("--out", required=True, help="the app folder to write")
+    flower_app.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    flower_app.set_defaults(func=_cmd_flower_app)
     comm = sub.add_parser("comm", help="estimate per-round bytes from a meta-device model")
     comm.add_argument("--cfg", required=True, help="YAML configuration file")
     comm.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
@@ -184,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 #: options that may follow the overrides, per sub-command: name -> takes a value.
 HOISTED_OPTIONS = {"run": {"--cfg": True, "--quiet": False, "--resume": False, "--overwrite": False,
                            "--help": False, "-h": False},
+                   "flower-run": {"--cfg": True, "--quiet": False, "--resume": False, "--overwrite": False,
+                                  "--help": False, "-h": False},
+                   "flower-app": {"--cfg": True, "--out": True, "--help": False, "-h": False},
                    "comm": {"--cfg": True, "--help": False, "-h": False}}
 
 

@@ -55,11 +55,13 @@ LAYERS = (
           "what both hosts share: data, models, evaluation, sampling, state files, the resource pre-flight"),
     Layer("hosts", ("fs_gmfl.hosts", "fs_gmfl.hosts.sim", "fs_gmfl.hosts.fs"),
           "the embedded simulator and the FederatedScope adapter, peers"),
+    Layer("hosts.flower", ("fs_gmfl.hosts.flower",),
+          "the Flower host: the simulator's server loop with its clients behind a Flower Grid, Flower's client app"),
     Layer("commands", ("fs_gmfl.comm_estimate", "fs_gmfl.bench", "fs_gmfl.cli", "fs_gmfl.__main__"),
           "what `fs-gmfl` runs: byte estimates, benchmarks, the command line"),
 )
 #: parts of one layer that must not import each other.
-PEERS = (("fs_gmfl.hosts.sim", "fs_gmfl.hosts.fs"),)
+PEERS = (("fs_gmfl.hosts.sim", "fs_gmfl.hosts.fs"), ("fs_gmfl.hosts.flower", "fs_gmfl.hosts.fs"))
 
 
 # -- the import graph ---------------------------------------------------------------------------------------

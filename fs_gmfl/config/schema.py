@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fs_gmfl.config.fault_tolerance import FaultToleranceConfig
+from fs_gmfl.config.flower import FlowerConfig
 from fs_gmfl.config.faults import FaultsConfig
 from fs_gmfl.config.fields import fail, opt
 from fs_gmfl.core.gmfl.config import GMFLConfig
@@ -384,8 +385,8 @@ class _RunConfigBase:
 
 
 def _build_run_config() -> type:
-    """``RunConfig``: the common sections, one section per registered method that declares one, then ``faults`` and
-    ``fault_tolerance``."""
+    """``RunConfig``: the common sections, one section per registered method that declares one, then ``faults``,
+    ``fault_tolerance`` and ``flower``."""
     sections = [(spec.config_section, spec.config_class,
                  opt(factory=spec.config_class, help=f"{spec.summary} (federate.method: {spec.name})."))
                 for spec in method_specs() if spec.config_section is not None]
@@ -394,10 +395,12 @@ def _build_run_config() -> type:
     tolerance = ("fault_tolerance", FaultToleranceConfig,
                  opt(factory=FaultToleranceConfig, help="Deadlines and quorum of a distributed run (FederatedScope "
                      "gRPC mode): a dead, late or restarted participant costs a round's reply, never a hang."))
-    cls = dataclasses.make_dataclass("RunConfig", [*sections, faults, tolerance], bases=(_RunConfigBase,))
+    flower = ("flower", FlowerConfig, opt(factory=FlowerConfig, help="Parallelism, resources and deadlines of the "
+                                          "Flower host (fs-gmfl flower-run, flwr run)."))
+    cls = dataclasses.make_dataclass("RunConfig", [*sections, faults, tolerance, flower], bases=(_RunConfigBase,))
     cls.__module__ = __name__
-    cls.__doc__ = ("A whole run: FederatedScope keys, one subtree per method (``gmfl``, ``hafl``, ...), ``faults`` "
-                   "and ``fault_tolerance``.")
+    cls.__doc__ = ("A whole run: FederatedScope keys, one subtree per method (``gmfl``, ``hafl``, ...), ``faults``, "
+                   "``fault_tolerance`` and ``flower``.")
     return cls
 
 

@@ -225,8 +225,13 @@ class FedKRSOClient(ClientAlgorithm):
         return {"version": version, "weights": {k: w.detach().clone() for k, w in weights.items()}}
 
     def load_host_state_dict(self, model: nn.Module, state: Mapping[str, Any]) -> None:
-        """Put the targeted weights saved by :meth:`host_state_dict` back into ``model``."""
+        """Put the targeted weights saved by :meth:`host_state_dict` back into ``model``.
+
+        Version 0 records that the model holds the initial backbone (a host that
+        reloaded the initial weights into a model used by another client says so).
+        """
         if not state.get("version"):
+            self.set_model_version(model, 0)
             return
         weights = target_weights(model, self.layers)
         if set(state["weights"]) != set(weights):

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fs_gmfl.core.message import NUM_SAMPLES, Message
-from fs_gmfl.errors import InputError
+from fs_gmfl.core.message import Message
+from fs_gmfl.hosts.common.tensor_wire import (CONTROL_SPECS, DTYPES, WireError, check_header, dtype_name,
+                                              raw_bytes, tensor_from_raw)
 
 MARKER = "fs_gmfl"
 VERSION = 1
@@ -40,32 +41,11 @@ KINDS = (DOWNLINK, UPLINK, ADAPTER)
 TENSOR_PREFIX = "t/"
 CONTROL_PREFIX = "c/"
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-#: largest number of dimensions accepted for one tensor.
-MAX_DIMS = 8
-#: largest size of one dimension.
-MAX_DIM_SIZE = 2**31 - 1
-#: control entries whose dtype and shape are fixed, checked from the header before decoding (name -> dtype, shape).
-CONTROL_SPECS: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {NUM_SAMPLES: (torch.int64, ())}
-
-
-class WireError(InputError):
-    """A payload is not a well-formed fs_gmfl wire message."""
-
 
 def encode_tensor(t: Tensor) -> str:
     """``"<dtype>|<shape>|<base64 raw bytes>"`` of one tensor (exact, any supported dtype)."""
-    if t.dtype not in _DTYPE_NAMES:
-        raise WireError(f"dtype {t.dtype} cannot be sent; supported: {', '.join(DTYPES)}")
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     shape = ",".join(str(d) for d in t.shape)
-    return f"{_DTYPE_NAMES[t.dtype]}|{shape}|{base64.b64encode(raw).decode('ascii')}"
+    return f"{dtype_name(t)}|{shape}|{base64.b64encode(raw_bytes(t)).decode('ascii')}"
 
 
 def decode_tensor(text: Any, *, name: str = "tensor", dtype: torch.dtype | None = None,
@@ -83,36 +63,20 @@ def decode_tensor(text: Any, *, name: str = "tensor", dtype: torch.dtype | None 
     """
     if not isinstance(text, str) or text.count("|") != 2:
         raise WireError(f"'{name}' is not an encoded tensor")
-    dtype_name, shape_text, data = text.split("|")
-    if dtype_name not in DTYPES:
-        raise WireError(f"'{name}' has unsupported dtype {dtype_name[:20]!r}")
+    kind_name, shape_text, data = text.split("|")
     try:
         dims = [int(d) for d in shape_text.split(",")] if shape_text else []
     except ValueError:
         raise WireError(f"'{name}' has a malformed shape {shape_text[:40]!r}") from None
-    if len(dims) > MAX_DIMS or any(d < 0 or d > MAX_DIM_SIZE for d in dims):
-        raise WireError(f"'{name}' has an invalid shape {dims[:MAX_DIMS + 1]}")
-    kind = DTYPES[dtype_name]
-    if dtype is not None and kind != dtype:
-        raise WireError(f"'{name}' has dtype {dtype_name}, expected {_DTYPE_NAMES.get(dtype, dtype)}")
-    if shape is not None and tuple(dims) != tuple(shape):
-        raise WireError(f"'{name}' has shape {dims}, expected {list(shape)}")
-    expected = math.prod(dims) * torch.empty((), dtype=kind).element_size()
+    kind, expected = check_header(name, kind_name, dims, dtype=dtype, shape=shape)
     if len(data) > 4 * math.ceil(expected / 3):  # refused before decoding: an oversized payload allocates nothing
-        raise WireError(f"'{name}' carries {len(data)} base64 characters, more than shape {dims} of {dtype_name} "
+        raise WireError(f"'{name}' carries {len(data)} base64 characters, more than shape {dims} of {kind_name} "
                         f"({expected} bytes) needs")
     try:
         raw = base64.b64decode(data.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
         raise WireError(f"'{name}' carries invalid base64") from None
-    if len(raw) != expected:
-        raise WireError(f"'{name}' carries {len(raw)} bytes, shape {dims} of {dtype_name} needs {expected}")
-    if kind == torch.bool and raw.translate(None, b"\x00\x01"):
-        raise WireError(f"'{name}' is a bool tensor with bytes other than 0 and 1")
-    if not raw:
-        return torch.empty(dims, dtype=kind)
-    # The bytearray is a private copy, so the tensor owns its memory exclusively.
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(kind).reshape(dims)
+    return tensor_from_raw(raw, kind, dims, expected, name=name)
 
 
 def encode(message: Message, kind: str) -> dict[str, str]:

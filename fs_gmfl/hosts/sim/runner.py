@@ -228,6 +228,11 @@ class Simulation:
         return nan_uplink(uplink) if client_id in self.cfg.faults.nan_clients else uplink
 
     # -- one round ---------------------------------------------------------------------------
+    def record_downlinks(self, rnd: int, downlinks: dict[int, Message]) -> None:
+        """Count the round's downlinks (every one is delivered here; a host with remote clients counts those sent)."""
+        for cid, msg in downlinks.items():
+            self.ledger.record(rnd, cid, "downlink", msg)
+
     def run_round(self, rnd: int) -> dict[str, Any]:
         """Sample, exchange, aggregate; return the round's log row (without evaluation)."""
         cfg = self.cfg
@@ -235,8 +240,7 @@ class Simulation:
         strategy = self.method.strategy
         used = strategy.round_metrics()  # describes the state clients train under in this round
         downlinks = strategy.configure_round(rnd, clients)
-        for cid, msg in downlinks.items():
-            self.ledger.record(rnd, cid, "downlink", msg)
+        self.record_downlinks(rnd, downlinks)
         steps_before = len(self.step_seconds)
         fates = round_fates(cfg.faults, clients, seed=cfg.seed, rnd=rnd)
         self.offline = {c for c in clients if fates[c][0] == DROPPED_BEFORE}
