@@ -25,7 +25,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 FEDEX = ["federate.method", "fedex_lora"]
 A, B, HEAD, W = "m.lora_A.weight", "m.lora_B.weight", "head.modules_to_save.weight", "m.base_layer.weight"
 RANK, D_IN, D_OUT, SCALING = 2, 5, 3, 4.0
-F64 = torch.float64
 
 
 def random_adapter(seed: int) -> dict[str, torch.Tensor]:

@@ -28,7 +28,8 @@ from fs_gmfl.errors import InputError
 BASE_WEIGHT = "{module}.base_layer.weight"
 
 
-def residual_targets(model: nn.Module, adapter_keys: Iterable[str], adapter_name: str = "default") -> list[ResidualTarget]:
+def residual_targets(model: nn.Module, adapter_keys: Iterable[str],
+                     adapter_name: str = "default") -> list[ResidualTarget]:
     """Every adapted module of ``model`` (a peft model, possibly on the meta device) with its base weight.
 
     The scaling is the module's own (peft's ``scaling[adapter]``, ``alpha / r``)
