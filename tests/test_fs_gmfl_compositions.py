@@ -1,4 +1,5 @@
-"""GMFL wrapping HAFL and FedHFT under FederatedScope: the same run as in the embedded simulator (issue 15 item 3).
+"""GMFL wrapping HAFL, FedHFT (issue 15 item 3) and LoRA-A2 (issue 26) under FederatedScope: the same run as in the
+embedded simulator.
 
 Skipped (with the reason shown) when FederatedScope is not importable; see docs/federatedscope.md.
 """
@@ -27,15 +28,21 @@ BYTE_KEYS = ("uplink_bytes", "uplink_payload_bytes", "uplink_control_bytes", "do
 COMPOSITIONS = [
     pytest.param(["federate.method", "hafl", "hafl.scheme", "freezing", "hafl.train_head", "True", "hafl.profiles",
                   "[{'share': 0.34, 'freeze_ratio': 0.5}, {'share': 0.66, 'freeze_ratio': 0.0}]"],
-                 id="hafl+gmfl"),
-    pytest.param(["federate.method", "fedhft", "fedhft.eval", "global"], id="fedhft+gmfl"),
+                 [0.0, 0.5], id="hafl+gmfl"),
+    pytest.param(["federate.method", "fedhft", "fedhft.eval", "global"], [0.0, 0.5], id="fedhft+gmfl"),
+    # re-masked after every round (spec 7.4): 2 of 4 lora_B after round 1 (a2_ratio_B 0.5), 3 of 4 lora_A after
+    # round 2 (0.25 + 2 * 0.25), lora_B again 2 after round 3: 0, 2, 5, 5 of 8 tensors in rounds 1-4.
+    pytest.param(["federate.method", "lora_a2", "gmfl.a2_ratio_B", "0.5", "federate.total_round_num", "4"],
+                 [0.0, 0.25, 0.625, 0.625], id="lora_a2+gmfl"),
 ]
 
 
-@pytest.mark.parametrize("opts", COMPOSITIONS)
-def test_gmfl_composition_gives_the_same_global_adapter_and_bytes_in_both_hosts(tmp_path: Path, opts, monkeypatch):
-    """Two rounds of GMFL + HAFL / FedHFT from one YAML through FederatedScope's main and in the simulator: the
-    same participants, bytes and frozen fractions (0, then 0.5) round by round, and the same global adapter."""
+@pytest.mark.parametrize("opts, fractions", COMPOSITIONS)
+def test_gmfl_composition_gives_the_same_global_adapter_and_bytes_in_both_hosts(tmp_path: Path, opts, fractions,
+                                                                                monkeypatch):
+    """GMFL + HAFL / FedHFT (two rounds) and GMFL + LoRA-A2 (four) from one YAML through FederatedScope's main and
+    in the simulator: the same participants, bytes and frozen fractions round by round, and the same global
+    adapter."""
     # Prepare
     monkeypatch.setenv("FS_GMFL_THREADS", "1")
     fs_opts = [*opts, "outdir", str(tmp_path / "fs"), "expname", "run", "federate.save_to",
@@ -49,7 +56,7 @@ def test_gmfl_composition_gives_the_same_global_adapter_and_bytes_in_both_hosts(
     fs_rows, sim_rows = summary(tmp_path / "fs" / "run")["per_round"], sim_summary["per_round"][1:]
     keys = ["clients", *BYTE_KEYS]
     assert [{k: r[k] for k in keys} for r in fs_rows] == [{k: r[k] for k in keys} for r in sim_rows]
-    assert [r["frozen_fraction"] for r in sim_rows] == [0.0, 0.5]
+    assert [r["frozen_fraction"] for r in sim_rows] == fractions
     fs_adapter = checkpoint_adapter(tmp_path / "fs" / "final_run.ckpt")
     sim_adapter = sim.method.strategy.global_adapter()
     assert fs_adapter and set(fs_adapter) <= set(sim_adapter)

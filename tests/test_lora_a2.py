@@ -1,6 +1,6 @@
 """LoRA-A2's base (fs_gmfl/core/lora_a2, spec GMFL.md section 7.4): the round parity of what trains and uploads, the
 aggregation against a hand-written FedAvg, the bytes per round by hand, by the simulator and by ``fs-gmfl comm``,
-a tiny run, and the refusal of ``gmfl.use``."""
+and a tiny run (GMFL over it: tests/test_lora_a2_gmfl.py)."""
 
 from __future__ import annotations
 
@@ -122,9 +122,3 @@ def test_a_tiny_run_finishes_with_every_update_accepted(tiny):
     changed = sim.method.strategy.changed_at
     assert all(changed[k] == 3 for k in changed if ".lora_B." in k)
     assert all(changed[k] == 4 for k in changed if ".lora_A." in k)
-
-
-def test_gmfl_over_lora_a2_is_refused_with_the_reason(tmp_path):
-    """gmfl.use True with lora_a2 is refused: the per-round re-masking of spec 7.4 is not implemented."""
-    with pytest.raises(ConfigError, match="per-round re-masking of the matrix just trained"):
-        tiny_config(tmp_path, *LORA_A2, "gmfl.use", "True")

@@ -6,7 +6,8 @@ likely not have chosen them knowingly:
 
 * GMFL (``gmfl.use``) whose refresh period ``gmfl.period`` is not below
   ``federate.total_round_num``: no mask is ever used, the run is its base
-  method (:meth:`~fs_gmfl.core.gmfl.config.GMFLConfig.idle_warning`);
+  method (:meth:`~fs_gmfl.core.gmfl.config.GMFLConfig.idle_warning`; not for a base with its own mask class,
+  ``MethodSpec.gmfl_masking``, such as lora_a2, which re-masks after every round);
 * each method's own warnings (``MethodSpec.advise_config``), e.g. HAFL
   without ``hafl.profiles``: one full-rank profile, homogeneous LoRA.
 
@@ -27,8 +28,10 @@ logger = logging.getLogger(__name__)
 
 def config_warnings(cfg: RunConfig) -> list[str]:
     """Every warning for ``cfg``, one line each: GMFL's, then the method's own."""
-    found = [cfg.gmfl.idle_warning(cfg.federate.total_round_num)]
-    advise = spec_of(cfg.method).config_advice()
+    spec = spec_of(cfg.method)
+    periodic = spec.gmfl_masking is None  # a base with its own mask class (lora_a2) re-masks every round
+    found = [cfg.gmfl.idle_warning(cfg.federate.total_round_num) if periodic else None]
+    advise = spec.config_advice()
     if advise is not None:
         found.extend(advise(cfg))
     return [w for w in found if w]

@@ -166,6 +166,9 @@ class MethodSpec:
             generic "only with federate.method in ..." says too little.
         gmfl_stateful_sync: its clients can cache the adapter, so
             ``gmfl.downlink: stateful_sync`` may send only changed tensors.
+        gmfl_masking: the class GMFL's wrapper keeps the mask with for this base
+            (``None``: :class:`~fs_gmfl.core.gmfl.strategy.GlobalMasking`, the
+            periodic refresh), called as ``masking(cfg.gmfl, unit_names, seed=...)``.
         client_weighting: its FedAvg weight follows ``federate.client_weight``.
         host_defaults: FederatedScope defaults that differ from the schema's, by key.
         check_host_config: extra checks on a FederatedScope config.
@@ -187,6 +190,7 @@ class MethodSpec:
     gmfl_base: bool = False
     gmfl_refusal: str = ""
     gmfl_stateful_sync: bool = False
+    gmfl_masking: type | str | None = None
     client_weighting: bool = False
     host_defaults: Mapping[str, Any] = field(default_factory=dict)
     check_host_config: HostCheck | str | None = None
@@ -222,6 +226,10 @@ class MethodSpec:
     def estimator(self) -> Estimator | None:
         """The ``fs-gmfl comm`` estimator, imported if given as a string."""
         return _resolve(self.estimate)
+
+    def gmfl_masking_class(self) -> type | None:
+        """GMFL's mask class for this base, imported if given as a string (``None``: the periodic one)."""
+        return _resolve(self.gmfl_masking)
 
     def host_config_check(self) -> HostCheck | None:
         """The FederatedScope checks, imported if given as a string."""

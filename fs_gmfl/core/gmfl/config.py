@@ -23,9 +23,9 @@ class GMFLConfig:
     fraction ``min(c + k * beta, max_ratio)`` of them (k = refresh index).
     """
 
-    use: bool = opt(False, "Wrap the base method (federate.method: fedit/fedavg, ffa_lora, hafl or fedhft) in GMFL "
-                    "masking; the mask unit is one LoRA tensor (fedit, ffa_lora: lora_B only) or one adapted "
-                    "module, A and B together (hafl, fedhft).")
+    use: bool = opt(False, "Wrap the base method (federate.method: fedit/fedavg, ffa_lora, lora_a2, hafl or fedhft) "
+                    "in GMFL masking; the mask unit is one LoRA tensor (fedit, lora_a2; ffa_lora: lora_B only) or "
+                    "one adapted module, A and B together (hafl, fedhft).")
     c: float = opt(0.1, "Initial freeze ratio c (paper/code default 0.1).", ge=0.0, le=1.0)
     beta: float = opt(0.05, "Freeze-ratio increment per refresh (code: beta/tau, default 0.05).", ge=0.0, le=1.0)
     period: int = opt(20, "Refresh period T in rounds; masks are recomputed after rounds T, 2T, ...", ge=1)
@@ -50,6 +50,10 @@ class GMFLConfig:
         "stateless", "'stateless': the full adapter is sent to every sampled client (reference); "
         "'stateful_sync' (fedit, ffa_lora only): clients cache the adapter and receive trainable tensors plus "
         "frozen tensors that changed since their last sync.", choices=DOWNLINK_MODES, inferred=True)
+    a2_ratio_B: float = opt(
+        0.8, "lora_a2 only: fraction of the lora_B tensors frozen by the re-mask after each round that trained "
+        "lora_B (spec 7.4: the authors' code fixes 0.8, which looks experiment-specific); capped by gmfl.max_ratio.",
+        ge=0.0, le=1.0, inferred=True)
 
     def idle_warning(self, total_rounds: int) -> str | None:
         """Why masking never starts in a run of ``total_rounds`` rounds, if it does not (``None`` otherwise).

@@ -33,7 +33,7 @@ from fs_gmfl.core.gmfl.strategy import GlobalMasking
 from fs_gmfl.core.gmfl.wire import MASK
 from fs_gmfl.core.message import Message, Reply, pack_bits, unpack_bits
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, RoundAggregation, RoundReport, Strategy, TrainStats
-from fs_gmfl.core.registry import Method
+from fs_gmfl.core.registry import Method, spec_of
 from fs_gmfl.core.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -242,9 +242,11 @@ class GMFLClient(ClientAlgorithm):
 
 
 def wrap_method(method: Method, cfg: RunConfig) -> Method:
-    """The built base ``method`` wrapped by GMFL as ``cfg.gmfl`` says (``gmfl.use``)."""
+    """The built base ``method`` wrapped by GMFL as ``cfg.gmfl`` says (``gmfl.use``), with the base's mask class
+    (:attr:`~fs_gmfl.core.registry.MethodSpec.gmfl_masking`)."""
     units = method.strategy.mask_units()
-    masking = GlobalMasking(cfg.gmfl, list(units), seed=derive_seed(cfg.seed, "gmfl"))
+    masking_class = spec_of(cfg.method).gmfl_masking_class() or GlobalMasking
+    masking = masking_class(cfg.gmfl, list(units), seed=derive_seed(cfg.seed, "gmfl"))
     strategy = GMFLStrategy(method.strategy, masking, mask_sync=cfg.gmfl.downlink)
     client = GMFLClient(method.client, units, cache_mask=cfg.gmfl.downlink == "stateful_sync")
     return dataclasses.replace(method, strategy=strategy, client=client,

@@ -20,7 +20,8 @@ class LoraA2Client(ClientAlgorithm):
 
     The frozen factor is left out of the plan (no gradient, no optimiser
     state, unchanged) and so out of the uplink: a client uploads the factor
-    it trained and the head.
+    it trained and the head. Under GMFL (spec 7.4) the tensors of that factor
+    the mask freezes are left out as well.
     """
 
     def __init__(self, base: LoraClient) -> None:
@@ -28,8 +29,13 @@ class LoraA2Client(ClientAlgorithm):
 
     def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
         """FedIT's plan without the round's idle factor (:func:`~fs_gmfl.core.lora_a2.ops.idle_factor`)."""
+        return self.prepare_excluding(model, message, client_state, frozenset())
+
+    def prepare_excluding(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any],
+                          frozen: frozenset[str]) -> LocalPlan:
+        """:meth:`prepare` without the keys ``frozen`` too (the GMFL base interface, :mod:`fs_gmfl.core.gmfl.base`)."""
         idle = idle_keys(adapter_parameters(model), round_of_parity(message))
-        return self.base.prepare_excluding(model, message, client_state, idle)
+        return self.base.prepare_excluding(model, message, client_state, idle | frozen)
 
     def finish(self, plan: LocalPlan, stats: TrainStats, client_state: MutableMapping[str, Any]) -> Message:
         """FedIT's uplink: the trained tensors and the sample count."""

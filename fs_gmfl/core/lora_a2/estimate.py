@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fs_gmfl.core.adapter import kind_of
 from fs_gmfl.core.estimate import breakdown, per_round_totals, uplink_message
+from fs_gmfl.core.gmfl.ops import frozen_count
+from fs_gmfl.core.lora_a2.masking import remask_ratio
 from fs_gmfl.core.lora_a2.ops import trained_factor
+from fs_gmfl.core.message import tensor_bytes
 
 if TYPE_CHECKING:
     from fs_gmfl.core.registry import EstimateContext
@@ -44,5 +48,45 @@ def estimate(ctx: EstimateContext) -> dict[str, Any]:
         by_parity[name] = {"trains": trained_factor(rnd), "profiles": profiles,
                            "per_round": per_round_totals(profiles, clients)}
     mean = mean_profiles(by_parity["odd"]["profiles"], by_parity["even"]["profiles"])
-    return {"by_parity": by_parity, "profiles": mean, "per_round": per_round_totals(mean, clients),
-            "per_round_is": "the mean of an odd and an even round (by_parity gives each)"}
+    out = {"by_parity": by_parity, "profiles": mean, "per_round": per_round_totals(mean, clients),
+           "per_round_is": "the mean of an odd and an even round (by_parity gives each)"}
+    if ctx.cfg.gmfl.use:
+        uplinks = {trained_factor(rnd): by_parity[name]["profiles"]["default"]["uplink"]["bytes"]
+                   for name, rnd in PARITIES.items()}
+        out["gmfl"] = gmfl_schedule(ctx, list(strategy.mask_units()), uplinks)
+    return out
+
+
+def gmfl_schedule(ctx: EstimateContext, units: list[str], uplinks: dict[str, float]) -> dict[str, Any]:
+    """Under GMFL (spec 7.4): per block of rounds training one factor with one ratio, how many of its tensors are
+    frozen (no ties; the re-mask after round ``t - 2`` applies in round ``t``, none in rounds 1 and 2) and a client's
+    uplink if the smallest or the largest were the frozen ones; the mask (one bit per tensor) rides on every
+    downlink from round 2 on.
+
+    Args:
+        units: the mask units (every LoRA tensor key).
+        uplinks: a client's uplink bytes without a mask, by trained factor.
+    """
+    cfg = ctx.cfg
+    blocks: list[dict[str, Any]] = []
+    open_block: dict[str, dict[str, Any]] = {}  # the last block of each factor
+    saved_min = saved_max = 0.0
+    for rnd in range(1, cfg.federate.total_round_num + 1):
+        factor = trained_factor(rnd)
+        sizes = sorted(tensor_bytes(ctx.initial[k]) for k in units if kind_of(k) == factor)
+        ratio = remask_ratio(rnd - 2, cfg.gmfl) if rnd > 2 else 0.0
+        frozen = frozen_count(ratio, len(sizes))
+        smallest, largest = sum(sizes[:frozen]), sum(sizes[len(sizes) - frozen:])
+        row = {"trains": factor, "ratio": ratio, "frozen": frozen, "of": len(sizes),
+               "uplink_bytes_max": uplinks[factor] - smallest, "uplink_bytes_min": uplinks[factor] - largest}
+        saved_min, saved_max = saved_min + smallest / uplinks[factor], saved_max + largest / uplinks[factor]
+        block = open_block.get(factor)
+        if block is not None and all(block[k] == v for k, v in row.items()):
+            block["last_round"] = rnd
+        else:
+            open_block[factor] = {"first_round": rnd, "last_round": rnd, **row}
+            blocks.append(open_block[factor])
+    rounds = cfg.federate.total_round_num
+    return {"candidates": len(units), "mask_bytes": (len(units) + 7) // 8, "schedule": blocks,
+            "schedule_is": "blocks of every other round (first_round, first_round + 2, ..., last_round)",
+            "mean_uplink_saving_min": saved_min / rounds, "mean_uplink_saving_max": saved_max / rounds}
