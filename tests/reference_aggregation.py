@@ -212,3 +212,17 @@ def fedex_lora_round(states: Sequence[Mapping[str, Tensor]], factors: Mapping[st
         product = sum(s[b_key].to(F64) @ s[a_key].to(F64) for s in states) / n
         new_base[name] = base[name].to(F64) + scaling * (product - means[b_key] @ means[a_key])
     return means, new_base
+
+
+# -- FLoRA (GMFL spec section 7.5) ------------------------------------------------------------------------------
+def flora_stacked_update(factors: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float],
+                         scalings: Sequence[float]) -> Tensor:
+    """FLoRA's merged update of one module, ``B_stack @ A_stack`` (float64), formed literally by stacking.
+
+    ``A_stack`` stacks ``p_k s_k A_k`` along the rank dimension (rows) and ``B_stack`` the ``B_k`` (columns),
+    ``factors[k] = (A_k, B_k)`` of any rank, ``p_k`` the normalised ``weights``, ``s_k`` the client's LoRA scaling.
+    """
+    shares = normalised_weights(weights)
+    a_stack = torch.cat([p * s * a.to(F64) for (a, _), p, s in zip(factors, shares, scalings, strict=True)], dim=0)
+    b_stack = torch.cat([b.to(F64) for _, b in factors], dim=1)
+    return b_stack @ a_stack

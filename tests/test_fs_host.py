@@ -350,6 +350,33 @@ def fedkrso_bytes(rows: list[dict]) -> list[tuple[int, int]]:
     return out
 
 
+def test_flora_gives_the_same_merged_model_and_bytes_in_both_hosts(tmp_path, monkeypatch):
+    """FLoRA, client 0 at rank 2 and clients 1-2 at rank 4 (the model shared by every standalone client): two rounds
+    of one YAML give the same merged global model in the simulator and in FederatedScope's checkpoint, which holds
+    exactly the merged base weights W0 + D, the zero LoRA factors and the head, and the same bytes round by round
+    (round 2's downlink adds the dense merged updates, 4 x 16 x 16 fp32 values per client)."""
+    # Prepare
+    monkeypatch.setenv("FS_GMFL_THREADS", "1")
+    opts = ["federate.method", "flora", "gmfl.use", "False",
+            "flora.profiles", "[{'clients': [0], 'rank': 2}, {'clients': [1, 2], 'rank': 4}]"]
+    # Execute
+    sim, sim_summary = run_both_hosts(tmp_path, opts)
+    # Assert
+    fs_state = checkpoint_adapter(tmp_path / "fs" / "final_run.ckpt")
+    sim_global = sim.method.strategy.global_adapter()
+    assert set(fs_state) == set(sim_global)
+    for key, value in fs_state.items():
+        torch.testing.assert_close(value, sim_global[key], rtol=0, atol=1e-6)
+    initial = build_backbone(sim.cfg, 2).model
+    initial_values = {k: p.detach() for k, p in model_tensor_map(initial, sim_global).items()}
+    merged = [m.weight_name for m in sim.method.strategy.modules]
+    assert len(merged) == 4 and all(not torch.equal(sim_global[k], initial_values[k]) for k in merged)
+    fs_rows, sim_rows = summary(tmp_path / "fs" / "run")["per_round"], sim_summary["per_round"][1:]
+    keys = ["clients", *(k for k in BYTE_KEYS if k in sim_rows[0])]
+    assert [{k: r[k] for k in keys} for r in fs_rows] == [{k: r[k] for k in keys} for r in sim_rows]
+    assert [r["downlink_bytes"] for r in fs_rows] == [3 * 146, 3 * (146 + 4 * 16 * 16 * 4)]
+
+
 # -- FederatedScope's own data and model types, and its evaluation script -------------------------------
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):

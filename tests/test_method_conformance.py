@@ -328,11 +328,33 @@ def uniform_mean_with_residual(before: Strategy, after: Strategy, accepted: list
     assert any(not torch.equal(new[k], old[k]) for k in new_base)  # the residual is not zero
 
 
+def stacked_and_merged(before: Strategy, after: Strategy, accepted: list[Reply]) -> None:
+    """FLoRA: every adapted base weight grows by ``B_stack A_stack`` of the accepted factors (ranks 1, 2 and 4,
+    each client scaled by alpha/r_k under ``peft_per_rank``), the head is FedAvg'd, the global LoRA factors stay 0."""
+    counts = [r.message.num_samples for r in accepted]
+    ranks = [r.message.tensors[before.modules[0].pair.a_key].shape[0] for r in accepted]
+    assert len(set(ranks)) > 1
+    old, new = before.global_adapter(), after.global_adapter()
+    for m in before.modules:
+        factors = [(r.message.tensors[m.pair.a_key], r.message.tensors[m.pair.b_key]) for r in accepted]
+        update = reference.flora_stacked_update(factors, counts, [before.alpha / k for k in ranks])
+        grown = new[m.weight_name].double() - old[m.weight_name].double()
+        assert_close(grown.T if m.transposed else grown, update)
+    heads = reference.weighted_average([{k: r.message.tensors[k] for k in before.head} for r in accepted], counts)
+    for key, value in heads.items():
+        assert_close(new[key], value)
+    assert all(not new[k].any() for k in before.lora_keys)
+
+
 #: three HAFL profiles (n_k = 1, 2, 4 of r = 4) and sample-count weights: components trained by a strict subset.
 HAFL_PROFILES = ("hafl.profiles", "[{clients: [0], freeze_ratio: 0.75}, {clients: [1], freeze_ratio: 0.5}, "
                  "{clients: [2, 3], freeze_ratio: 0.0}]", "hafl.weighting", "datasize")
+#: FLoRA ranks 1, 2 and 4 of r = 4, each client scaled by alpha / r_k.
+FLORA_PROFILES = ("flora.profiles", "[{clients: [0], rank: 1}, {clients: [1], rank: 2}, {clients: [2, 3], rank: 4}]",
+                  "flora.scaling", "peft_per_rank")
 #: a method's reference check and the overrides it needs; any other method is FedAvg of its uploads.
 REFERENCE_ROUNDS = {"hafl": (components_over_their_trainers, HAFL_PROFILES),
+                    "flora": (stacked_and_merged, FLORA_PROFILES),
                     "fedkrso": (seeded_subspace_updates, ()),
                     "fedhft": (masked_cluster_mixture, ()),
                     "fedex_lora": (uniform_mean_with_residual, ())}

@@ -17,6 +17,7 @@ number of labels) into ``model.fs_gmfl_backbone``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -181,9 +182,10 @@ def _build_with_adapter(fs_cfg: Any, run_cfg: RunConfig, overrides: dict[str, An
     """A model with adapter overrides, in the dtype the clients train in (half with ``train.is_enable_half``)."""
     if is_sim_model(str(fs_cfg.model.type)):
         spec = json.loads(fs_cfg.model.get(BACKBONE_KEY, "") or "{}")
-        data = to_dict(run_cfg)
-        data["llm"]["adapter"]["args"][0].update(overrides)
-        model = build_backbone(build(RunConfig, data), int(spec.get("num_labels", 2))).model
+        variant = copy.deepcopy(run_cfg)  # the run's backbone with another adapter shape: not a run to re-check
+        for key, value in overrides.items():
+            setattr(variant.lora, key, value)
+        model = build_backbone(variant, int(spec.get("num_labels", 2))).model
     else:
         from federatedscope.llm.model.model_builder import get_llm
 
