@@ -9,6 +9,12 @@ across 20 clients with resource levels ``[1.0, 0.5, 0.25]`` in equal shares:
   shard, weighted by shard size) overall and per resource level, the global
   model's test accuracy, and the local-majority baseline (each client always
   predicts its training shard's most frequent class) for context;
+* ``--methods local``: local-only training, the no-federation baseline (every
+  client trains its own adapter from the initial one on its own shard, in the
+  rounds the federated run of the same seed samples it, or with
+  ``--local-only-rounds all`` in every round, ``--local-steps`` steps each,
+  never aggregated, and is evaluated on its own validation shard; no global
+  model, no bytes);
 * bytes per round, measured from the messages of the runs (FedHFT, FedIT)
   and, for federated full fine-tuning, computed from the model's parameter
   count (labelled analytic: no ``fft`` method is registered on this branch);
@@ -46,6 +52,7 @@ from fs_gmfl.bench.options import BenchParser, non_negative, output_dir, positiv
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.fedhft import assign_levels
 from fs_gmfl.core.seeding import derive_seed
+from fs_gmfl.hosts.common.batches import sample_clients
 from fs_gmfl.hosts.common.data import majority_class_rate
 
 MIB = 2**20
@@ -56,6 +63,8 @@ DATASETS: dict[str, list[str]] = {
     "health_tweets": ["data.type", "health_tweets", "data.subsample", "0.06", "llm.tok_len", "32"],
 }
 PROBES = ("lora_s1", "lora_s0.25", "lora_s0.25_premask", "fft")
+#: the local-only baseline's method name (no federation: see :func:`local_only_results`).
+LOCAL_ONLY = "local"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +84,8 @@ def base_overrides(args: argparse.Namespace, dataset: str, seed: int) -> list[st
 
 
 def method_overrides(method: str, args: argparse.Namespace) -> list[str]:
-    """``fedit`` or ``fedhft_k<K>``: the method's own keys."""
-    if method == "fedit":
+    """``fedit``, ``local`` (FedIT's client, never aggregated) or ``fedhft_k<K>``: the method's own keys."""
+    if method in ("fedit", LOCAL_ONLY):
         return ["federate.method", "fedit"]
     k = int(method.split("_k")[1])
     return ["federate.method", "fedhft", "fedhft.num_clusters", str(k),
@@ -155,6 +164,88 @@ def bytes_by_level(sim: Any, levels: Sequence[int]) -> dict[str, float]:
     return out
 
 
+def local_rounds(cfg: RunConfig, client_id: int, schedule: str) -> list[int]:
+    """The rounds a local-only client trains in: all of them, or those the federated run samples it in.
+
+    ``sampled`` gives every client the compute and batches it has in a
+    federated run of the same seed (the same client draw); ``all`` gives
+    every client ``total_round_num`` rounds.
+    """
+    rounds = range(1, cfg.federate.total_round_num + 1)
+    if schedule == "all":
+        return list(rounds)
+    per_round = cfg.federate.clients_per_round()
+    return [r for r in rounds
+            if client_id in sample_clients(cfg.federate.client_num, per_round, seed=cfg.seed, rnd=r)]
+
+
+def train_local_only(sim: Any, client_id: int, rounds: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Client ``client_id``'s adapter after local training on its own shard in ``rounds``.
+
+    It starts from the initial global adapter and continues from its own
+    result every round (FedIT's client and local loop, with the round's
+    batch draw), never seeing another client's update.
+    """
+    from fs_gmfl.core.message import Message
+    from fs_gmfl.hosts.sim.training import train_local
+
+    tensors = sim.method.strategy.global_adapter()
+    data = sim.data.client_data(client_id)
+    for rnd in rounds:
+        plan = sim.method.client.prepare(sim.model, Message(tensors), {})
+        stats = train_local(plan, data, sim.cfg, rnd=rnd, client_id=client_id, device=sim.device)
+        sim.step_seconds.extend(stats.step_seconds)
+        tensors = {**tensors, **sim.method.client.finish(plan, stats, {}).tensors}
+    return tensors
+
+
+def local_only_results(sim: Any, schedule: str = "sampled") -> dict[int, tuple[int, float]]:
+    """``client -> (val size, accuracy)`` of every client's local-only adapter on its own validation shard.
+
+    ``schedule`` is :func:`local_rounds`'s (``--local-only-rounds``).
+    """
+    from fs_gmfl.hosts.sim.runner import temporarily_loaded
+    from fs_gmfl.hosts.sim.training import evaluate
+
+    out: dict[int, tuple[int, float]] = {}
+    for cid in range(sim.cfg.federate.client_num):
+        data = sim.data.client_val_data(cid)
+        if not len(data):
+            continue
+        adapter = train_local_only(sim, cid, local_rounds(sim.cfg, cid, schedule))
+        with temporarily_loaded(sim.model, adapter):
+            out[cid] = (len(data), evaluate(sim.model, data, batch_size=sim.cfg.eval.batch_size,
+                                            task="seq_cls", device=sim.device)["acc"])
+    return out
+
+
+def common_fields(sim: Any) -> dict[str, Any]:
+    """Record fields every method has: the reference lines, step time and the model size."""
+    return {"majority_baseline": majority_baseline(sim),
+            "test_majority_rate": majority_class_rate(sim.data.test.labels),
+            "median_step_seconds": statistics.median(sim.step_seconds) if sim.step_seconds else float("nan"),
+            "full_model_params": sum(p.numel() for n, p in sim.model.named_parameters()
+                                     if "lora_" not in n and ".original_module." not in n)}
+
+
+def run_local_only(sim: Any, levels: Sequence[int], schedule: str) -> dict[str, Any]:
+    """The record fields of the local-only baseline: personalised accuracy only (no global model, no bytes)."""
+    per_client = local_only_results(sim, schedule)
+    nan = float("nan")
+    return {
+        "rounds": sim.cfg.federate.total_round_num,
+        "personalised_acc": weighted_accuracy(per_client, list(per_client)),
+        **{f"personalised_acc_level{lv}": weighted_accuracy(per_client, [c for c in per_client if levels[c] == lv])
+           for lv in range(len(KEEP_RATIOS))},
+        "global_test_acc": nan, "uplink_bytes_per_round": 0.0, "downlink_bytes_per_round": 0.0,
+        **{f"{d}_bytes_level{lv}": 0.0 for d in ("uplink", "downlink") for lv in range(len(KEEP_RATIOS))},
+        "clustering_rounds": 0, "membership_max_mean": 1.0, "trace": [], "local_only_rounds": schedule,
+        "local_steps_per_client": statistics.fmean(
+            len(local_rounds(sim.cfg, c, schedule)) for c in range(sim.cfg.federate.client_num))
+        * sim.cfg.train.local_update_steps,
+    }
+
+
 def run_once(args: argparse.Namespace, dataset: str, seed: int, method: str) -> dict[str, Any]:
     """Train ``method`` on ``dataset`` with ``seed``; evaluate once at the end; return the record."""
     from fs_gmfl.hosts.sim.runner import Simulation
@@ -163,6 +254,11 @@ def run_once(args: argparse.Namespace, dataset: str, seed: int, method: str) -> 
     start = time.time()
     sim = Simulation(cfg, quiet=True)
     sim.setup()
+    if method == LOCAL_ONLY:
+        record = {"dataset": dataset, "seed": seed, "method": method, **run_local_only(sim, client_levels(cfg), args.local_only_rounds),
+                  **common_fields(sim)}
+        record["wall_seconds"] = time.time() - start
+        return record
     rows, trace = [], []
     for rnd in range(1, cfg.federate.total_round_num + 1):
         rows.append(sim.run_round(rnd))
@@ -176,16 +272,12 @@ def run_once(args: argparse.Namespace, dataset: str, seed: int, method: str) -> 
         "personalised_acc": weighted_accuracy(per_client, list(per_client)),
         **{f"personalised_acc_level{lv}": weighted_accuracy(per_client, [c for c in per_client if levels[c] == lv])
            for lv in range(len(KEEP_RATIOS))},
-        "global_test_acc": metrics["test_acc"], "majority_baseline": majority_baseline(sim),
-        "test_majority_rate": majority_class_rate(sim.data.test.labels),
+        "global_test_acc": metrics["test_acc"], **common_fields(sim),
         "uplink_bytes_per_round": statistics.fmean(r["uplink_bytes"] for r in rows),
         "downlink_bytes_per_round": statistics.fmean(r["downlink_bytes"] for r in rows[1:] or rows),
         **bytes_by_level(sim, levels),
-        "median_step_seconds": statistics.median(sim.step_seconds) if sim.step_seconds else float("nan"),
         "clustering_rounds": sum(1 for r in rows if r.get("clustering_skipped") == 0.0),
         "membership_max_mean": rows[-1].get("membership_max_mean", 1.0),
-        "full_model_params": sum(p.numel() for n, p in sim.model.named_parameters()
-                                 if "lora_" not in n and ".original_module." not in n),
         "wall_seconds": time.time() - start,
         "trace": trace,
     }
@@ -287,7 +379,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, li
 
 
 def fmt(stat: list[float], scale: float = 1.0, digits: int = 3) -> str:
-    """``mean ± std`` text."""
+    """``mean ± std`` text; ``-`` where there is no value (the local-only baseline's global accuracy)."""
+    if stat[0] != stat[0]:
+        return "-"
     return f"{stat[0] * scale:.{digits}f} ± {stat[1] * scale:.{digits}f}"
 
 
@@ -332,6 +426,8 @@ def bytes_table(methods: dict[str, Any], args: argparse.Namespace) -> str:
             f"| full fine-tuning (analytic: 4 B x {int(any_method['full_model_params'][0]):,} params) | "
             f"{fft / 1024:,.0f} | {fft / 1024:,.0f} | 1x |"]
     for method, m in methods.items():
+        if method == LOCAL_ONLY:  # sends nothing
+            continue
         for level, ratio in enumerate(KEEP_RATIOS):
             up, down = m[f"uplink_bytes_level{level}"][0], m[f"downlink_bytes_level{level}"][0]
             label = f"{method}, s={ratio}" if method != "fedit" else f"fedit (clients of level {level})"
@@ -375,7 +471,7 @@ def plot(summary: dict[str, Any], clients_per_round: int, path: Path) -> None:
         ax.set_title(dataset)
         ax.legend(fontsize=7)
     ax = axes[-1]
-    methods = summary[datasets[0]]
+    methods = {m: v for m, v in summary[datasets[0]].items() if m != LOCAL_ONLY}
     names = ["FFT (analytic)"] + [f"{m}" for m in methods]
     fft = next(iter(methods.values()))["full_model_params"][0] * 4 * clients_per_round
     values = [fft] + [methods[m]["uplink_bytes_per_round"][0] for m in methods]
@@ -397,8 +493,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", type=output_dir, default="bench_out/fedhft", help="output directory")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--methods", nargs="+", type=method_name, default=["fedit", "fedhft_k1", "fedhft_k2", "fedhft_k4"],
-                   help="fedit and/or fedhft_k<K> (FedHFT with K clusters)")
+                   help="fedit, fedhft_k<K> (FedHFT with K clusters) and/or local (local-only training, "
+                        "no federation)")
     p.add_argument("--seeds", nargs="+", type=run_seed, default=[0, 1, 2])
+    p.add_argument("--local-only-rounds", choices=["sampled", "all"], default="sampled",
+                   help="local-only baseline: train each client in the rounds the federated run samples it "
+                        "(same compute and batches as there) or in every round")
     p.add_argument("--rounds", type=positive, default=6)
     p.add_argument("--clients", type=positive, default=20)
     p.add_argument("--clients-per-round", type=positive, default=8)
@@ -425,11 +525,11 @@ QUICK = {"datasets": ["news_articles"], "seeds": [0], "rounds": "3", "local_step
 
 
 def method_name(text: str) -> str:
-    """``fedit`` or ``fedhft_k<K>``: FedHFT with K clusters, 1 to 1000."""
+    """``fedit``, ``local`` or ``fedhft_k<K>``: FedHFT with K clusters, 1 to 1000."""
     clusters = text.removeprefix("fedhft_k")
-    if text != "fedit" and not (clusters != text and clusters.isascii() and clusters.isdigit()
+    if text not in ("fedit", LOCAL_ONLY) and not (clusters != text and clusters.isascii() and clusters.isdigit()
                                 and 1 <= int(clusters) <= 1000):
-        raise argparse.ArgumentTypeError(f"{text!r} is neither fedit nor fedhft_k<K> with K from 1 to 1000 "
+        raise argparse.ArgumentTypeError(f"{text!r} is not fedit, local or fedhft_k<K> with K from 1 to 1000 "
                                          "(e.g. fedhft_k2)")
     return text
 
