@@ -9,9 +9,11 @@ import torch
 from conftest import tiny_config
 
 from fs_gmfl.comm_estimate import estimate
-from fs_gmfl.core.flora.ops import ProductSums, fresh_lora_a, stack_lora
+from fs_gmfl.core.adapter import LoraPair
+from fs_gmfl.core.flora.client import DELTA_CACHE, SYNCED
+from fs_gmfl.core.flora.ops import MergedModule, StackFold, add_stacked, fresh_lora_a, stack_lora
 from fs_gmfl.core.flora.strategy import round_seed
-from fs_gmfl.core.flora.wire import DELTA_PREFIX, RANK, SEED
+from fs_gmfl.core.flora.wire import DELTA_PREFIX, RANK, SEED, SINCE, STACK_PREFIX, UPTO
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import TrainStats
 from fs_gmfl.errors import ConfigError, InputError
@@ -39,22 +41,33 @@ def trained_round(sim: Simulation, rnd: int, clients: list[int]) -> list[Reply]:
 
 # -- stacking (spec 7.5) -----------------------------------------------------------------------------------------
 def test_the_stacked_product_is_the_weighted_sum_of_the_clients_products():
-    """Ranks 1, 3 and 5: B_stack A_stack = sum_k p_k s_k B_k A_k (float64), and the streaming fold gives the same."""
+    """Ranks 1, 3 and 5: B_stack A_stack = sum_k p_k s_k B_k A_k (float64); the server's reply-by-reply stacks are the
+    same stacks in float32, and its merge adds their product to the update (rows and columns swapped for a
+    transposed weight)."""
     # Prepare
     factors = random_factors([1, 3, 5], d_out=7, d_in=6, seed=0)
     counts, scalings = [3.0, 1.0, 4.0], [2.0, 0.5, 1.0]
     shares = [c / sum(counts) for c in counts]
     expected = sum(p * s * (b @ a) for (a, b), p, s in zip(factors, shares, scalings))
+    start = torch.randn(7, 6, generator=torch.Generator().manual_seed(1))
+    module = MergedModule(LoraPair("m", "m.lora_A.weight", "m.lora_B.weight"), "m.base_layer.weight", 7, 6, False)
+    transposed = MergedModule(module.pair, module.weight_name, 7, 6, True)
     # Execute
     a_stack, b_stack = stack_lora([a for a, _ in factors], [b for _, b in factors],
                                   [p * s for p, s in zip(shares, scalings)])
-    sums = ProductSums({"m": (7, 6)})
+    fold = StackFold(["m"])
     for (a, b), n, s in zip(factors, counts, scalings):
-        sums.add({"m": (a, b)}, s, n)
+        fold.add({"m": (a, b)}, s, n)
+    (fold_a, fold_b), = fold.stacks().values()
     # Assert
     assert a_stack.shape == (9, 6) and b_stack.shape == (7, 9)
     torch.testing.assert_close(b_stack @ a_stack, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sums.mean()["m"], expected, rtol=1e-12, atol=1e-12)
+    assert fold_a.dtype == fold_b.dtype == torch.float32
+    torch.testing.assert_close(fold_a.double(), a_stack, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fold_b.double(), b_stack, rtol=1e-6, atol=1e-7)
+    merged = add_stacked(start, module, fold_a, fold_b)
+    torch.testing.assert_close(merged.double(), start.double() + expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(add_stacked(start.T.contiguous(), transposed, fold_a, fold_b), merged.T)
 
 
 def test_the_merged_model_after_a_round_is_w0_plus_alpha_over_r_times_the_weighted_sum(tiny):
@@ -177,14 +190,15 @@ def test_bytes_by_hand_by_the_simulator_and_by_the_estimate(tiny):
     assert {name: p["uplink"]["bytes"] for name, p in est["profiles"].items()} == {"r1": 656, "r2": 1168, "r4": 2192}
     assert est["per_round"]["downlink_bytes"] == 4 * 4242 and est["round_1"]["downlink_bytes"] == 4 * 146
     assert est["per_round"]["uplink_bytes"] == pytest.approx(total_up)
-    assert est["stacked_alternative"]["expected_stacked_rank"] == pytest.approx(1 + 2 + 4 + 4)
+    assert est["one_round_stacked_rank"] == pytest.approx(1 + 2 + 4 + 4) and est["dense_update_bytes"] == 4096
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
-def test_resume_with_heterogeneous_ranks_is_bit_identical(tiny):
-    """2 rounds, stop, resume to 4 == 4 rounds straight: the merged updates, the head and the global model bit for
-    bit, the same per-round bytes."""
-    overrides = [*FLORA, *PROFILES, "federate.save_freq", "1"]
+@pytest.mark.parametrize("downlink", ["dense", "stacked"])
+def test_resume_with_heterogeneous_ranks_is_bit_identical(tiny, downlink):
+    """2 rounds, stop, resume to 4 == 4 rounds straight: the merged updates, the head, the logged stacks and the
+    global model bit for bit, the same per-round bytes (stacked: the clients' own updates come back with the run)."""
+    overrides = [*FLORA, *PROFILES, "flora.downlink", downlink, "federate.save_freq", "1"]
     straight = Simulation(tiny(*overrides, "expname", "straight"), quiet=True)
     expected = straight.run()
     Simulation(tiny(*overrides, "expname", "resumed", "federate.total_round_num", "2"), quiet=True).run()
@@ -194,6 +208,9 @@ def test_resume_with_heterogeneous_ranks_is_bit_identical(tiny):
     assert want["rounds_merged"] == have["rounds_merged"] == 4
     for part in ("delta", "head"):
         assert all(torch.equal(want[part][k], have[part][k]) for k in want[part])
+    assert want["client_sync"] == have["client_sync"] and want["log"].keys() == have["log"].keys()
+    assert all(torch.equal(x, y) for t in want["log"] for w in want["log"][t]
+               for x, y in zip(want["log"][t][w], have["log"][t][w]))
     assert any(v.any() for v in have["delta"].values())
     g1, g2 = straight.method.strategy.global_adapter(), resumed.method.strategy.global_adapter()
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
@@ -232,3 +249,47 @@ def test_the_downlink_holds_the_dense_merged_updates_under_their_weight_names(ti
     deltas = {k[len(DELTA_PREFIX):]: v for k, v in down.tensors.items() if k.startswith(DELTA_PREFIX)}
     assert sorted(deltas) == sorted(m.weight_name for m in strategy.modules)
     assert all(v.shape == (16, 16) and v.dtype == torch.float32 for v in deltas.values())
+
+
+# -- flora.downlink: stacked -----------------------------------------------------------------------------------
+def test_stacked_downlinks_bring_each_clients_own_update_to_the_servers_bit_for_bit(tiny):
+    """Ranks 1 (client 0), 2 (client 1), 4 (clients 2, 3); tiny modules of 16 x 16, so stacks beat the dense update
+    (4 x 16 x 16 x 4 = 4096 B) up to a stacked rank of 8. Round 1 [0, 1] merges rank 3 (1536 B of stacks);
+    round 2 [1, 2] sends both clients round 1's stacks and merges rank 6 (3072 B), and the log (4608 B > 4096 B)
+    drops round 1; round 3 [0, 2] sends client 0 (last seen before round 1) the dense update and client 2 round 2's
+    stacks. Every client's own update then equals the server's bit for bit."""
+    # Prepare
+    sim = Simulation(tiny(*FLORA, *PROFILES, "flora.downlink", "stacked"), quiet=True)
+    sim.setup()
+    strategy = sim.method.strategy
+    control = 8 + 2 + 4 + 4  # seed, rank, since, upto
+    # Execute
+    strategy.aggregate(1, trained_round(sim, 1, [0, 1]))
+    second = strategy.configure_round(2, [1, 2])
+    strategy.aggregate(2, [Reply(c, sim._fit_client(2, c, second[c].detached_copy())) for c in (1, 2)])
+    third = strategy.configure_round(3, [0, 2])
+    for cid in (0, 2):
+        sim._fit_client(3, cid, third[cid].detached_copy())
+    # Assert
+    assert [second[c].nbytes for c in (1, 2)] == [1536 + 136 + control] * 2
+    assert sorted({k.split("/")[1] for k in second[1].tensors if k.startswith(STACK_PREFIX)}) == ["1"]
+    assert sorted(strategy.log) == [2] and strategy.log_floor == 1
+    assert third[0].nbytes == 4096 + 136 + control and any(k.startswith(DELTA_PREFIX) for k in third[0].tensors)
+    assert third[2].nbytes == 3072 + 136 + control and int(third[2].control[SINCE]) == 1
+    assert int(third[2].control[UPTO]) == 2
+    for cid in (0, 2):
+        with sim.store.open(cid) as state:
+            assert state[SYNCED] == 2
+            assert all(torch.equal(state[DELTA_CACHE][w], strategy.delta[w]) for w in strategy.delta)
+
+
+def test_stacks_after_another_round_than_the_clients_are_refused(tiny):
+    """A client whose update holds round 2 refuses stacks that continue round 1 (it cannot catch up from them)."""
+    sim = Simulation(tiny(*FLORA, "flora.downlink", "stacked"), quiet=True)
+    sim.setup()
+    strategy = sim.method.strategy
+    strategy.client_sync[0] = 1
+    down = strategy.configure_round(3, [0])[0]
+    state = {SYNCED: 2, DELTA_CACHE: {w: torch.zeros_like(d) for w, d in strategy.delta.items()}}
+    with pytest.raises(InputError, match="adds the rounds after 1 but this client holds round 2"):
+        sim.method.client.prepare(sim.model, down, state)

@@ -1,10 +1,12 @@
 """FLoRA's client: start from the merged global model, train fresh rank-r_k LoRA modules, upload them.
 
 ``prepare`` puts ``W0 + D`` into the base weight of every adapted module of
-the host's (shared) model, re-initialises the LoRA factors from the round's
-seed (``A`` as peft draws it, ``B = 0``) in an adapter of the client's rank
-(the host's ``model_provider`` gives a rank-r_k adapter on the same
-backbone) and loads the head; ``finish`` uploads the factors and the head,
+the model the client trains (the host's shared model, or the host's
+rank-r_k model from ``model_provider``), ``D`` being the downlink's or, under
+``flora.downlink: stacked``, the client's own brought forward by the
+downlink's stacks; it re-initialises the LoRA factors from the round's seed
+(``A`` as peft draws it, ``B = 0``) in an adapter of the client's rank and
+loads the head; ``finish`` uploads the factors and the head,
 puts back the base weights the model held before ``prepare`` and
 re-activates the default adapter. With ``B = 0`` the model a client starts
 from computes exactly the merged global model.
@@ -20,13 +22,16 @@ from torch import Tensor, nn
 
 from fs_gmfl.core.adapter import adapter_parameters, load_adapter_tensors, model_tensor_map
 from fs_gmfl.core.flora.config import FLoRAConfig
-from fs_gmfl.core.flora.ops import MergedModule, fresh_factors, merged_weight
-from fs_gmfl.core.flora.wire import parse_downlink
+from fs_gmfl.core.flora.ops import MergedModule, add_stacked, fresh_factors, merged_weight
+from fs_gmfl.core.flora.wire import Downlink, parse_downlink
 from fs_gmfl.core.message import NUM_SAMPLES, Message, samples_tensor
 from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats
 from fs_gmfl.errors import InputError
 
 DEFAULT_ADAPTER = "default"
+#: ``client_state`` entries of ``flora.downlink: stacked``: the client's ``D`` and the round it holds.
+DELTA_CACHE = "flora.delta"
+SYNCED = "flora.synced"
 
 
 class FLoRAClient(ClientAlgorithm):
@@ -59,8 +64,9 @@ class FLoRAClient(ClientAlgorithm):
         """Merge ``D`` into the base weights of the model the client trains (the host's, or its rank-r_k model),
         re-initialise rank-r_k LoRA factors, load the head."""
         down = parse_downlink(message, self.modules, self.head_keys, max_rank=self.rank)
+        delta = down.delta if down.since is None else self._synced_delta(down, client_state)
         model, adapter = self._local_model(model, down.rank)
-        saved = self._merge(model, down.delta)
+        saved = self._merge(model, delta)
         params = adapter_parameters(model, adapter)
         fresh = fresh_factors(self.modules, down.seed, rank=down.rank, init=self.init)
         load_adapter_tensors(model, {**fresh, **down.head}, adapter)
@@ -68,6 +74,34 @@ class FLoRAClient(ClientAlgorithm):
         for key, p in params.items():
             p.requires_grad_(key in trainable)
         return LocalPlan(model=model, trainable=trainable, info={"saved": saved, "adapter": adapter})
+
+    def _synced_delta(self, down: Downlink, client_state: MutableMapping[str, Any]) -> dict[str, Tensor] | None:
+        """``flora.downlink: stacked``: the client's ``D`` brought to ``down.upto`` (replaced by a dense update, or
+        the downlink's stacks added in round order with the server's merge), kept in ``client_state``.
+
+        Raises:
+            InputError: the stacks start after another round than the one the client's ``D`` holds.
+        """
+        held = int(client_state.get(SYNCED, 0))
+        if down.delta is not None:
+            delta = {name: value.detach().to("cpu", torch.float32, copy=True) for name, value in down.delta.items()}
+        elif down.since == 0:
+            delta = None
+        elif down.since == held:
+            delta = dict(client_state[DELTA_CACHE]) if DELTA_CACHE in client_state else None  # none: nothing merged
+        else:
+            raise InputError(f"FLoRA downlink adds the rounds after {down.since} but this client holds round {held}")
+        for rnd in sorted(down.stacks):
+            if delta is None:
+                delta = {m.weight_name: torch.zeros(m.weight_shape) for m in self.modules}
+            for m in self.modules:
+                delta[m.weight_name] = add_stacked(delta[m.weight_name], m, *down.stacks[rnd][m.weight_name])
+        client_state[SYNCED] = down.upto
+        if delta is None:
+            client_state.pop(DELTA_CACHE, None)
+        else:
+            client_state[DELTA_CACHE] = delta
+        return delta
 
     @torch.no_grad()
     def _merge(self, model: nn.Module, delta: Mapping[str, Tensor] | None) -> dict[str, tuple[Tensor, bool]]:

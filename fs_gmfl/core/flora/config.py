@@ -13,6 +13,7 @@ from fs_gmfl.config.fields import _PATH_ATTR, build, fail, opt, to_dict
 from fs_gmfl.core.hafl.config import ClientProfile, HAFLConfig
 
 SCALINGS = ("global_constant", "peft_per_rank")
+DOWNLINKS = ("dense", "stacked")
 
 
 @dataclass
@@ -32,6 +33,12 @@ class FLoRAConfig:
                        "/ r, so every client scales by alpha/r and the merge is (alpha/r) B_stack A_stack as in spec "
                        "7.5) or 'peft_per_rank' (lora_alpha, so client k scales by alpha/r_k and the merge is "
                        "sum_k p_k (alpha/r_k) B_k A_k).", choices=SCALINGS, inferred=True)
+
+    downlink: str = opt("dense", "What rebuilds the merged base weights on a client: 'dense' (the accumulated merged "
+                        "update, d_out x d_in per module, every round; clients keep nothing) or 'stacked' (clients "
+                        "keep their merged update; a downlink carries the stacked factors of the rounds merged since "
+                        "the client's last round, or the dense update when that is smaller).", choices=DOWNLINKS,
+                        inferred=True)
 
     def __post_init__(self) -> None:
         for profile in self.profiles:

@@ -1,4 +1,4 @@
-"""FLoRA's maths (spec GMFL.md section 7.5): stacking, its streaming form, the merged weight and the fresh LoRA.
+"""FLoRA's maths (spec GMFL.md section 7.5): stacking, built reply by reply, the merge, the merged weight, fresh LoRA.
 
 Client k trains ``A_k`` (``r_k x d_in``) and ``B_k`` (``d_out x r_k``) with
 scaling ``s_k`` (``alpha / r`` or ``alpha / r_k``, ``flora.scaling``) and
@@ -11,7 +11,9 @@ ranks: the block structure has no cross terms (FLoRA's "noise-free"
 aggregation). With one scaling ``s = alpha / r`` this is spec 7.5's
 ``(alpha / r) B_stack A_stack`` with ``A_stack = concat_k(p_k A_k)``. The
 product is merged into the base weight, ``W <- W + B_stack A_stack``, and
-every client starts the next round from fresh LoRA modules (``B = 0``).
+every client starts the next round from fresh LoRA modules (``B = 0``). The
+server builds the stacks reply by reply (:class:`StackFold`) and merges them
+with :func:`add_stacked`, the merge clients keeping their own update repeat.
 """
 
 from __future__ import annotations
@@ -47,28 +49,29 @@ def stack_lora(a: Sequence[Tensor], b: Sequence[Tensor], weights: Sequence[float
     return a_stack, b_stack
 
 
-class ProductSums:
-    """Running ``sum_k n_k s_k B_k A_k`` per module and ``sum_k n_k``: stacking as a streaming fold.
+class StackFold:
+    """The round's stacks built one reply at a time: ``n_k s_k A_k`` and ``B_k`` per module, kept until the end.
 
-    The stacked factors grow with the number of clients (``sum_k r_k`` rows);
-    their product does not, so each :meth:`add` folds one client's scaled
-    product ``s_k B_k A_k`` into a float64 sum of the module's ``d_out x d_in``
-    size and keeps no reference to it; :meth:`mean` divides by the total
-    weight at the end. Equal to ``B_stack A_stack`` of :func:`stack_lora`
-    with ``w_k = p_k s_k`` to float64 rounding (the stacked form normalises
-    the weights first). Memory: one float64 ``d_out x d_in`` matrix per module.
+    :meth:`add` copies one client's factors (float64 ``n_k s_k A_k``, ``B_k``)
+    and keeps no reference to the reply; :meth:`stacks` divides the A rows by
+    ``sum_k n_k`` and returns :func:`stack_lora`'s stacks in float32, the
+    form the server merges and (``flora.downlink: stacked``) sends. Memory:
+    ``sum_k r_k (d_in + d_out)`` values per module, growing with the clients
+    of the round (one LoRA per client), which is less than one float64
+    ``d_out x d_in`` running sum while ``sum_k r_k < d_in d_out / (d_in + d_out)``.
 
     Args:
-        shapes: ``(d_out, d_in)`` of every module, by module name.
+        modules: the module names.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, int]]) -> None:
-        self.sums = {m: torch.zeros(shape, dtype=F64) for m, shape in shapes.items()}
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.a_rows: dict[str, list[Tensor]] = {m: [] for m in modules}
+        self.b_cols: dict[str, list[Tensor]] = {m: [] for m in modules}
         self.total = 0.0
         self.count = 0
 
     def add(self, factors: Mapping[str, tuple[Tensor, Tensor]], scaling: float, weight: float) -> None:
-        """Fold ``weight * scaling * B @ A`` of every module (``factors[module] = (A, B)``).
+        """Keep ``weight * scaling * A`` and ``B`` of every module (``factors[module] = (A, B)``).
 
         Raises:
             AggregationError: the weight is negative or not finite, or a module is missing.
@@ -76,25 +79,26 @@ class ProductSums:
         w = float(weight)
         if not math.isfinite(w) or w < 0:
             raise AggregationError(f"weights must be finite and non-negative, got {weight}")
-        missing = [m for m in self.sums if m not in factors]
+        missing = [m for m in self.a_rows if m not in factors]
         if missing:
             raise AggregationError(f"modules {missing[:3]} missing from client {self.count}")
-        for module, total in self.sums.items():
+        for module in self.a_rows:
             a, b = factors[module]
-            total.addmm_(b.to(device=total.device, dtype=F64), a.to(device=total.device, dtype=F64),
-                         alpha=w * float(scaling))
+            self.a_rows[module].append(a.detach().to(device="cpu", dtype=F64) * (w * float(scaling)))
+            self.b_cols[module].append(b.detach().to(device="cpu", dtype=torch.float32, copy=True))
         self.total += w
         self.count += 1
 
-    def mean(self) -> dict[str, Tensor]:
-        """``sums / total`` per module (float64; the sums are unchanged).
+    def stacks(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``(A_stack, B_stack)`` per module, float32: ``concat_k(p_k s_k A_k)`` rows and ``concat_k(B_k)`` columns.
 
         Raises:
             AggregationError: nothing was added or the weights sum to zero.
         """
         if not self.count or self.total <= 0:
-            raise AggregationError("no weighted products to average")
-        return {m: s / self.total for m, s in self.sums.items()}
+            raise AggregationError("no weighted factors to stack")
+        return {m: ((torch.cat(self.a_rows[m], dim=0) / self.total).to(torch.float32),
+                    torch.cat(self.b_cols[m], dim=1)) for m in self.a_rows}
 
 
 # -- merged weights ----------------------------------------------------------------------------------------
@@ -119,10 +123,6 @@ class MergedModule:
     def weight_shape(self) -> tuple[int, int]:
         """Shape of the stored base weight (and of its merged delta)."""
         return (self.d_in, self.d_out) if self.transposed else (self.d_out, self.d_in)
-
-    def as_stored(self, delta: Tensor) -> Tensor:
-        """A ``d_out x d_in`` update in the stored weight's layout."""
-        return delta.T if self.transposed else delta
 
 
 def merged_modules(model: nn.Module, adapter: Mapping[str, Tensor]) -> list[MergedModule]:
@@ -158,6 +158,24 @@ def merged_weight(base: Tensor, delta: Tensor | None) -> Tensor:
         return base.detach().clone()
     wide = torch.promote_types(base.dtype, torch.float32)
     return (base.to(wide) + delta.to(device=base.device, dtype=wide)).to(base.dtype)
+
+
+def add_stacked(delta: Tensor, module: MergedModule, a_stack: Tensor, b_stack: Tensor) -> Tensor:
+    """``delta + B_stack A_stack`` in the stored layout (float32), the one merge the server and the clients compute.
+
+    The product is added one rank-1 term at a time in float64 (``addr_``:
+    every entry is a plain sum in a fixed order, no reduction a thread count
+    or a BLAS could reorder), so a client applying the same stacks to the same
+    ``delta`` gets the server's result bit for bit.
+    """
+    total = delta.to(device="cpu", dtype=F64, copy=True)
+    a64, b64 = a_stack.to(device="cpu", dtype=F64), b_stack.to(device="cpu", dtype=F64)
+    for j in range(a64.shape[0]):
+        if module.transposed:
+            total.addr_(a64[j], b64[:, j])
+        else:
+            total.addr_(b64[:, j], a64[j])
+    return total.to(device=delta.device, dtype=delta.dtype)
 
 
 # -- fresh LoRA (re-initialised every round) -------------------------------------------------------------

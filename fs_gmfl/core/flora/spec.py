@@ -27,10 +27,11 @@ def build(ctx: MethodContext) -> Method:
     client = FLoRAClient(strategy.modules, strategy.base, head_keys, rank=cfg.lora.r, alpha=cfg.lora.lora_alpha,
                          config=cfg.flora, init=cfg.lora.init_lora_weights, samples_cap=cap,
                          model_provider=ctx.model_provider)
-    info = {"scaling": cfg.flora.scaling, "merged_modules": len(strategy.modules),
+    info = {"scaling": cfg.flora.scaling, "downlink": cfg.flora.downlink, "merged_modules": len(strategy.modules),
             "profiles": profile_report(cfg.flora.rank_profiles(), profile_of, cfg.lora.r)}
     return Method(strategy, client, info,
-                  load_global=lambda target: load_model_tensors(target, strategy.global_adapter()))
+                  load_global=lambda target: load_model_tensors(target, strategy.global_adapter()),
+                  clients_reset=strategy.clients_reset)
 
 
 def check_run(cfg: RunConfig) -> None:

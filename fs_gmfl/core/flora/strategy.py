@@ -6,14 +6,19 @@ many rounds were merged; the base weights ``W0`` are the host's initial
 backbone (rebuilt from the seed, not checkpointed). The global model is
 ``W0 + D`` with no LoRA branch (``B = 0``) and the head.
 
-Per round: every sampled client receives ``D``, the head, its rank r_k and
-the round's seed (:mod:`fs_gmfl.core.flora.wire`), trains fresh rank-r_k
-LoRA modules and uploads them; the server folds ``n_k s_k B_k A_k`` of each
-accepted reply into float64 running sums (:class:`~fs_gmfl.core.flora.ops.ProductSums`,
-the stacked product ``B_stack A_stack`` without the stack) and the head into
-a sample-weighted FedAvg, then ``D <- D + sum_k p_k s_k B_k A_k``. Running
-sums: one float64 ``d_out x d_in`` matrix per module and the head; per
-client only its rank (a count of the stacked rank).
+Per round: every sampled client receives what rebuilds ``W0 + D``
+(``flora.downlink``: ``D`` itself, or the stacked factors of the rounds it
+missed), the head, its rank r_k and the round's seed
+(:mod:`fs_gmfl.core.flora.wire`), trains fresh rank-r_k LoRA modules and
+uploads them; the server keeps ``n_k s_k A_k`` and ``B_k`` of each accepted
+reply (:class:`~fs_gmfl.core.flora.ops.StackFold`: one LoRA per client of the
+round, ``sum_k r_k (d_in + d_out)`` values per module) and folds the head into
+a sample-weighted FedAvg; at the round's end ``D <- D + B_stack A_stack``
+(:func:`~fs_gmfl.core.flora.ops.add_stacked`, the merge clients repeat bit
+for bit). Under ``flora.downlink: stacked`` the server also keeps the stacks
+of the last rounds (at most the size of one ``D``: older rounds are dropped,
+and a client that would need them receives ``D``) and the round each client
+was last brought to.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from torch import Tensor, nn
 
 from fs_gmfl.core.fedavg.ops import WeightedSum
 from fs_gmfl.core.flora.config import FLoRAConfig
-from fs_gmfl.core.flora.ops import MergedModule, ProductSums, fresh_factors, merged_modules, merged_weight
-from fs_gmfl.core.flora.wire import downlink_message
+from fs_gmfl.core.flora.ops import MergedModule, StackFold, add_stacked, fresh_factors, merged_modules, merged_weight
+from fs_gmfl.core.flora.wire import RoundStacks, downlink_message
 from fs_gmfl.core.hafl.profiles import client_capacities
 from fs_gmfl.core.message import Message, Reply
 from fs_gmfl.core.protocol import RoundReport
@@ -74,9 +79,12 @@ class FLoRAStrategy(ScreenedStrategy):
         self.delta = {m.weight_name: torch.zeros(m.weight_shape, device=base[m.weight_name].device)
                       for m in self.modules}
         self.rounds_merged = 0
+        self.log: dict[int, RoundStacks] = {}  # flora.downlink stacked: the stacks of the last rounds
+        self.log_floor = 0  # rounds up to this one are no longer in the log
+        self.client_sync: dict[int, int] = {}  # flora.downlink stacked: the round each client's D holds
         self.policy = UplinkPolicy(max_abs=max_abs)
         self.gate = ReplyGate()
-        self._products: ProductSums | None = None
+        self._stacks: StackFold | None = None
         self._heads: WeightedSum | None = None
         self._references: dict[int, dict[str, Tensor]] = {}
         self._seed = round_seed(seed, 1)
@@ -88,20 +96,38 @@ class FLoRAStrategy(ScreenedStrategy):
 
     # -- downlink ----------------------------------------------------------------------------
     def configure_round(self, rnd: int, clients: Sequence[int]) -> dict[int, Message]:
-        """``D`` (once a round was merged), the head, the round's seed and each client's rank.
+        """Per client: what rebuilds ``W0 + D`` (``flora.downlink``), the head, the round's seed and its rank.
 
-        Every downlink of the round refers to one copy of ``D`` and the head.
+        Every downlink of the round refers to one copy of ``D``, the head and the logged stacks.
         """
         self.gate.open(rnd, clients)
         delta = {k: v.clone() for k, v in self.delta.items()} if self.rounds_merged else None
         head = {k: v.clone() for k, v in self.head.items()}
         seed = round_seed(self.seed, rnd)
-        return {cid: downlink_message(delta, head, self.modules, seed=seed, rank=self.ranks[cid]) for cid in clients}
+        if self.config.downlink == "dense":
+            return {cid: downlink_message(delta, head, self.modules, seed=seed, rank=self.ranks[cid])
+                    for cid in clients}
+        return {cid: self._stacked_downlink(rnd, cid, delta, head, seed) for cid in clients}
+
+    def _stacked_downlink(self, rnd: int, cid: int, delta: dict[str, Tensor] | None, head: dict[str, Tensor],
+                          seed: int) -> Message:
+        """The stacks of the rounds merged since the client's last round, or ``D`` when smaller or no longer kept."""
+        since, upto = self.client_sync.get(cid, 0), rnd - 1
+        rounds = {t: stacks for t, stacks in self.log.items() if since < t <= upto}
+        stacked_bytes = sum(4 * (a.numel() + b.numel()) for stacks in rounds.values() for a, b in stacks.values())
+        use_stacks = delta is None or (since >= self.log_floor and stacked_bytes <= self.dense_bytes())
+        self.client_sync[cid] = upto
+        return downlink_message(None if use_stacks else delta, head, self.modules, seed=seed, rank=self.ranks[cid],
+                                stacks=rounds if use_stacks else None, rounds=(since, upto))
+
+    def dense_bytes(self) -> int:
+        """Bytes of ``D`` on the wire (float32)."""
+        return sum(4 * m.d_out * m.d_in for m in self.modules)
 
     # -- aggregation -------------------------------------------------------------------------
     def begin_fold(self, rnd: int) -> None:
-        """Empty running sums: the scaled products per module and the head's FedAvg."""
-        self._products = ProductSums({m.weight_name: (m.d_out, m.d_in) for m in self.modules})
+        """Empty stacks per module and the head's FedAvg."""
+        self._stacks = StackFold([m.weight_name for m in self.modules])
         self._heads = WeightedSum(list(self.head))
         self._seed = round_seed(self.seed, rnd)
         self._references = {}
@@ -125,29 +151,37 @@ class FLoRAStrategy(ScreenedStrategy):
         return reason or client_rank
 
     def fold_reply(self, reply: Reply, parsed: int) -> None:
-        """Add ``n_k s_k B_k A_k`` of every module and the sample-weighted head."""
+        """Keep ``n_k s_k A_k`` and ``B_k`` of every module; fold the sample-weighted head."""
         tensors, n = reply.message.tensors, reply.message.num_samples
         factors = {m.weight_name: (tensors[m.pair.a_key], tensors[m.pair.b_key]) for m in self.modules}
-        self._products.add(factors, self.scaling(parsed), n)
+        self._stacks.add(factors, self.scaling(parsed), n)
         self._heads.add(tensors, n)
         self._stacked_rank += parsed
 
     def end_fold(self, rnd: int, report: RoundReport) -> None:
-        """``D <- D + sum_k p_k s_k B_k A_k`` and the head's FedAvg; nothing changes without an accepted reply."""
-        products, heads, self._products, self._heads = self._products, self._heads, None, None
+        """``D <- D + B_stack A_stack`` and the head's FedAvg; nothing changes without an accepted reply."""
+        fold, heads, self._stacks, self._heads = self._stacks, self._heads, None, None
         self._references = {}
         report.metrics["stacked_rank"] = float(self._stacked_rank)
-        if not products.count:
+        if not fold.count:
             return
-        merged = products.mean()
+        stacks = fold.stacks()
         for m in self.modules:
-            total = self.delta[m.weight_name].to(torch.float64) + m.as_stored(merged[m.weight_name]).to(
-                self.delta[m.weight_name].device)
-            self.delta[m.weight_name] = total.to(torch.float32)
+            self.delta[m.weight_name] = add_stacked(self.delta[m.weight_name], m, *stacks[m.weight_name])
         if self.head:
             average = heads.average({k: expected_float_dtype(v, self.policy) for k, v in self.head.items()})
             self.head = {k: average[k].to(v.dtype) for k, v in self.head.items()}
         self.rounds_merged += 1
+        if self.config.downlink == "stacked":
+            self._log(rnd, stacks)
+
+    def _log(self, rnd: int, stacks: RoundStacks) -> None:
+        """Keep round ``rnd``'s stacks; drop the oldest rounds while the log is larger than ``D``."""
+        self.log[rnd] = stacks
+        dense = self.dense_bytes()
+        while self.log and sum(4 * (a.numel() + b.numel()) for s in self.log.values() for a, b in s.values()) > dense:
+            self.log_floor = min(self.log)
+            del self.log[self.log_floor]
 
     # -- reporting / persistence -------------------------------------------------------------
     def global_adapter(self) -> dict[str, Tensor]:
@@ -163,9 +197,12 @@ class FLoRAStrategy(ScreenedStrategy):
         return {"rounds_merged": float(self.rounds_merged)}
 
     def state_dict(self) -> dict[str, Any]:
-        """The merged updates, the head and the merge count (``W0`` is the seeded backbone's)."""
+        """The merged updates, the head, the merge count and (``flora.downlink: stacked``) the logged stacks and
+        the clients' sync rounds; ``W0`` is the seeded backbone's."""
         return {"delta": {k: v.clone() for k, v in self.delta.items()},
-                "head": {k: v.clone() for k, v in self.head.items()}, "rounds_merged": self.rounds_merged}
+                "head": {k: v.clone() for k, v in self.head.items()}, "rounds_merged": self.rounds_merged,
+                "log": {int(t): {w: (a.clone(), b.clone()) for w, (a, b) in s.items()} for t, s in self.log.items()},
+                "log_floor": self.log_floor, "client_sync": {int(c): int(t) for c, t in self.client_sync.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (same modules and head)."""
@@ -177,7 +214,13 @@ class FLoRAStrategy(ScreenedStrategy):
         self.delta = {k: state["delta"][k].clone() for k in self.delta}
         self.head = {k: state["head"][k].clone() for k in self.head}
         self.rounds_merged = int(state["rounds_merged"])
+        self.log = {int(t): {w: (a.clone(), b.clone()) for w, (a, b) in s.items()} for t, s in state["log"].items()}
+        self.log_floor = int(state["log_floor"])
+        self.client_sync = {int(c): int(t) for c, t in state["client_sync"].items()}
 
+    def clients_reset(self) -> None:
+        """The clients restart from the initial model (a host resuming its server only): forget their sync rounds."""
+        self.client_sync.clear()
 
 def strategy_for(cfg: RunConfig, initial: dict[str, Tensor], model: nn.Module) -> tuple[FLoRAStrategy, list[int]]:
     """The server strategy on ``model``'s adapted modules (``W0`` copied from it) and each client's profile index."""
