@@ -31,6 +31,9 @@ setup(
         # FederatedScope's runtime needs (FederatedScope itself is not on the package registry: install its `llm`
         # branch from the repository with --no-deps; see docs/federatedscope.md).
         "fs": ["scipy>=1.10", "pandas>=2", "pympler>=1", "grpcio>=1.50", "protobuf==3.20.3"],
+        # The Flower host (fs-gmfl flower-run, flwr run): Flower's simulation (Ray) and deployment engines. It needs
+        # protobuf 6, FederatedScope protobuf 3: the two hosts never share one environment.
+        "flower": ["flwr[simulation]==1.42.0"],
     },
     entry_points={
         "console_scripts": ["fs-gmfl=fs_gmfl.cli:main"],

@@ -28,6 +28,7 @@ rounds in a row prints one line and exits with code 1.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -82,7 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _flower_host() -> typing.Any:
     """The Flower host's app module (one line and exit 2 when the ``flower`` extra is not installed)."""
     try:
-        from fs_gmfl.hosts.flower import app
+        app = importlib.import_module("fs_gmfl.hosts.flower.app")
     except ImportError as err:
         raise InputError(f"the Flower host needs the flower extra (flwr[simulation]==1.42.0): bash scripts/install.sh "
                          f"--flower, or pip install 'fs_gmfl[flower]' ({err})") from None
@@ -92,8 +93,8 @@ def _flower_host() -> typing.Any:
 def _cmd_flower_run(args: argparse.Namespace) -> int:
     from fs_gmfl.config import load_config
 
-    flower = _flower_host()
     cfg = load_config(args.cfg, args.opts)
+    flower = _flower_host()
     outcome = flower.simulate(flower.RunRequest(cfg, quiet=args.quiet, resume=args.resume, overwrite=args.overwrite))
     if outcome.error is not None:
         if isinstance(outcome.error, KeyboardInterrupt):

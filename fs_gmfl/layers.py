@@ -52,7 +52,7 @@ LAYERS = (
     Layer("config", ("fs_gmfl.config",), "the validated run configuration, the YAML loader, advice, doc tables"),
     Layer("methods", ("fs_gmfl.methods",), "building the method a configuration selects (both hosts use it)"),
     Layer("hosts.common", ("fs_gmfl.hosts.common",),
-          "what both hosts share: data, models, evaluation, sampling, state files, the resource pre-flight"),
+          "what every host shares: data, models, evaluation, sampling, state files, tensor wire checks, the resource pre-flight"),
     Layer("hosts", ("fs_gmfl.hosts", "fs_gmfl.hosts.sim", "fs_gmfl.hosts.fs"),
           "the embedded simulator and the FederatedScope adapter, peers"),
     Layer("hosts.flower", ("fs_gmfl.hosts.flower",),

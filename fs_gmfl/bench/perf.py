@@ -14,15 +14,17 @@ reported as medians with ratios:
 * **threads**: a child process pinned to one CPU training the same steps with
   torch's own default thread count against the count the simulator now
   chooses from the affinity mask (one);
-* **hosts** (when FederatedScope is importable): one YAML that loads in both
-  hosts (``--hosts-cfg``), FederatedScope standalone (which forces one torch
-  thread, fp32) against the simulator with its chosen threads and bf16
-  autocast: seconds per round of the rounds themselves (FederatedScope's own
-  FL time; the simulator's training plus evaluation of rounds 1..R: process
-  start, imports and model loading excluded on both sides) and final test
-  accuracy.
-
-Flower is not part of this benchmark (there is no Flower host yet). Writes
+* **hosts**: one YAML that loads in every host (``--hosts-cfg``), seconds per
+  round of the rounds themselves (training plus evaluation of rounds 1..R;
+  process start, imports, model loading and Flower's Ray start-up excluded) and
+  final test accuracy, at equal settings (fp32; the simulator sequential with
+  one and with two torch threads, Flower's simulation engine with the round's
+  clients trained in parallel, one thread each and folded in client-id order,
+  so its model is bit-identical to the one-thread simulator's) and
+  FederatedScope standalone (which forces one thread; run with
+  ``--fs-python``, the interpreter of its own environment, when FederatedScope
+  is not importable here: Flower and FederatedScope cannot share one).
+  Each host is skipped, and says so, when it is not installed. Writes
 ``results.json`` and ``table.md`` to ``--out``.
 """
 
@@ -67,6 +69,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help=f"comma-separated subset of: {', '.join(BLOCKS)} (hosts is skipped without FederatedScope)")
     p.add_argument("--hosts-cfg", default=str(ROOT / "yaml_configs" / "fs" / "gmfl_fedit_minilm_both_hosts.yaml"))
     p.add_argument("--hosts-rounds", type=positive, default=4)
+    p.add_argument("--fs-python", default="", help="the Python of FederatedScope's environment for the hosts block "
+                   "(default: this one when FederatedScope is importable here, else .fs/venv/bin/python if present)")
     p.add_argument("--out", type=output_dir, default="bench_out/perf")
     p.add_argument("--threads-child", default="", help=argparse.SUPPRESS)
     return p.parse_args(list(argv))
@@ -211,44 +215,100 @@ def threads_block(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- hosts -------------------------------------------------------------------------------------------------------
-def simulator_round_seconds(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """The simulator on ``--hosts-cfg``: its chosen threads, bf16 autocast."""
-    cfg = load_config(args.hosts_cfg, ["federate.total_round_num", str(args.hosts_rounds), "eval.freq",
-                                       str(args.hosts_rounds), "train.autocast", "bfloat16", "outdir",
-                                       str(out / "hosts"), "expname", "sim"])
+def hosts_overrides(args: argparse.Namespace, out: Path, name: str) -> list[str]:
+    """``--hosts-rounds`` rounds, one evaluation at the end, fp32, outputs under ``out/hosts/name``."""
+    return ["federate.total_round_num", str(args.hosts_rounds), "eval.freq", str(args.hosts_rounds),
+            "train.autocast", "none", "outdir", str(out / "hosts"), "expname", name]
+
+
+def rounds_of(summary: dict[str, Any], rounds: int, wall: float) -> dict[str, Any]:
+    """Seconds per round (training + evaluation of rounds 1..R) and the final test accuracy of a summary."""
+    rows = [r for r in summary["per_round"] if r["round"] > 0]
+    fl = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in rows)
+    train = sum(r.get("train_seconds", 0.0) for r in rows)
+    return {"seconds_per_round": fl / rounds, "train_seconds_per_round": train / rounds, "wall_s": wall,
+            "test_acc": summary["final"].get("test_acc")}
+
+
+def simulator_round_seconds(args: argparse.Namespace, out: Path, threads: int) -> dict[str, Any]:
+    """The simulator on ``--hosts-cfg`` in a child process with ``threads`` torch threads, fp32."""
+    name = f"sim_{threads}t"
+    cmd = [sys.executable, "-m", "fs_gmfl", "run", "--cfg", args.hosts_cfg, "--quiet", "--overwrite",
+           *hosts_overrides(args, out, name)]
+    return {**host_child(cmd, out / "hosts" / name, args.hosts_rounds, {"FS_GMFL_THREADS": str(threads)}),
+            "threads": threads}
+
+
+def flower_round_seconds(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Flower's simulation engine on ``--hosts-cfg``: the round's clients in parallel, one thread each, fp32."""
+    name = "flower_parallel"
+    parallel = max(1, os.cpu_count() or 1)
+    cmd = [sys.executable, "-m", "fs_gmfl", "flower-run", "--cfg", args.hosts_cfg, "--quiet", "--overwrite",
+           *hosts_overrides(args, out, name), "flower.max_parallel", str(parallel), "flower.client_threads", "1",
+           "flower.fold_order", "client_id"]
+    return {**host_child(cmd, out / "hosts" / name, args.hosts_rounds, {}), "threads": 1, "parallel": parallel}
+
+
+def host_child(cmd: list[str], run_dir: Path, rounds: int, env: dict[str, str]) -> dict[str, Any]:
+    """Run one host's command in a child process; its per-round figures from ``summary.json``."""
     start = time.perf_counter()
-    summary = Simulation(cfg, quiet=True, overwrite=True).run()
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     wall = time.perf_counter() - start
-    rounds = [r for r in summary["per_round"] if r["round"] > 0]
-    fl = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in rounds)
-    return {"seconds_per_round": fl / args.hosts_rounds, "wall_s": wall, "test_acc": summary["final"].get("test_acc"),
-            "threads": torch.get_num_threads()}
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:5])} failed (exit {result.returncode}): {result.stderr[-1500:]}")
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    return rounds_of(summary, rounds, wall)
 
 
-def federatedscope_round_seconds(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """FederatedScope standalone on ``--hosts-cfg`` (its runner forces one thread; fp32)."""
+def federatedscope_round_seconds(args: argparse.Namespace, out: Path, python: str) -> dict[str, Any]:
+    """FederatedScope standalone on ``--hosts-cfg`` (its runner forces one thread; fp32), with ``python``."""
     from fs_gmfl.bench.fshost import run_federatedscope
 
-    fs_args = argparse.Namespace(cfg=args.hosts_cfg, rounds=args.hosts_rounds, set=[])
+    fs_args = argparse.Namespace(cfg=args.hosts_cfg, rounds=args.hosts_rounds, set=[], python=python)
     result = run_federatedscope(fs_args, out / "hosts")
     return {"seconds_per_round": result["fl_s"] / args.hosts_rounds, "wall_s": result["wall_s"],
             "test_acc": result["test_acc"], "threads": 1}
 
 
-def hosts_block(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
-    """Simulator (threads x bf16) vs FederatedScope standalone, per round, when FederatedScope is importable."""
+def federatedscope_python(args: argparse.Namespace) -> str | None:
+    """The interpreter that can import FederatedScope: ``--fs-python``, this one, or ``.fs/venv/bin/python``."""
+    if args.fs_python:
+        return args.fs_python
     from fs_gmfl.hosts.fs import fs_available
 
-    if not fs_available():
-        progress("perf: hosts block skipped (FederatedScope is not importable in this interpreter)")
-        return None
-    variants = {"FederatedScope standalone (1 thread, fp32)": lambda: federatedscope_round_seconds(args, out),
-                "simulator (chosen threads, bf16 autocast)": lambda: simulator_round_seconds(args, out)}
+    if fs_available():
+        return sys.executable
+    candidate = ROOT / ".fs" / "venv" / "bin" / "python"
+    return str(candidate) if candidate.exists() else None
+
+
+def flower_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flwr") is not None
+
+
+def hosts_block(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
+    """Simulator (1 and 2 threads), Flower (parallel clients) and FederatedScope, per round, side by side."""
+    variants: dict[str, Callable[[], dict[str, Any]]] = {
+        "simulator, sequential (1 thread, fp32)": lambda: simulator_round_seconds(args, out, 1),
+        "simulator, sequential (2 threads, fp32)": lambda: simulator_round_seconds(args, out, 2)}
+    if flower_available():
+        variants["Flower simulation, clients in parallel (1 thread each, fp32)"] = lambda: flower_round_seconds(args,
+                                                                                                               out)
+    else:
+        progress("perf: hosts block without Flower (flwr is not installed: bash scripts/install.sh --flower)")
+    python = federatedscope_python(args)
+    if python:
+        variants["FederatedScope standalone (1 thread, fp32)"] = lambda: federatedscope_round_seconds(args, out,
+                                                                                                      python)
+    else:
+        progress("perf: hosts block without FederatedScope (not importable; --fs-python names its interpreter)")
     runs = interleaved(variants, args.repeats)
     medians = {name: median_of(r, "seconds_per_round") for name, r in runs.items()}
-    names = list(medians)
+    sequential = medians["simulator, sequential (2 threads, fp32)"]
     return {"rounds": args.hosts_rounds, "runs": runs, "median_s_per_round": medians,
-            "speedup_vs_federatedscope": medians[names[0]] / medians[names[1]]}
+            "ratio_to_simulator_2_threads": {name: s / sequential for name, s in medians.items()}}
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -270,11 +330,11 @@ def table(results: dict[str, Any]) -> str:
                      + markdown_table(["variant", "median s", "vs before", "acc", "loss"], rows))
     if results.get("hosts"):
         block = results["hosts"]
-        rows = [[name, f"{s:.2f}", f"{block['runs'][name][-1]['test_acc']}"]
-                for name, s in block["median_s_per_round"].items()]
-        parts.append(f"hosts ({block['rounds']} rounds; simulator speed-up "
-                     f"{block['speedup_vs_federatedscope']:.2f}x)\n\n"
-                     + markdown_table(["variant", "median s / round", "final test acc"], rows))
+        rows = [[name, f"{s:.2f}", f"{block['ratio_to_simulator_2_threads'][name]:.3f}",
+                 f"{block['runs'][name][-1]['test_acc']}"] for name, s in block["median_s_per_round"].items()]
+        parts.append(f"hosts ({block['rounds']} rounds; medians of {len(next(iter(block['runs'].values())))})\n\n"
+                     + markdown_table(["variant", "median s / round", "vs simulator 2 threads", "final test acc"],
+                                      rows))
     if "threads" in results:
         block = results["threads"]
         rows = [[name, f"{s:.2f}"] for name, s in block["median_s"].items()]

@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,27 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
             "init_args": init}
 
 
+class _DropDeprecation(logging.Filter):
+    """Drops Flower's notice that ``run_simulation`` is deprecated in favour of ``flwr run`` (both are offered)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_flower() -> Iterator[None]:
+    """Flower's logger at WARNING (its DEBUG lines otherwise fill the terminal) without the deprecation notice."""
+    flwr_logger = logging.getLogger("flwr")
+    level, dropper = flwr_logger.level, _DropDeprecation()
+    flwr_logger.setLevel(logging.WARNING)
+    flwr_logger.addFilter(dropper)
+    try:
+        yield
+    finally:
+        flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(dropper)
+
+
 def simulate(request: RunRequest) -> Outcome:
     """Run ``request`` on Flower's simulation engine in this process; the outcome (summary or error)."""
     from flwr.simulation import run_simulation
@@ -93,9 +116,12 @@ def simulate(request: RunRequest) -> Outcome:
     check_flower_config(request.cfg)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     outcome = Outcome()
-    run_simulation(server_app=make_server_app(lambda context: request, outcome), client_app=make_client_app(),
-                   num_supernodes=request.cfg.federate.client_num, backend_config=backend_config(request.cfg))
+    with quiet_flower():
+        run_simulation(server_app=make_server_app(lambda context: request, outcome), client_app=make_client_app(),
+                       num_supernodes=request.cfg.federate.client_num, backend_config=backend_config(request.cfg))
     if outcome.summary is None and outcome.error is None:
         outcome.error = RuntimeError("Flower's simulation ended without running the server app (see its log)")
     return outcome
@@ -137,9 +163,10 @@ MODULE = '''\
 """The fs_gmfl server and client apps of this folder's configuration (written by `fs-gmfl flower-app`)."""
 from pathlib import Path
 
-from fs_gmfl.hosts.flower.app import folder_apps
+from fs_gmfl.hosts.flower.app import folder_client_app, folder_server_app
 
-server_app, client_app = folder_apps(Path(__file__).parent)
+server_app = folder_server_app(Path(__file__).parent)
+client_app = folder_client_app()
 '''
 
 
@@ -178,7 +205,15 @@ def request_from_run_config(folder: Path, run_config: dict[str, Any]) -> RunRequ
     return RunRequest(load_config(cfg_path, words), quiet=True, **flags)
 
 
-def folder_apps(folder: Path) -> tuple[Any, Any]:
-    """The ServerApp and ClientApp of a generated app folder."""
-    return (make_server_app(lambda context: request_from_run_config(folder, dict(context.run_config))),
-            make_client_app())
+def folder_server_app(folder: Path) -> Any:
+    """The ServerApp of a generated app folder: the folder's YAML with the run config's overrides.
+
+    (Flower checks an app's components by reading the module's syntax: each
+    must be a plain ``name = ...`` assignment, hence one function per app.)
+    """
+    return make_server_app(lambda context: request_from_run_config(folder, dict(context.run_config)))
+
+
+def folder_client_app() -> Any:
+    """The ClientApp of a generated app folder (the configuration comes with every downlink)."""
+    return make_client_app()

@@ -63,6 +63,7 @@ class NodeDirectory:
         self.client_num = client_num
         self.on_replaced = on_replaced
         self.node_of: dict[int, int] = {}
+        self.left: dict[int, int] = {}  # client id -> the node that held it and left the Grid
         self.asked: set[int] = set()
 
     def refresh(self) -> None:
@@ -70,7 +71,7 @@ class NodeDirectory:
         live = set(self.grid.get_node_ids())
         for cid, node in list(self.node_of.items()):
             if node not in live:
-                del self.node_of[cid]
+                self.left[cid] = self.node_of.pop(cid)
                 logger.warning("flower: the node of client %d (node %d) left", cid, node)
         new = sorted(live - self.asked)
         if new:
@@ -109,7 +110,7 @@ class NodeDirectory:
             logger.warning("flower: node %d holds partition %d of %d, but federate.client_num is %d; ignored", node,
                            pid, partitions, self.client_num)
             return
-        previous = self.node_of.get(pid)
+        previous = self.node_of.get(pid, self.left.pop(pid, None))
         self.node_of[pid] = node
         if previous is not None and previous != node:
             logger.warning("flower: client %d is now on node %d (was node %d)", pid, node, previous)
@@ -273,7 +274,8 @@ class FlowerRun(Simulation):
         for cid, reason in sorted(self.transport.malformed.items()):
             logger.warning("round %d: update of client %d rejected: %s", rnd, cid, reason)
             self.rejections["malformed"] = self.rejections.get("malformed", 0) + 1
-        if self.transport.malformed:
+        if self.transport.malformed:  # they arrived, and were rejected before reaching the strategy
+            row["replies"] = row.get("replies", 0) + len(self.transport.malformed)
             row["rejected"] = row.get("rejected", 0) + len(self.transport.malformed)
         if self.transport.lost:
             for cid, reason in sorted(self.transport.lost.items()):
@@ -287,8 +289,8 @@ class FlowerRun(Simulation):
 
 def check_flower_config(cfg: RunConfig) -> None:
     """Refuse what the Flower host cannot run (one line each)."""
-    if cfg.faults.active:
-        raise ConfigError("faults", "active", "inactive on the Flower host: its faults are real (a node that dies or "
+    if cfg.faults.active or cfg.faults.nan_clients:
+        raise ConfigError("faults", "set", "inactive on the Flower host: its faults are real (a node that dies or "
                           "stays silent past flower.round_timeout_s costs its reply); faults.* simulates them in "
                           "fs-gmfl run")
     if cfg.gmfl.use and cfg.gmfl.downlink == "stateful_sync":
