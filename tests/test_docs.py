@@ -28,7 +28,7 @@ bash scripts/install.sh && .venv/bin/fs-gmfl run --cfg yaml_configs/quickstart.y
 Set up a fresh machine and run the tests:
 
 ```bash
-bash scripts/install.sh && .venv/bin/python -m pytest
+bash scripts/install.sh --flower && .venv/bin/python -m pytest && .venv/bin/python -m pytest -m slow tests/test_flower_deployment.py
 ```
 """
 
@@ -90,7 +90,7 @@ def test_readme_links_every_method_page_and_the_guides():
         assert f"docs/methods/{method}.md" in targets
     for page in ("docs/methods/baselines.md", "docs/federatedscope.md", "docs/configuration.md", "docs/outputs.md",
                  "docs/llm_data.md", "BENCHMARKS.md", "RELIABILITY.md", "docs/adding_a_method.md",
-                 "docs/architecture.md"):
+                 "docs/architecture.md", "docs/flower.md"):
         assert page in targets, f"README.md does not link {page}"
 
 
