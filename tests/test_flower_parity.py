@@ -52,9 +52,37 @@ def runs(tmp_path_factory):
     return sim, outcomes
 
 
+#: causal language modelling (tiny Llama, FederatedScope-LLM records, exact-match and loss evaluation).
+CAUSAL_CASES = registered_cases(adjust={"fedkrso": ["fedkrso.num_seeds", "2", "fedkrso.interval", "2"]})
+
+
+@pytest.fixture(scope="module")
+def causal_runs(tmp_path_factory):
+    """Every registered method as a causal LM on the simulator and on Flower (one Flower simulation)."""
+    from test_causal_lm import causal_config
+
+    common = ["flower.fold_order", "client_id", "flower.client_threads", "1", "eval.freq", "1"]
+    sim = {}
+    for name, overrides in CAUSAL_CASES.items():
+        sim[name] = Simulation(causal_config(tmp_path_factory.mktemp(f"sim_{name}"), *overrides, *common), quiet=True)
+        sim[name].run()
+    configs = [causal_config(tmp_path_factory.mktemp(f"flower_{name}"), *overrides, *common)
+               for name, overrides in CAUSAL_CASES.items()]
+    return sim, dict(zip(CAUSAL_CASES, simulate_many(configs)))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_rounds_on_flower_equal_the_simulator(runs, case):
-    sim, outcomes = runs
+    check_parity(*runs, case)
+
+
+@pytest.mark.parametrize("case", list(CAUSAL_CASES))
+def test_causal_lm_on_flower_equals_the_simulator(causal_runs, case):
+    check_parity(*causal_runs, case)
+    assert "test_exact_match" in summary_of(causal_runs[1][case].run)["final"]
+
+
+def check_parity(sim, outcomes, case):
     outcome = outcomes[case]
     assert outcome.error is None, repr(outcome.error)
     ours, theirs = sim[case].method.strategy.global_adapter(), outcome.run.method.strategy.global_adapter()
