@@ -24,7 +24,8 @@ def quick_results(tmp_path_factory):
 
 def test_quick_runs_every_method_and_writes_outputs(quick_results):
     out, results = quick_results
-    assert list(results["runs"]) == ["FedIT", "FedIT+GMFL", "FFA-LoRA", "ITALoRA", "IFALoRA"]
+    assert list(results["runs"]) == ["FedIT", "FedIT+GMFL", "FFA-LoRA", "ITALoRA", "IFALoRA", "FedEx-LoRA",
+                                     "FedEx-LoRA+GMFL", "LoRA-A2", "LoRA-A2+GMFL", "FLoRA (hetero r)"]
     for name in ("table.md", "llm_bench.png", "llm_bench_loss.png"):
         assert (out / name).stat().st_size > 0
     table = (out / "table.md").read_text(encoding="utf-8")
@@ -48,6 +49,20 @@ def test_uplink_payload_matches_the_hand_count(quick_results):
     per_component = FULL_UPLOAD // 8
     assert payload["ITALoRA"] == ROUNDS * (2 + 4 + 8) * per_component  # truncation to r 2, 4, 8
     assert payload["IFALoRA"] == ROUNDS * (2 + 4 + 8) * per_component  # freezing 75 %, 50 %, 0 % of 8
+    assert payload["FedEx-LoRA"] == payload["FedIT"]  # its residual travels down only
+    assert payload["FedEx-LoRA+GMFL"] == payload["FedIT"]
+    assert payload["LoRA-A2"] == ROUNDS * CLIENTS * FULL_UPLOAD // 2  # B in round 1, A in round 2
+    assert payload["FLoRA (hetero r)"] == ROUNDS * (2 + 4 + 8) * per_component  # fresh modules of rank 2, 4, 8
+
+
+def test_method_subset_and_run_names():
+    from fs_gmfl.bench.llm import parse_args, run_name
+
+    args = parse_args(["--methods", "FLoRA (hetero r), LoRA-A2+GMFL,FedIT"])
+    assert args.methods == ["FLoRA (hetero r)", "LoRA-A2+GMFL", "FedIT"]
+    assert [run_name(m, 1) for m in args.methods] == ["flora_hetero_r_s1", "loraa2_gmfl_s1", "fedit_s1"]
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "FLoRA"])
 
 
 def test_each_run_reports_its_own_process_memory_and_eval_cost(quick_results):

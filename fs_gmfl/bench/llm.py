@@ -5,8 +5,10 @@ of the OpenAI evals registry (``data.type: evals_math``, the task as
 ``category``), split over the clients by a Dirichlet over categories (or
 ``meta``). Methods: FedIT, FedIT + GMFL, FFA-LoRA, ITALoRA and IFALoRA (HAFL
 with the paper's three client profiles, 33/33/34 % at 1/4, 1/2 and all of
-r_max). Seeds run method after method (interleaved), so slow phases of a
-shared machine spread over every method.
+r_max), FedEx-LoRA and LoRA-A2 each with and without GMFL, and FLoRA with
+HAFL's rank profiles as its heterogeneous client ranks. Seeds run method
+after method (interleaved), so slow phases of a shared machine spread over
+every method.
 
 Reported per method (mean ± std over seeds): exact match and response-token
 loss of the base model (round 0, the same for every method of a seed) and at
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import shutil
 import statistics
 import time
@@ -45,11 +48,16 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "yaml_configs" / "llm"
 BASE_CONFIG = CONFIG_DIR / "smollm2_fedit.yaml"
 
 
+def rank_profiles(r_max: int) -> str:
+    """HAFL's paper profiles by rank: a third of the clients each at r_max/4, r_max/2 and r_max."""
+    return (f"[{{share: 0.33, rank: {max(1, r_max // 4)}}}, {{share: 0.33, rank: {max(1, r_max // 2)}}}, "
+            f"{{share: 0.34, rank: {r_max}}}]")
+
+
 def hafl_overrides(scheme: str, r_max: int) -> list[str]:
     """HAFL with the paper's profiles: a third each at r_max/4, r_max/2 and r_max components."""
     if scheme == "truncation":
-        profiles = (f"[{{share: 0.33, rank: {max(1, r_max // 4)}}}, {{share: 0.33, rank: {max(1, r_max // 2)}}}, "
-                    f"{{share: 0.34, rank: {r_max}}}]")
+        profiles = rank_profiles(r_max)
     else:
         profiles = ("[{share: 0.33, freeze_ratio: 0.75}, {share: 0.33, freeze_ratio: 0.5}, "
                     "{share: 0.34, freeze_ratio: 0.0}]")
@@ -58,20 +66,37 @@ def hafl_overrides(scheme: str, r_max: int) -> list[str]:
 
 
 #: the benchmarked methods, in table order (see :func:`method_overrides`).
-METHODS = ("FedIT", "FedIT+GMFL", "FFA-LoRA", "ITALoRA", "IFALoRA")
+METHODS = ("FedIT", "FedIT+GMFL", "FFA-LoRA", "ITALoRA", "IFALoRA", "FedEx-LoRA", "FedEx-LoRA+GMFL", "LoRA-A2",
+           "LoRA-A2+GMFL", "FLoRA (hetero r)")
 #: what ``--quick`` sets besides the tiny model and data (options given explicitly keep their values).
 QUICK = {"seeds": "0", "timing_steps": "2", "timing_repeats": "2"}
 
 
 def method_overrides(r_max: int, gmfl_period: int) -> dict[str, list[str]]:
-    """Each benchmarked method as overrides of the base configuration."""
+    """Each benchmarked method as overrides of the base configuration.
+
+    GMFL over a base refreshes every ``gmfl_period`` rounds (LoRA-A2 + GMFL re-masks every round and uses the
+    period in its ratio schedule, docs/methods/lora_a2.md); FLoRA's clients train HAFL's rank profiles.
+    """
+    gmfl = ["gmfl.use", "True", "gmfl.period", str(gmfl_period)]
     return {
         "FedIT": ["federate.method", "fedit"],
-        "FedIT+GMFL": ["federate.method", "fedit", "gmfl.use", "True", "gmfl.period", str(gmfl_period)],
+        "FedIT+GMFL": ["federate.method", "fedit", *gmfl],
         "FFA-LoRA": ["federate.method", "ffa_lora"],
         "ITALoRA": hafl_overrides("truncation", r_max),
         "IFALoRA": hafl_overrides("freezing", r_max),
+        "FedEx-LoRA": ["federate.method", "fedex_lora"],
+        "FedEx-LoRA+GMFL": ["federate.method", "fedex_lora", *gmfl],
+        "LoRA-A2": ["federate.method", "lora_a2"],
+        "LoRA-A2+GMFL": ["federate.method", "lora_a2", *gmfl],
+        "FLoRA (hetero r)": ["federate.method", "flora", "flora.profiles", rank_profiles(r_max)],
     }
+
+
+def run_name(method: str, seed: int) -> str:
+    """A run directory name for ``method`` and ``seed`` (``fedit_gmfl_s0``, ``flora_hetero_r_s1``)."""
+    stem = re.sub(r"[^a-z0-9_]+", "_", method.lower().replace("+", "_").replace("-", "")).strip("_")
+    return f"{stem}_s{seed}"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -151,8 +176,7 @@ def planned_runs(args: argparse.Namespace, overrides: list[str], r_max: int) -> 
     plan = []
     for seed in args.seeds:
         for method in args.methods:
-            name = f"{method.lower().replace('+', '_').replace('-', '')}_s{seed}"
-            words = [*overrides, *methods[method], "seed", str(seed), "expname", name]
+            words = [*overrides, *methods[method], "seed", str(seed), "expname", run_name(method, seed)]
             plan.append((method, seed, load_config(BASE_CONFIG, words), words))
     return plan
 
