@@ -9,10 +9,12 @@ process whose environment names that directory: Flower starts ``flower-superexec
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +33,10 @@ class Deployment:
     def __init__(self, root: Path, partitions: int) -> None:
         self.root = root
         self.partitions = partitions
-        self.env = {**os.environ, "HOME": str(root), "FLWR_HOME": str(root / ".flwr"), "RAY_TMPDIR": str(root),
-                    "TMPDIR": str(root), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # Ray puts unix sockets under its temp dir, whose paths may not exceed 107 bytes: a short directory of its own
+        self.ray_dir = tempfile.mkdtemp(prefix="fsgr-", dir="/tmp")
+        self.env = {**os.environ, "HOME": str(root), "FLWR_HOME": str(root / ".flwr"), "RAY_TMPDIR": self.ray_dir,
+                    "TMPDIR": self.ray_dir, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
                     "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FS_GMFL_THREADS": "1",
                     "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -119,6 +123,7 @@ class Deployment:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:  # pragma: no cover
                     pass
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
 
     def __enter__(self) -> Deployment:
         return self

@@ -109,3 +109,21 @@ def test_stopped_server_resumes_from_its_checkpoint(tmp_path):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     done = summary(tmp_path, "resumed")
     assert done["rounds"] == 4 and [row["round"] for row in done["per_round"]] == [0, 1, 2, 3, 4]
+
+
+def test_flwr_run_on_the_local_simulation_federation(tmp_path):
+    """``flwr run APP`` with no federation: Flower's local simulation (2 SuperNodes by default), to the end."""
+    app = write_app(tmp_path, "local", "gmfl.use", "False", "federate.total_round_num", "2")
+    with Deployment(tmp_path, partitions=2) as deployment:
+        (tmp_path / ".flwr" / "config.toml").unlink()  # Flower writes its default: the local simulation federation
+        args = [str(Path(deployment.env["PATH"].split(os.pathsep)[0]) / "flwr"), "run", str(app), "--stream"]
+        import subprocess
+
+        result = subprocess.run(args, env=deployment.env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        (tmp_path / "flwr_run.log").write_text(result.stdout + result.stderr)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        # the log stream may end before the run does (seen under load): the run itself must finish
+        finished = tmp_path / "out" / "local" / "summary.json"
+        wait_for(finished.exists, 300, f"the run to finish; flwr run said: {result.stdout[-1500:]}")
+    done = summary(tmp_path, "local")
+    assert done["rounds"] == 2 and [row["replies"] for row in done["per_round"][1:]] == [2, 2]

@@ -25,7 +25,7 @@ CASES = registered_cases(
     adjust={"fedkrso": ["fedkrso.num_seeds", "2", "fedkrso.interval", "1"],
             "hafl": ["hafl.scheme", "truncation", "hafl.profiles", "[{clients: [0], rank: 2}, {clients: [1], rank: 8}]"]},
     variants={"gmfl_fedit": ["gmfl.use", "True", "gmfl.period", "1", "gmfl.c", "0.5"]})
-SMALL = ["federate.client_num", "2", "federate.sample_client_num", "2", "federate.total_round_num", "1",
+SMALL = ["data.splits", "[0.9, 0.05, 0.05]", "federate.client_num", "2", "federate.sample_client_num", "2", "federate.total_round_num", "1",
          "train.local_update_steps", "1", "dataloader.batch_size", "2", "llm.tok_len", "64", "eval.freq", "1",
          "eval.generation_rows", "4", "eval.max_new_tokens", "4", "eval.batch_size", "4",
          "flower.fold_order", "client_id", "flower.client_threads", "1"]

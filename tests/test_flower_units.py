@@ -229,6 +229,24 @@ def test_client_id_order_holds_early_replies(run_identity, tiny):
     assert [r.client_id for r in transport.replies(1, downlinks())] == [2, 0, 1]
 
 
+def test_reply_from_another_node_is_refused(run_identity, tiny):
+    """Replies are matched by message id and checked against the sampled client's node: a node cannot answer for
+    a client it does not hold (or for one the round did not sample: it never received that client's message)."""
+    grid = FakeGrid({11: (0, 3), 12: (1, 3), 13: (2, 3)})
+    transport, _ = transport_for(grid, tiny)
+    answer = grid.answer
+
+    def impostor(mid, node, message):
+        reply = answer(mid, node, message)
+        if node == 12:
+            reply.metadata.src_node_id = 13
+        return reply
+
+    grid.answer = impostor
+    assert [r.client_id for r in transport.replies(1, downlinks())] == [0, 2]
+    assert transport.malformed == {1: "reply from node 13, not the client's node"}
+
+
 def test_client_without_node_is_lost_without_sending(run_identity, tiny):
     grid = FakeGrid({11: (0, 3), 13: (2, 3)})
     transport, _ = transport_for(grid, tiny)
@@ -263,6 +281,8 @@ def test_what_the_flower_host_refuses(tiny):
 
     with pytest.raises(ConfigError, match="faults"):
         check_flower_config(tiny("faults.nan_clients", "[1]"))
+    with pytest.raises(ConfigError, match="flower.ray_temp_dir"):
+        check_flower_config(tiny("flower.ray_temp_dir", "/tmp/" + "x" * 40))
     with pytest.raises(ConfigError, match="stateful_sync"):
         check_flower_config(tiny("gmfl.use", "True", "gmfl.downlink", "stateful_sync"))
 

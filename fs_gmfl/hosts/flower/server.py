@@ -22,6 +22,7 @@ its partition at the next round.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: seconds between two polls of the Grid for replies.
 POLL_S = 0.05
+#: longest absolute ``flower.ray_temp_dir``: Ray adds ~62 characters of session and socket names, unix sockets allow 107.
+MAX_RAY_DIR = 40
 #: seconds a new node has to answer the server's partition query.
 QUERY_TIMEOUT_S = 60.0
 
@@ -293,6 +296,11 @@ def check_flower_config(cfg: RunConfig) -> None:
         raise ConfigError("faults", "set", "inactive on the Flower host: its faults are real (a node that dies or "
                           "stays silent past flower.round_timeout_s costs its reply); faults.* simulates them in "
                           "fs-gmfl run")
+    ray_dir = os.path.abspath(cfg.flower.ray_temp_dir) if cfg.flower.ray_temp_dir else ""
+    if len(ray_dir) > MAX_RAY_DIR:
+        raise ConfigError("flower.ray_temp_dir", cfg.flower.ray_temp_dir, f"a directory of at most {MAX_RAY_DIR} "
+                          "characters as an absolute path (Ray puts unix sockets under it, and their paths may not "
+                          "exceed 107 bytes)")
     if cfg.gmfl.use and cfg.gmfl.downlink == "stateful_sync":
         raise ConfigError("gmfl.downlink", "stateful_sync", "'stateless' on the Flower host: a node that restarts "
                           "loses the adapter it cached, and the server cannot tell")
