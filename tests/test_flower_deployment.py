@@ -42,6 +42,22 @@ def summary(root: Path, name: str) -> dict:
     return json.loads((root / "out" / name / "summary.json").read_text())
 
 
+def evaluated_rounds(app: Path) -> int:
+    """Rounds evaluated so far by the run of ``app`` (round 0 not counted)."""
+    log = app.parent / "out" / app.name / "eval_results.log"
+    return len(log.read_text().splitlines()) - 1 if log.exists() else 0
+
+
+def start_and_wait_for_round(deployment: Deployment, app: Path, rnd: int):
+    """SuperLink, one SuperNode per partition, ``flwr run`` in the background; return once round ``rnd`` is in."""
+    deployment.start_superlink()
+    for partition in range(deployment.partitions):
+        deployment.start_node(partition)
+    run = deployment.flwr_run_background(app)
+    wait_for(lambda: evaluated_rounds(app) >= rnd, 300, f"round {rnd}")
+    return run
+
+
 def test_gmfl_and_hafl_run_to_the_end_on_a_deployment(tmp_path):
     gmfl = write_app(tmp_path, "gmfl", "federate.total_round_num", "3", "gmfl.use", "True", "gmfl.period", "1",
                      "gmfl.c", "0.5")
@@ -68,15 +84,10 @@ def test_killed_supernode_costs_its_replies_and_rejoins_after_a_restart(tmp_path
     # 2-core machine), so the deadline leaves room for that; the SuperLink reports a dead node after ~55 s
     app = write_app(tmp_path, "fedit", "gmfl.use", "False", "federate.total_round_num", "6",
                     "flower.round_timeout_s", "120")
-    eval_log = tmp_path / "out" / "fedit" / "eval_results.log"
     with Deployment(tmp_path, partitions=2) as deployment:
-        deployment.start_superlink()
-        for partition in (0, 1):
-            deployment.start_node(partition)
-        run = deployment.flwr_run_background(app)
-        wait_for(lambda: eval_log.exists() and len(eval_log.read_text().splitlines()) >= 2, 300, "round 1")
+        run = start_and_wait_for_round(deployment, app, 1)
         deployment.kill_node(1)
-        wait_for(lambda: len(eval_log.read_text().splitlines()) >= 4, 300, "two more rounds")
+        wait_for(lambda: evaluated_rounds(app) >= 3, 300, "two more rounds")
         deployment.start_node(1)
         assert run.wait(timeout=600) == 0
     done = summary(tmp_path, "fedit")
@@ -91,13 +102,8 @@ def test_killed_supernode_costs_its_replies_and_rejoins_after_a_restart(tmp_path
 def test_stopped_server_resumes_from_its_checkpoint(tmp_path):
     app = write_app(tmp_path, "resumed", "gmfl.use", "False", "federate.total_round_num", "4",
                     "federate.save_freq", "1")
-    eval_log = tmp_path / "out" / "resumed" / "eval_results.log"
     with Deployment(tmp_path, partitions=2) as deployment:
-        deployment.start_superlink()
-        for partition in (0, 1):
-            deployment.start_node(partition)
-        run = deployment.flwr_run_background(app)
-        wait_for(lambda: eval_log.exists() and len(eval_log.read_text().splitlines()) >= 3, 300, "round 2")
+        run = start_and_wait_for_round(deployment, app, 2)
         serverapps = [pid for pid in deployment._our_pids() if b"flwr-serverapp" in
                       Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert serverapps
