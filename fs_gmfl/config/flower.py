@@ -45,8 +45,10 @@ class FlowerConfig:
         "the round (logged, listed in summary.json) and the replies that arrived are aggregated.", gt=0.0,
         inferred=True)
     node_wait_s: float = opt(
-        120.0, "Seconds the server waits at the start for the nodes of every partition (federate.client_num) to "
-        "connect; it then starts with those that did (at least one, else exit 1). Nodes may connect later.",
+        600.0, "Seconds the server waits at the start for the nodes of every partition (federate.client_num) to "
+        "connect and say which partition they hold (a node's first client process imports torch and may take a "
+        "minute on a loaded machine); it then starts with those that did (at least one, else exit 1). Nodes may "
+        "connect later.",
         gt=0.0, inferred=True)
     ray_temp_dir: str = opt(
         "", "Directory for Ray's session files in fs-gmfl flower-run ('' : Ray's default under the system temp "

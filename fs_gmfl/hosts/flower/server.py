@@ -46,8 +46,6 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.05
 #: longest absolute ``flower.ray_temp_dir``: Ray adds ~62 characters of session and socket names, unix sockets allow 107.
 MAX_RAY_DIR = 40
-#: seconds a new node has to answer the server's partition query.
-QUERY_TIMEOUT_S = 60.0
 
 
 class NodeDirectory:
@@ -68,40 +66,40 @@ class NodeDirectory:
         self.node_of: dict[int, int] = {}
         self.left: dict[int, int] = {}  # client id -> the node that held it and left the Grid
         self.asked: set[int] = set()
+        self.pending: dict[str, int] = {}  # message id of an unanswered partition query -> node
 
     def refresh(self) -> None:
-        """Forget nodes that left the Grid and ask new ones for their partition."""
+        """Forget nodes that left the Grid, ask new ones for their partition, register the answers that came.
+
+        Never blocks: a node that has not answered yet (its client app is
+        still starting) stays pending and is registered at a later refresh.
+        """
         live = set(self.grid.get_node_ids())
         for cid, node in list(self.node_of.items()):
             if node not in live:
                 self.left[cid] = self.node_of.pop(cid)
                 logger.warning("flower: the node of client %d (node %d) left", cid, node)
+        self.pending = {mid: node for mid, node in self.pending.items() if node in live}
+        self.asked &= live
         new = sorted(live - self.asked)
         if new:
             self._ask(new)
+        if self.pending:
+            for reply in self.grid.pull_messages(list(self.pending)):
+                node = self.pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    self._register(node, reply)
 
     def _ask(self, nodes: list[int]) -> None:
         messages = [FlowerMessage(RecordDict({CONFIG: ConfigRecord({"ask": "partition"})}), dst_node_id=node,
                                   message_type="query") for node in nodes]
-        pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), nodes) if mid}
+        self.pending.update({mid: node for mid, node in zip(self.grid.push_messages(messages), nodes) if mid})
         self.asked.update(nodes)
-        deadline = time.monotonic() + QUERY_TIMEOUT_S
-        while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(pending)):
-                node = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node is not None:
-                    self._register(node, reply)
-            if pending:
-                time.sleep(POLL_S)
-        for node in pending.values():
-            self.asked.discard(node)  # asked again at the next refresh
-            logger.warning("flower: node %d did not say which partition it holds within %.0f s", node,
-                           QUERY_TIMEOUT_S)
 
     def _register(self, node: int, reply: FlowerMessage) -> None:
         if reply.has_error():
             logger.warning("flower: node %d could not say which partition it holds: %s", node, reply.error.reason)
-            self.asked.discard(node)
+            self.asked.discard(node)  # asked again at the next refresh
             return
         try:
             config = reply.content[CONFIG]
@@ -127,7 +125,7 @@ class NodeDirectory:
             self.refresh()
             if len(self.node_of) == self.client_num or time.monotonic() >= deadline:
                 break
-            time.sleep(0.5)
+            time.sleep(POLL_S * 4)
         missing = sorted(set(range(self.client_num)) - set(self.node_of))
         if len(missing) == self.client_num:
             raise RunStopped(f"no Flower node holding a partition of federate.client_num = {self.client_num} "
