@@ -14,12 +14,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("method", ["fedit", "hafl"])
 @pytest.mark.parametrize("feed", ["streamed", "listed"])
 def test_one_measurement_accepts_every_uplink_and_reports_memory_and_time(capsys, method, feed):
-    """Six uplinks of a 2-layer adapter: all accepted (else the child exits), RSS and seconds reported."""
+    """Six uplinks of a 2-layer adapter: all accepted (else the child exits), RSS, seconds and CPU seconds reported."""
     assert main(["--quick", "--child", f"{method},6,{feed}"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["method"], result["clients"], result["feed"]) == (method, 6, feed)
     assert result["peak_rss_bytes"] >= result["rss_before_bytes"] > 0
     assert result["aggregate_s"] > 0 and result["make_uplinks_s"] > 0
+    assert result["aggregate_cpu_s"] > 0 and result["per_uplink_cpu_ms"] == result["aggregate_cpu_s"] / 6 * 1000
 
 
 def test_the_default_shapes_are_llama_7b_q_v_at_rank_16():

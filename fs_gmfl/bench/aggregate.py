@@ -9,7 +9,8 @@ reports the process's resident set size just before the aggregation, its
 peak during the aggregation (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``; the process's lifetime peak ``ru_maxrss`` is kept
 in ``results.json`` too) and the aggregation's seconds (making the uplinks
-excluded, timed apart).
+excluded, timed apart): wall-clock and the process's CPU time (user + system,
+``time.process_time``), which a busy machine inflates far less.
 
 Two ways of feeding the same replies:
 
@@ -133,7 +134,7 @@ def open_round(method: str, strategy: Any, clients: int) -> None:
 class UplinkMaker:
     """Makes client ``c``'s uplink: the global adapter moved by a small client-specific step (fresh tensors).
 
-    Timed separately (``seconds``) so that the aggregation's time excludes it.
+    Timed separately (``seconds`` wall-clock, ``cpu_seconds`` CPU) so that the aggregation's time excludes it.
     """
 
     def __init__(self, method: str, strategy: Strategy, initial: dict[str, torch.Tensor]) -> None:
@@ -141,10 +142,10 @@ class UplinkMaker:
         self.method, self.strategy = method, strategy
         self.initial = initial
         self.step = {k: torch.randn(v.shape, generator=g) * 1e-3 for k, v in initial.items()}
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
 
     def __call__(self, cid: int) -> Reply:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         scale = 1.0 + (cid % 7) / 7
         tensors = {k: v + self.step[k] * scale for k, v in self.initial.items()}
         samples = 100 + cid % 13
@@ -157,6 +158,7 @@ class UplinkMaker:
         else:
             message = Message(tensors, {"num_samples": samples_tensor(samples)})
         self.seconds += time.perf_counter() - start
+        self.cpu_seconds += time.process_time() - cpu_start
         return Reply(cid, message)
 
 
@@ -177,17 +179,18 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     reset_peak_rss()
     rss_before = proc_status_bytes("VmRSS")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     replies = [make(c) for c in range(n)] if feed == "listed" else streamed(make, n)
     report = strategy.aggregate(1, replies)
-    total = time.perf_counter() - start
+    total, cpu_total = time.perf_counter() - start, time.process_time() - cpu_start
     peak = proc_status_bytes("VmHWM")
     if len(report.accepted) != n:
         raise SystemExit(f"only {len(report.accepted)} of {n} uplinks accepted: {report.rejected}")
-    seconds = total - make.seconds
+    seconds, cpu_seconds = total - make.seconds, cpu_total - make.cpu_seconds
     return {"method": method, "clients": n, "feed": feed, "peak_rss_bytes": peak, "rss_before_bytes": rss_before,
             "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "aggregate_s": seconds, "per_uplink_ms": seconds / n * 1000, "make_uplinks_s": make.seconds}
+            "aggregate_s": seconds, "per_uplink_ms": seconds / n * 1000, "make_uplinks_s": make.seconds,
+            "aggregate_cpu_s": cpu_seconds, "per_uplink_cpu_ms": cpu_seconds / n * 1000}
 
 
 def reset_peak_rss() -> None:
@@ -227,7 +230,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, str]]:
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     med = {key: statistics.median(r[key] for r in runs)
-           for key in ("peak_rss_bytes", "rss_before_bytes", "aggregate_s", "per_uplink_ms")}
+           for key in ("peak_rss_bytes", "rss_before_bytes", "aggregate_s", "per_uplink_ms", "aggregate_cpu_s",
+                       "per_uplink_cpu_ms")}
     med["aggregation_rss_bytes"] = statistics.median(r["peak_rss_bytes"] - r["rss_before_bytes"] for r in runs)
     return {**med, "repeats": len(runs)}
 
@@ -238,9 +242,9 @@ def table(results: dict[str, Any]) -> str:
         s = item["median"]
         rows.append([item["method"], item["feed"], item["clients"], f"{s['peak_rss_bytes'] / MIB:.0f}",
                      f"{s['aggregation_rss_bytes'] / MIB:.0f}", f"{s['aggregate_s']:.2f}", f"{s['per_uplink_ms']:.0f}",
-                     s["repeats"]])
+                     f"{s['aggregate_cpu_s']:.2f}", f"{s['per_uplink_cpu_ms']:.0f}", s["repeats"]])
     header = ["method", "feed", "N", "peak RSS MiB", "growth in aggregate MiB", "aggregate s", "ms / uplink",
-              "runs"]
+              "aggregate CPU s", "CPU ms / uplink", "runs"]
     mb = results["uplink_bytes"] / 1e6
     return (f"{results['layers']} layers x q_proj, v_proj, hidden {results['hidden']}, LoRA r={results['rank']}, "
             f"fp32: {mb:.1f} MB per uplink\n\n" + markdown_table(header, rows))
