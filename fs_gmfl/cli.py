@@ -97,10 +97,8 @@ def _cmd_flower_run(args: argparse.Namespace) -> int:
     flower = _flower_host()
     outcome = flower.simulate(flower.RunRequest(cfg, quiet=args.quiet, resume=args.resume, overwrite=args.overwrite))
     if outcome.error is not None:
-        if isinstance(outcome.error, KeyboardInterrupt):
-            raise outcome.error
-        if isinstance(outcome.error, FsGmflError):
-            raise outcome.error
+        if isinstance(outcome.error, (KeyboardInterrupt, FsGmflError)):
+            raise outcome.error  # main() turns these into one line and their exit code
         raise RuntimeError(f"the Flower server app failed: {outcome.error!r}") from outcome.error
     return 0
 
