@@ -191,6 +191,61 @@ def test_no_node_at_all_stops_the_run(run_identity):
         NodeDirectory(FakeGrid({}), 2).wait_for_all(0.01)
 
 
+def test_queries_carry_the_configuration_only_when_asked_to(run_identity):
+    from fs_gmfl.hosts.flower.client import CFG_DIGEST, CFG_TEXT
+    from fs_gmfl.hosts.flower.server import NodeDirectory
+
+    grid = FakeGrid({11: (0, 2), 12: (1, 2)})
+    NodeDirectory(grid, 2).refresh()
+    assert [dict(m.content["config"]) for m in grid.pushed] == [{"ask": "partition"}] * 2
+    NodeDirectory(grid, 2, prepare={CFG_TEXT: "seed: 3\n", CFG_DIGEST: "abc"}).refresh()
+    assert [dict(m.content["config"]) for m in grid.pushed[2:]] == [
+        {"ask": "partition", CFG_TEXT: "seed: 3\n", CFG_DIGEST: "abc"}] * 2
+
+
+def test_only_the_simulation_engine_grid_gets_prepared_clients():
+    """Its grid class is what the server checks: a rename in Flower must fail here, not silently stop preparing."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from fs_gmfl.hosts.flower.server import clients_outlive_messages
+
+    assert clients_outlive_messages(object.__new__(InMemoryGrid))
+    assert not clients_outlive_messages(FakeGrid({}))
+
+
+def query_of(config: dict, partition: int = 1):
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.app import Message as FlowerMessage
+
+    from fs_gmfl.hosts.flower.client import query_message
+
+    context = Context(run_id=7, node_id=3, node_config={"partition-id": partition, "num-partitions": 2},
+                      state=RecordDict(), run_config={})
+    message = FlowerMessage(RecordDict({"config": ConfigRecord(config)}), dst_node_id=3, message_type="query")
+    return dict(query_message(message, context).content["config"])
+
+
+def test_a_query_with_the_configuration_builds_the_runtime_once(run_identity, monkeypatch):
+    from fs_gmfl.hosts.flower import client as flower_client
+
+    built = []
+    monkeypatch.setattr(flower_client, "_RUNTIMES", {})
+    monkeypatch.setattr(flower_client.ClientRuntime, "build", classmethod(lambda cls, cfg: built.append(cfg) or "rt"))
+    text = "seed: 3\n"
+    asked = {"ask": "partition", flower_client.CFG_TEXT: text, flower_client.CFG_DIGEST: flower_client.config_digest(text)}
+    assert query_of({"ask": "partition"}) == {"partition-id": 1, "num-partitions": 2} and built == []
+    assert query_of(asked) == query_of(asked) == {"partition-id": 1, "num-partitions": 2}
+    assert len(built) == 1 and built[0].seed == 3 and flower_client._RUNTIMES == {asked[flower_client.CFG_DIGEST]: "rt"}
+
+
+def test_a_runtime_that_cannot_be_built_still_answers_the_partition(run_identity, caplog):
+    from fs_gmfl.hosts.flower.client import CFG_DIGEST, CFG_TEXT
+
+    answer = query_of({"ask": "partition", CFG_TEXT: "seed: 3\n", CFG_DIGEST: "forged"}, partition=0)
+    assert answer == {"partition-id": 0, "num-partitions": 2}
+    assert "could not prepare the client runtime: the downlink's configuration does not match its digest" in caplog.text
+
+
 def transport_for(grid, tiny, *overrides):
     from fs_gmfl.hosts.flower.server import GridTransport, NodeDirectory
 

@@ -164,7 +164,21 @@ def train_message(msg: FlowerMessage, context: Context) -> FlowerMessage:
 
 
 def query_message(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    """Answer the server's ``query``: the node's partition id and partition count."""
+    """Answer the server's ``query``: the node's partition id and partition count.
+
+    A query that carries the run's configuration (the server sends it where
+    client processes outlive a message: Flower's simulation engine) also builds
+    this process's runtime first, so model and data are ready before round 1
+    instead of inside it. A runtime that cannot be built is only logged here:
+    the partition is still answered, and the first ``train`` message reports
+    the error as its reply.
+    """
+    asked = msg.content[CONFIG] if CONFIG in msg.content else {}
+    if CFG_TEXT in asked and CFG_DIGEST in asked:
+        try:
+            runtime_for(str(asked[CFG_TEXT]), str(asked[CFG_DIGEST]))
+        except Exception as err:  # noqa: BLE001 - reported by the first train message, which builds it again
+            logger.warning("flower: could not prepare the client runtime: %s", err)
     config = context.node_config
     partitions = config.get("num-partitions", -1)
     return FlowerMessage(RecordDict({CONFIG: ConfigRecord({"partition-id": partition_of(context),

@@ -59,10 +59,12 @@ class NodeDirectory:
             changes (a restarted SuperNode: what the old node held is gone).
     """
 
-    def __init__(self, grid: Any, client_num: int, on_replaced: Callable[[int], None] | None = None) -> None:
+    def __init__(self, grid: Any, client_num: int, on_replaced: Callable[[int], None] | None = None,
+                 prepare: dict[str, str] | None = None) -> None:
         self.grid = grid
         self.client_num = client_num
         self.on_replaced = on_replaced
+        self.prepare = prepare or {}  # the run's configuration, sent with each query for the node to build from
         self.node_of: dict[int, int] = {}
         self.left: dict[int, int] = {}  # client id -> the node that held it and left the Grid
         self.asked: set[int] = set()
@@ -91,8 +93,8 @@ class NodeDirectory:
                     self._register(node, reply)
 
     def _ask(self, nodes: list[int]) -> None:
-        messages = [FlowerMessage(RecordDict({CONFIG: ConfigRecord({"ask": "partition"})}), dst_node_id=node,
-                                  message_type="query") for node in nodes]
+        messages = [FlowerMessage(RecordDict({CONFIG: ConfigRecord({"ask": "partition", **self.prepare})}),
+                                  dst_node_id=node, message_type="query") for node in nodes]
         self.pending.update({mid: node for mid, node in zip(self.grid.push_messages(messages), nodes) if mid})
         self.asked.update(nodes)
 
@@ -248,7 +250,10 @@ class FlowerRun(Simulation):
             reset()  # the nodes of a new Flower run hold nothing of the run being resumed
             logger.warning("flower: resuming: the server forgets what each client's model held; the next downlinks "
                            "bring every client from the initial model")
-        self.nodes = NodeDirectory(self.grid, self.cfg.federate.client_num, on_replaced=self._client_replaced)
+        text = config_to_yaml(self.cfg)
+        prepare = {CFG_TEXT: text, CFG_DIGEST: config_digest(text)} if clients_outlive_messages(self.grid) else None
+        self.nodes = NodeDirectory(self.grid, self.cfg.federate.client_num, on_replaced=self._client_replaced,
+                                   prepare=prepare)
         self.nodes.wait_for_all(self.cfg.flower.node_wait_s)
         self.transport = GridTransport(self.grid, self.nodes, self.cfg, on_metrics=self._client_metrics)
 
@@ -286,6 +291,17 @@ class FlowerRun(Simulation):
 
     def _fit_client(self, rnd: int, client_id: int, message: Message) -> Message:  # pragma: no cover - not used
         raise RuntimeError("the Flower host trains clients on its nodes")
+
+
+def clients_outlive_messages(grid: Any) -> bool:
+    """Whether the nodes' client processes serve more than one message: Flower's simulation engine.
+
+    Its ``InMemoryGrid`` feeds long-lived Ray actors, so a client runtime built
+    while answering the partition query is still there for round 1. A deployed
+    SuperNode starts a fresh ``flwr-clientapp`` process per message, where
+    building at the query would only be thrown away.
+    """
+    return type(grid).__name__ == "InMemoryGrid"
 
 
 def check_flower_config(cfg: RunConfig) -> None:
