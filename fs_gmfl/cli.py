@@ -166,7 +166,8 @@ def _cmd_fs_eval(argv: Sequence[str]) -> int:
     from fs_gmfl.hosts.fs.evaluate import main as eval_main
 
     if not argv or argv[0].startswith("-"):
-        print(f"usage: fs-gmfl fs-eval {{{','.join(EVAL_SCRIPTS)}}} --cfg FILE [KEY VALUE ...]", file=sys.stderr)
+        print(f"usage: fs-gmfl fs-eval {{{','.join(EVAL_SCRIPTS)}}} --cfg FILE [KEY VALUE ...] "
+              "[--prompt script|training (gsm8k)]", file=sys.stderr)
         return EXIT_USAGE
     return eval_main(argv[0], list(argv[1:]))
 
@@ -232,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("fs-run", add_help=False, help="run FederatedScope's main with fs_gmfl registered "
                    "(arguments go to FederatedScope: --cfg FILE [KEY VALUE ...])")
     sub.add_parser("fs-eval", add_help=False, help="run a FederatedScope-LLM evaluation script on a run's "
-                   "checkpoint: fs-eval {gsm8k,humaneval,humanevalx,code,mmlu} --cfg FILE")
+                   "checkpoint: fs-eval {gsm8k,humaneval,humanevalx,code,mmlu} --cfg FILE; gsm8k also takes "
+                   "--prompt training (the training template instead of the script's 8-shot prompt)")
     return parser
 
 

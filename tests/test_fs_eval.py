@@ -69,7 +69,7 @@ def test_fseval_bench_scores_base_and_both_methods_with_federatescopes_scripts(t
     assert results["training"]["gmfl"]["method"] == "fedit+gmfl"
     assert results["training"]["hafl"]["method"].startswith("hafl")
     for scores in results["models"].values():
-        assert scores["gsm8k"]["questions"] == 2
+        assert scores["gsm8k"]["questions"] == scores["gsm8k_training_prompt"]["questions"] == 2
         assert set(scores["mmlu"]["subjects"]) == {"high_school_mathematics", "clinical_knowledge"}
         assert scores["humaneval"]["completions"] == 5 and scores["humaneval"]["problems"] == 1
     assert "| base |" in (out / "table.md").read_text()

@@ -212,3 +212,48 @@ def test_the_command_line_refuses_a_bad_count_in_one_line(tmp_path, capsys):
     assert eval_data.main(["--out", str(tmp_path / "d"), "--mmlu-questions", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "eval_data: error: --mmlu-questions 0: a positive number of test items is needed"
+
+
+# -- fs-eval gsm8k --prompt -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, expected", [
+    (["--cfg", "f.yaml", "a", "1"], ("script", ["--cfg", "f.yaml", "a", "1"])),
+    (["--cfg", "f.yaml", "--prompt", "training", "a", "1"], ("training", ["--cfg", "f.yaml", "a", "1"])),
+    (["--prompt", "script", "--cfg", "f.yaml"], ("script", ["--cfg", "f.yaml"])),
+])
+def test_prompt_option_is_taken_out_of_federatescopes_arguments(argv, expected):
+    from fs_gmfl.hosts.fs.evaluate import take_prompt_option
+
+    assert take_prompt_option("gsm8k", argv) == expected
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("gsm8k", ["--cfg", "f.yaml", "--prompt"], "'fs-eval --prompt' = '(missing)' is not allowed: script or training"),
+    ("gsm8k", ["--prompt", "Training"], "'fs-eval --prompt' = 'Training' is not allowed: script or training"),
+    ("mmlu", ["--prompt", "training"], "only with gsm8k (the mmlu script's prompt is its own)"),
+])
+def test_bad_prompt_option_is_one_line_and_exit_2_before_federatedscope_loads(name, argv, message, capsys):
+    from fs_gmfl.cli import main
+
+    assert main(["fs-eval", name, "--cfg", "missing.yaml", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_training_prompt_asks_in_the_template_and_keeps_the_scorer():
+    """The patched GSM8K module formats a question with FederatedScope's training template (no shots); its scorer
+    (last number when "The answer is" is absent) reads the short answer a tuned model gives."""
+    script = pytest.importorskip("federatedscope.llm.eval.eval_for_gsm8k.eval",
+                                 reason="FederatedScope (branch llm) is not installed")
+    from federatedscope.llm.dataset.llm_dataset import PROMPT_DICT
+
+    from fs_gmfl.hosts.fs.evaluate import ask_in_training_template
+
+    original = script.build_prompt
+    try:
+        ask_in_training_template(script)
+        prompt = script.build_prompt("What is 6 times 7?", 8, True)
+        assert prompt == PROMPT_DICT["prompt_no_input"].format(instruction="What is 6 times 7?")
+        assert "Q: " not in prompt and prompt.endswith("### Response:")
+        assert script.clean_answer(" 42") == "42" and script.is_correct("42", "6*7=42\n#### 42")
+    finally:
+        script.build_prompt = original

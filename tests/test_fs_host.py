@@ -421,3 +421,13 @@ def test_federatedscope_gsm8k_evaluator_runs_offline_on_the_result(native_run):
                         "expname", "gsm8k_eval", cwd=out)
     assert "Num of total question: 2, correct num:" in evaluation.stdout
     assert "will use raw model" not in evaluation.stdout  # the federated checkpoint was loaded
+
+
+def test_gsm8k_evaluator_asks_in_the_training_template(native_run):
+    """``--prompt training``: the same questions and scorer, each asked in FederatedScope's Alpaca template; the
+    option never reaches FederatedScope's own argument parser."""
+    out, opts = native_run
+    evaluation = run_fs("fs-eval", "gsm8k", "--cfg", str(FS_CONFIGS / "gmfl_fedit_tiny_llama.yaml"), *opts,
+                        "expname", "gsm8k_training_prompt", "--prompt", "training", cwd=out)
+    assert "Num of total question: 2, correct num:" in evaluation.stdout
+    assert "will use raw model" not in evaluation.stdout

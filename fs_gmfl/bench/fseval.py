@@ -7,7 +7,8 @@ switches an fs_gmfl method on with that method's own keys (``gmfl.use True``;
 ``federate.method hafl`` + ``hafl.*``), trains it with ``fs-gmfl fs-run``, and
 scores the base model and every fine-tuned checkpoint with FederatedScope-LLM's
 evaluation scripts through ``fs-gmfl fs-eval``: ``gsm8k`` (exact match of the
-sampled 8-shot answer), ``mmlu`` (5-shot multiple choice) and ``humaneval``
+sampled 8-shot answer), ``gsm8k_training_prompt`` (the same questions and scorer,
+each asked zero-shot in the template the models were tuned with), ``mmlu`` (5-shot multiple choice) and ``humaneval``
 (generation only: pass@k executes the generated code, which needs a sandbox;
 reported instead: the share of completions that parse as Python). The test
 files are built offline by :mod:`fs_gmfl.hosts.fs.eval_data`.
@@ -44,7 +45,11 @@ SWITCHES = {
     "hafl": ["federate.method", "hafl", "hafl.scheme", "truncation",
              "hafl.profiles", "[{'share': 0.34, 'rank': 2}, {'share': 0.33, 'rank': 4}, {'share': 0.33, 'rank': 8}]"],
 }
-SCRIPTS = ("gsm8k", "mmlu", "humaneval")
+#: bench script name -> the fs-eval script and its extra options (``gsm8k_training_prompt``: the same questions and
+#: scorer, asked in the training template; see :mod:`fs_gmfl.hosts.fs.evaluate`)
+SCRIPT_RUNS = {"gsm8k": ("gsm8k", []), "gsm8k_training_prompt": ("gsm8k", ["--prompt", "training"]),
+               "mmlu": ("mmlu", []), "humaneval": ("humaneval", [])}
+SCRIPTS = tuple(SCRIPT_RUNS)
 GSM8K_RATE = re.compile(r"Num of total question: (\d+), correct num: (\d+), correct rate: ([0-9]+(?:\.[0-9]+)?)")
 MMLU_SUBJECT = re.compile(r"Average accuracy ([0-9.]+) - (\w+)")
 MMLU_TOTAL = re.compile(r"Average accuracy: ([0-9.]+)")
@@ -200,8 +205,10 @@ def evaluate(args: argparse.Namespace, name: str, checkpoint: Path, out: Path, c
     results: dict[str, Any] = {}
     checkpoint.parent.mkdir(parents=True, exist_ok=True)  # the HumanEval script writes its answers beside it
     for script in args.scripts:
-        cmd = [sys.executable, "-m", "fs_gmfl", "fs-eval", script, "--cfg", str(baseline_yaml()), *common, *switch,
-               "outdir", str(out / "eval" / name), "expname", f"{script}_{name}", "federate.save_to", str(checkpoint)]
+        fs_script, options = SCRIPT_RUNS[script]
+        cmd = [sys.executable, "-m", "fs_gmfl", "fs-eval", fs_script, "--cfg", str(baseline_yaml()), *common, *switch,
+               "outdir", str(out / "eval" / name), "expname", f"{script}_{name}", "federate.save_to", str(checkpoint),
+               *options]
         progress(f"fseval: {script} on {name}")
         status, output, seconds = run_logged(cmd, out / "logs" / f"eval_{script}_{name}.log", out, args.threads)
         if status != 0:
@@ -209,7 +216,7 @@ def evaluate(args: argparse.Namespace, name: str, checkpoint: Path, out: Path, c
         loaded = "will use raw model" not in output
         if loaded != (name != "base"):
             raise InputError(f"fs-eval {script} on {name}: checkpoint {'not ' if not loaded else ''}loaded")
-        if script == "gsm8k":
+        if fs_script == "gsm8k":
             results[script] = parse_gsm8k(output)
         elif script == "mmlu":
             results[script] = parse_mmlu(output)
@@ -222,18 +229,21 @@ def evaluate(args: argparse.Namespace, name: str, checkpoint: Path, out: Path, c
 
 def table(results: dict[str, Any]) -> str:
     """Base vs fine-tuned, one row per model."""
-    header = ["model", "GSM8K-format EM (FS script)", "MMLU-format acc: math / clinical / all", "HumanEval: "
+    header = ["model", "GSM8K-format EM (FS script)", "the same, training prompt (FS scorer)",
+              "MMLU-format acc: math / clinical / all", "HumanEval: "
               "completions parsing as Python", "simulator: EM / token loss (evals_math test)", "uplink MiB",
               "training s"]
     rows = []
     for name, res in results["models"].items():
         gsm, mmlu, code = res.get("gsm8k", {}), res.get("mmlu", {}), res.get("humaneval", {})
+        asked = res.get("gsm8k_training_prompt", {})
         own = res.get("simulator", {})
         trained = results["training"].get(name, {})
         subjects = mmlu.get("subjects", {})
         rows.append([
             name if name == "base" else trained.get("method", name),
             f"{gsm['correct']}/{gsm['questions']} = {gsm['accuracy']:.3f}" if gsm else "-",
+            f"{asked['correct']}/{asked['questions']} = {asked['accuracy']:.3f}" if asked else "-",
             " / ".join(f"{subjects.get(s, float('nan')):.3f}" for s in ("high_school_mathematics",
                                                                          "clinical_knowledge"))
             + f" / {mmlu['accuracy']:.3f}" if mmlu else "-",

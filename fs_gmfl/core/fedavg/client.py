@@ -80,3 +80,29 @@ class LoraClient(ClientAlgorithm):
         # The cache keeps the last *received* global values: local results are not global until aggregated.
         count = stats.num_samples if self.samples_cap is None else min(stats.num_samples, self.samples_cap)
         return Message(tensors, {NUM_SAMPLES: samples_tensor(count)})
+
+
+class AdjustedLoraClient(ClientAlgorithm):
+    """FedIT's client (``base``) with its plan adjusted: the shape of a base method that only changes what is trained.
+
+    Subclasses override :meth:`prepare_excluding` (and :meth:`finish` when
+    they must undo something); :meth:`prepare` is it with nothing frozen, and
+    the uplink is FedIT's. ``prepare_excluding`` is the GMFL base interface
+    (:mod:`fs_gmfl.core.gmfl.base`), so every such method composes with GMFL.
+    """
+
+    def __init__(self, base: LoraClient) -> None:
+        self.base = base
+
+    def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
+        """:meth:`prepare_excluding` with nothing frozen."""
+        return self.prepare_excluding(model, message, client_state, frozenset())
+
+    def prepare_excluding(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any],
+                          frozen: frozenset[str]) -> LocalPlan:
+        """FedIT's plan without the keys ``frozen``."""
+        return self.base.prepare_excluding(model, message, client_state, frozen)
+
+    def finish(self, plan: LocalPlan, stats: TrainStats, client_state: MutableMapping[str, Any]) -> Message:
+        """FedIT's uplink: the trained tensors and the sample count."""
+        return self.base.finish(plan, stats, client_state)

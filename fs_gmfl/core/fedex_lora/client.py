@@ -8,16 +8,16 @@ from typing import Any
 from torch import nn
 
 from fs_gmfl.core.adapter import adapter_parameters, load_model_tensors
-from fs_gmfl.core.fedavg.client import LoraClient
+from fs_gmfl.core.fedavg.client import AdjustedLoraClient
 from fs_gmfl.core.fedex_lora.wire import base_weights, residual_targets, split_downlink
 from fs_gmfl.core.message import Message
-from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats
+from fs_gmfl.core.protocol import LocalPlan, TrainStats
 
 #: ``LocalPlan.info`` entry holding the base weights the model had before :meth:`FedExLoraClient.prepare`.
 SAVED_BASE = "fedex_lora_saved_base"
 
 
-class FedExLoraClient(ClientAlgorithm):
+class FedExLoraClient(AdjustedLoraClient):
     """FedIT's client (``base``) that first sets the adapted base weights to the downlink's (``W0`` + residuals).
 
     The host's model is shared by every client of a host
@@ -30,16 +30,10 @@ class FedExLoraClient(ClientAlgorithm):
     and the uplink are FedIT's: the trained LoRA factors and head.
     """
 
-    def __init__(self, base: LoraClient) -> None:
-        self.base = base
-
-    def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
-        """FedIT's plan on ``model`` with the downlink's base weights loaded."""
-        return self.prepare_excluding(model, message, client_state, frozenset())
-
     def prepare_excluding(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any],
                           frozen: frozenset[str]) -> LocalPlan:
-        """:meth:`prepare` with the keys ``frozen`` neither trained nor uploaded (GMFL base interface)."""
+        """FedIT's plan on ``model`` with the downlink's base weights loaded, the keys ``frozen`` neither trained nor
+        uploaded (GMFL base interface)."""
         targets = residual_targets(model, adapter_parameters(model))
         adapter, weights = split_downlink(message.tensors, targets)
         saved = base_weights(model, targets)

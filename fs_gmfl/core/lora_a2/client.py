@@ -8,14 +8,14 @@ from typing import Any
 from torch import nn
 
 from fs_gmfl.core.adapter import adapter_parameters
-from fs_gmfl.core.fedavg.client import LoraClient
+from fs_gmfl.core.fedavg.client import AdjustedLoraClient
 from fs_gmfl.core.lora_a2.ops import idle_keys
 from fs_gmfl.core.lora_a2.wire import round_of_parity
 from fs_gmfl.core.message import Message
-from fs_gmfl.core.protocol import ClientAlgorithm, LocalPlan, TrainStats
+from fs_gmfl.core.protocol import LocalPlan
 
 
-class LoraA2Client(ClientAlgorithm):
+class LoraA2Client(AdjustedLoraClient):
     """FedIT's client (``base``) that freezes the factor the downlink's parity leaves idle.
 
     The frozen factor is left out of the plan (no gradient, no optimiser
@@ -24,19 +24,9 @@ class LoraA2Client(ClientAlgorithm):
     the mask freezes are left out as well.
     """
 
-    def __init__(self, base: LoraClient) -> None:
-        self.base = base
-
-    def prepare(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any]) -> LocalPlan:
-        """FedIT's plan without the round's idle factor (:func:`~fs_gmfl.core.lora_a2.ops.idle_factor`)."""
-        return self.prepare_excluding(model, message, client_state, frozenset())
-
     def prepare_excluding(self, model: nn.Module, message: Message, client_state: MutableMapping[str, Any],
                           frozen: frozenset[str]) -> LocalPlan:
-        """:meth:`prepare` without the keys ``frozen`` too (the GMFL base interface, :mod:`fs_gmfl.core.gmfl.base`)."""
+        """FedIT's plan without the round's idle factor (:func:`~fs_gmfl.core.lora_a2.ops.idle_factor`) nor the
+        keys ``frozen`` (the GMFL base interface, :mod:`fs_gmfl.core.gmfl.base`)."""
         idle = idle_keys(adapter_parameters(model), round_of_parity(message))
         return self.base.prepare_excluding(model, message, client_state, idle | frozen)
-
-    def finish(self, plan: LocalPlan, stats: TrainStats, client_state: MutableMapping[str, Any]) -> Message:
-        """FedIT's uplink: the trained tensors and the sample count."""
-        return self.base.finish(plan, stats, client_state)

@@ -9,6 +9,13 @@ unavailable (``patches/0002-fschatbot-cpu-device.patch`` makes the same fix in
 FederatedScope itself). ``TORCHDYNAMO_DISABLE`` defaults to 1: ``FSChatBot``
 compiles the model, but generation never calls the compiled forward.
 
+``fs-eval gsm8k --prompt training`` asks each GSM8K question in the template
+FederatedScope fine-tunes with (its Alpaca ``prompt_no_input``, zero-shot)
+instead of the script's 8-shot chain-of-thought "Q: ... A:" prompt; decoding
+and scoring stay the script's own (``clean_answer``: the number after "The
+answer is", else the last number of the completion; ``is_correct``). A model
+tuned on short answers in that template is then measured by the same scorer.
+
 FederatedScope's MMLU script averages every MMLU category and subcategory and
 fails (``np.concatenate`` of nothing) unless all 57 subjects are present; the
 wrapper restricts its category tables to the subjects found under
@@ -22,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from fs_gmfl.errors import ConfigError
 from fs_gmfl.hosts.fs.run import run_module
@@ -50,6 +58,41 @@ EVAL_SCRIPTS = {
     "mmlu": EvalScript("federatedscope.llm.eval.eval_for_mmlu.eval", "<data.root>/mmlu/data/{dev,test}/*.csv "
                        "(MMLU)", "with the files supplied"),
 }
+
+
+#: ``--prompt`` of ``fs-eval gsm8k``: the script's own prompt (default) or the training template.
+GSM8K_PROMPTS = ("script", "training")
+
+
+def take_prompt_option(name: str, argv: Sequence[str]) -> tuple[str, list[str]]:
+    """``--prompt VALUE`` taken out of ``argv`` (the rest is FederatedScope's); ``script`` when absent.
+
+    Raises:
+        ConfigError: a value other than :data:`GSM8K_PROMPTS`, a missing value, or ``--prompt`` with a script
+            other than gsm8k.
+    """
+    args = list(argv)
+    if "--prompt" not in args:
+        return "script", args
+    at = args.index("--prompt")
+    value = args[at + 1] if at + 1 < len(args) else ""
+    if value not in GSM8K_PROMPTS:
+        raise ConfigError("fs-eval --prompt", value or "(missing)", " or ".join(GSM8K_PROMPTS))
+    if name != "gsm8k":
+        raise ConfigError("fs-eval --prompt", value, f"only with gsm8k (the {name} script's prompt is its own)")
+    return value, args[:at] + args[at + 2:]
+
+
+def ask_in_training_template(script: ModuleType) -> None:
+    """Make the GSM8K ``script`` module prompt with FederatedScope's training template, zero-shot."""
+    from federatedscope.llm.dataset.llm_dataset import PROMPT_DICT
+
+    template = PROMPT_DICT["prompt_no_input"]
+
+    def build_prompt(input_text: str, n_shot: int, cot_flag: bool) -> str:
+        return template.format(instruction=input_text)
+
+    script.build_prompt = build_prompt
 
 
 def _cpu_if_no_cuda(device: object) -> object:
@@ -144,6 +187,7 @@ def main(name: str, argv: Sequence[str]) -> int:
     """Run evaluation script ``name`` with FederatedScope's own arguments ``argv``."""
     if name not in EVAL_SCRIPTS:
         raise ConfigError("fs-eval", name, "one of " + ", ".join(EVAL_SCRIPTS))
+    prompt, argv = take_prompt_option(name, argv)
     from fs_gmfl.hosts.common.threads import set_torch_threads
     from fs_gmfl.hosts.fs import fs_available
 
@@ -154,7 +198,7 @@ def main(name: str, argv: Sequence[str]) -> int:
         allow_cpu_chatbot()
         if name == "mmlu":
             restrict_mmlu_categories(mmlu_subjects(data_root_of(argv)))
-    return run_module(EVAL_SCRIPTS[name].module, argv)
+    return run_module(EVAL_SCRIPTS[name].module, argv, ask_in_training_template if prompt == "training" else None)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ exit with code 2, as in ``fs-gmfl run``.
 
 from __future__ import annotations
 
+import importlib
 import os
 import runpy
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import ModuleType
 
 from fs_gmfl.errors import FsGmflError
 
@@ -25,8 +27,12 @@ MISSING_FS = ("FederatedScope is not installed; install its 'llm' branch: git cl
               "(see docs/federatedscope.md)")
 
 
-def run_module(module: str, argv: Sequence[str]) -> int:
-    """Register fs_gmfl, then run ``module`` as ``__main__`` with ``argv``; returns the exit code."""
+def run_module(module: str, argv: Sequence[str], patch: Callable[[ModuleType], None] | None = None) -> int:
+    """Register fs_gmfl, then run ``module`` as ``__main__`` with ``argv``; returns the exit code.
+
+    With ``patch``, the module is imported instead, ``patch(module)`` adjusts it
+    (e.g. replaces a function its ``main`` calls) and its ``main()`` runs.
+    """
     from fs_gmfl.hosts.fs import fs_available
 
     if not fs_available():
@@ -45,7 +51,12 @@ def run_module(module: str, argv: Sequence[str]) -> int:
     try:
         register_all()
         set_command_line(*command_line(argv))
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if patch is None:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            loaded = importlib.import_module(module)
+            patch(loaded)
+            loaded.main()
     except FsGmflError as err:
         print(f"fs-gmfl: error: {err}", file=sys.stderr)
         return EXIT_USAGE
