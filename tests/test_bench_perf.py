@@ -89,3 +89,23 @@ def test_repeated_federatedscope_runs_read_their_own_outputs(tmp_path, monkeypat
     args = argparse.Namespace(cfg="x.yaml", rounds=1, set=[])
     seconds = [fshost.run_federatedscope(args, tmp_path)["fl_s"] for _ in range(3)]
     assert seconds == pytest.approx([54.0, 30.0, 15.0])
+
+
+def test_hosts_block_passes_hosts_set_to_every_simulator_variant(tmp_path, tiny_yaml, monkeypatch):
+    """The simulator's three variants (1 and 2 threads fp32, 2 threads bf16 autocast) run the same YAML with the
+    ``--hosts-set`` overrides; Flower and FederatedScope are left out here (their own tests run them)."""
+    from fs_gmfl.bench import perf
+
+    monkeypatch.setattr(perf, "flower_available", lambda: False)
+    monkeypatch.setattr(perf, "federatedscope_python", lambda args: None)
+    out = tmp_path / "perf"
+    assert main(["--blocks", "hosts", "--hosts-cfg", str(tiny_yaml), "--hosts-rounds", "1", "--repeats", "1",
+                 "--hosts-set", "seed", "7", "--hosts-set", "federate.sample_client_num", "1", "--out", str(out)]) == 0
+    block = json.loads((out / "results.json").read_text())["hosts"]
+    assert set(block["median_s_per_round"]) == {"simulator, sequential (1 thread, fp32)",
+                                                "simulator, sequential (2 threads, fp32)",
+                                                "simulator at its best (2 threads, bf16 autocast)"}
+    for name, autocast in (("sim_1t", "none"), ("sim_2t", "none"), ("sim_2t_bfloat16", "bfloat16")):
+        saved = yaml.safe_load((out / "hosts" / name / "config.yaml").read_text())
+        assert (saved["seed"], saved["federate"]["sample_client_num"], saved["train"]["autocast"]) == (7, 1, autocast)
+        assert json.loads((out / "hosts" / name / "summary.json").read_text())["per_round"][-1]["round"] == 1

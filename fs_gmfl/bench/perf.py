@@ -69,6 +69,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help=f"comma-separated subset of: {', '.join(BLOCKS)} (hosts is skipped without FederatedScope)")
     p.add_argument("--hosts-cfg", default=str(ROOT / "yaml_configs" / "fs" / "gmfl_fedit_minilm_both_hosts.yaml"))
     p.add_argument("--hosts-rounds", type=positive, default=4)
+    p.add_argument("--hosts-set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="configuration override for every host of the hosts block (repeatable), e.g. "
+                   "--hosts-set data.splitter iid --hosts-set data.splitter_args '[]'")
     p.add_argument("--fs-python", default="", help="the Python of FederatedScope's environment for the hosts block "
                    "(default: this one when FederatedScope is importable here, else .fs/venv/bin/python if present)")
     p.add_argument("--out", type=output_dir, default="bench_out/perf")
@@ -218,7 +221,12 @@ def threads_block(args: argparse.Namespace) -> dict[str, Any]:
 def hosts_overrides(args: argparse.Namespace, out: Path, name: str) -> list[str]:
     """``--hosts-rounds`` rounds, one evaluation at the end, fp32, outputs under ``out/hosts/name``."""
     return ["federate.total_round_num", str(args.hosts_rounds), "eval.freq", str(args.hosts_rounds),
-            "train.autocast", "none", "outdir", str(out / "hosts"), "expname", name]
+            "train.autocast", "none", *hosts_set(args), "outdir", str(out / "hosts"), "expname", name]
+
+
+def hosts_set(args: argparse.Namespace) -> list[str]:
+    """``--hosts-set`` pairs as one override list."""
+    return [x for pair in args.hosts_set for x in pair]
 
 
 def rounds_of(summary: dict[str, Any], rounds: int, wall: float) -> dict[str, Any]:
@@ -230,11 +238,11 @@ def rounds_of(summary: dict[str, Any], rounds: int, wall: float) -> dict[str, An
             "test_acc": summary["final"].get("test_acc")}
 
 
-def simulator_round_seconds(args: argparse.Namespace, out: Path, threads: int) -> dict[str, Any]:
-    """The simulator on ``--hosts-cfg`` in a child process with ``threads`` torch threads, fp32."""
-    name = f"sim_{threads}t"
+def simulator_round_seconds(args: argparse.Namespace, out: Path, threads: int, autocast: str = "none") -> dict[str, Any]:
+    """The simulator on ``--hosts-cfg`` in a child process with ``threads`` torch threads (fp32, or ``autocast``)."""
+    name = f"sim_{threads}t" + ("" if autocast == "none" else f"_{autocast}")
     cmd = [sys.executable, "-m", "fs_gmfl", "run", "--cfg", args.hosts_cfg, "--quiet", "--overwrite",
-           *hosts_overrides(args, out, name)]
+           *hosts_overrides(args, out, name), "train.autocast", autocast]
     return {**host_child(cmd, out / "hosts" / name, args.hosts_rounds, {"FS_GMFL_THREADS": str(threads)}),
             "threads": threads}
 
@@ -264,7 +272,8 @@ def federatedscope_round_seconds(args: argparse.Namespace, out: Path, python: st
     """FederatedScope standalone on ``--hosts-cfg`` (its runner forces one thread; fp32), with ``python``."""
     from fs_gmfl.bench.fshost import run_federatedscope
 
-    fs_args = argparse.Namespace(cfg=args.hosts_cfg, rounds=args.hosts_rounds, set=[], python=python)
+    fs_args = argparse.Namespace(cfg=args.hosts_cfg, rounds=args.hosts_rounds, set=list(args.hosts_set),
+                                 python=python)
     result = run_federatedscope(fs_args, out / "hosts")
     return {"seconds_per_round": result["fl_s"] / args.hosts_rounds, "wall_s": result["wall_s"],
             "test_acc": result["test_acc"], "threads": 1}
@@ -292,7 +301,8 @@ def hosts_block(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
     """Simulator (1 and 2 threads), Flower (parallel clients) and FederatedScope, per round, side by side."""
     variants: dict[str, Callable[[], dict[str, Any]]] = {
         "simulator, sequential (1 thread, fp32)": lambda: simulator_round_seconds(args, out, 1),
-        "simulator, sequential (2 threads, fp32)": lambda: simulator_round_seconds(args, out, 2)}
+        "simulator, sequential (2 threads, fp32)": lambda: simulator_round_seconds(args, out, 2),
+        "simulator at its best (2 threads, bf16 autocast)": lambda: simulator_round_seconds(args, out, 2, "bfloat16")}
     if flower_available():
         variants["Flower simulation, clients in parallel (1 thread each, fp32)"] = lambda: flower_round_seconds(args,
                                                                                                                out)
