@@ -137,3 +137,5 @@ def test_a_finished_run_of_the_same_configuration_is_reused(tmp_path):
     assert earlier_summary(load_config(None, words), fresh=True) is None
     with pytest.raises(InputError, match="seed is 3 there, 4 here"):
         earlier_summary(load_config(None, [*words, "seed", "4"]), fresh=False)
+    # another host's section (the simulator never reads flower.*) leaves the run valid
+    assert earlier_summary(load_config(None, [*words, "flower.node_wait_s", "5"]), fresh=False) == {"marker": 1}

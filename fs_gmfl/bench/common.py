@@ -73,14 +73,25 @@ def earlier_summary(cfg: RunConfig, *, fresh: bool) -> dict[str, Any] | None:
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
 
 
+#: sections the embedded simulator never reads (another host's settings): a change there leaves a benchmark run valid.
+OTHER_HOSTS_SECTIONS = ("flower.",)
+
+
 def configuration_difference(cfg: RunConfig, saved: Path) -> str:
-    """The first key whose value differs between ``cfg`` and the ``config.yaml`` at ``saved``; '' when none."""
+    """The first key whose value differs between ``cfg`` and the ``config.yaml`` at ``saved``; '' when none.
+
+    Keys of :data:`OTHER_HOSTS_SECTIONS` are not compared: benchmarks run the
+    embedded simulator, and e.g. a changed ``flower.*`` default does not change
+    what an earlier run computed.
+    """
     try:
         earlier = flat_config(load_config(saved))
     except FsGmflError:
         return f"{saved.name} is missing or no longer loads"
     now = flat_config(cfg)
     for key in sorted(set(earlier) | set(now)):
+        if key.startswith(OTHER_HOSTS_SECTIONS):
+            continue
         if earlier.get(key) != now.get(key):
             return f"{key} is {earlier.get(key)!r} there, {now.get(key)!r} here"
     return ""
