@@ -257,3 +257,15 @@ def test_training_prompt_asks_in_the_template_and_keeps_the_scorer():
         assert script.clean_answer(" 42") == "42" and script.is_correct("42", "6*7=42\n#### 42")
     finally:
         script.build_prompt = original
+
+
+def test_fseval_children_get_an_absolute_data_directory(monkeypatch, tmp_path):
+    """The bench's children run in --out, so a relative FS_GMFL_DATA (as BENCHMARKS.md writes it) is made absolute."""
+    from fs_gmfl.bench.fseval import fs_env
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "share").mkdir()
+    monkeypatch.setenv("FS_GMFL_DATA", "share")
+    assert fs_env(threads=1)["FS_GMFL_DATA"] == str(tmp_path / "share")
+    monkeypatch.delenv("FS_GMFL_DATA")
+    assert "FS_GMFL_DATA" not in fs_env()

@@ -127,6 +127,8 @@ def fs_env(threads: int = 0) -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    if env.get("FS_GMFL_DATA"):  # the children run in --out: a relative data directory must still point here
+        env["FS_GMFL_DATA"] = os.path.abspath(env["FS_GMFL_DATA"])
     if threads:
         env["FS_GMFL_THREADS"] = str(threads)
     return env
