@@ -218,10 +218,11 @@ def threads_block(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- hosts -------------------------------------------------------------------------------------------------------
-def hosts_overrides(args: argparse.Namespace, out: Path, name: str) -> list[str]:
-    """``--hosts-rounds`` rounds, one evaluation at the end, fp32, outputs under ``out/hosts/name``."""
+def hosts_overrides(args: argparse.Namespace, out: Path, name: str, autocast: str = "none") -> list[str]:
+    """``--hosts-rounds`` rounds, one evaluation at the end, ``--hosts-set``, then the variant's precision (fp32
+    unless ``autocast``) and outputs under ``out/hosts/name``."""
     return ["federate.total_round_num", str(args.hosts_rounds), "eval.freq", str(args.hosts_rounds),
-            "train.autocast", "none", *hosts_set(args), "outdir", str(out / "hosts"), "expname", name]
+            *hosts_set(args), "train.autocast", autocast, "outdir", str(out / "hosts"), "expname", name]
 
 
 def hosts_set(args: argparse.Namespace) -> list[str]:
@@ -242,7 +243,7 @@ def simulator_round_seconds(args: argparse.Namespace, out: Path, threads: int, a
     """The simulator on ``--hosts-cfg`` in a child process with ``threads`` torch threads (fp32, or ``autocast``)."""
     name = f"sim_{threads}t" + ("" if autocast == "none" else f"_{autocast}")
     cmd = [sys.executable, "-m", "fs_gmfl", "run", "--cfg", args.hosts_cfg, "--quiet", "--overwrite",
-           *hosts_overrides(args, out, name), "train.autocast", autocast]
+           *hosts_overrides(args, out, name, autocast)]
     return {**host_child(cmd, out / "hosts" / name, args.hosts_rounds, {"FS_GMFL_THREADS": str(threads)}),
             "threads": threads}
 

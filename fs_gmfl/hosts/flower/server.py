@@ -148,8 +148,7 @@ class GridTransport:
                  on_metrics: Callable[[int, Any], None] | None = None) -> None:
         self.grid = grid
         self.nodes = nodes
-        self.cfg_text = config_to_yaml(cfg)
-        self.digest = config_digest(self.cfg_text)
+        self.identity = run_identity(cfg)
         self.timeout = cfg.flower.round_timeout_s
         self.in_client_order = cfg.flower.fold_order == CLIENT_ID
         self.on_metrics = on_metrics
@@ -191,7 +190,7 @@ class GridTransport:
             if node is None:
                 self.lost[cid] = "no node holds its partition"
                 continue
-            config = ConfigRecord({CFG_TEXT: self.cfg_text, CFG_DIGEST: self.digest, ROUND: rnd, CLIENT: cid})
+            config = ConfigRecord({**self.identity, ROUND: rnd, CLIENT: cid})
             messages.append(FlowerMessage(message_content(downlink, **{CONFIG: config}), dst_node_id=node,
                                           message_type="train"))
             clients.append(cid)
@@ -250,8 +249,7 @@ class FlowerRun(Simulation):
             reset()  # the nodes of a new Flower run hold nothing of the run being resumed
             logger.warning("flower: resuming: the server forgets what each client's model held; the next downlinks "
                            "bring every client from the initial model")
-        text = config_to_yaml(self.cfg)
-        prepare = {CFG_TEXT: text, CFG_DIGEST: config_digest(text)} if clients_outlive_messages(self.grid) else None
+        prepare = run_identity(self.cfg) if clients_outlive_messages(self.grid) else None
         self.nodes = NodeDirectory(self.grid, self.cfg.federate.client_num, on_replaced=self._client_replaced,
                                    prepare=prepare)
         self.nodes.wait_for_all(self.cfg.flower.node_wait_s)
@@ -291,6 +289,12 @@ class FlowerRun(Simulation):
 
     def _fit_client(self, rnd: int, client_id: int, message: Message) -> Message:  # pragma: no cover - not used
         raise RuntimeError("the Flower host trains clients on its nodes")
+
+
+def run_identity(cfg: RunConfig) -> dict[str, str]:
+    """The ConfigRecord entries a client builds its runtime from: the resolved YAML and its digest."""
+    text = config_to_yaml(cfg)
+    return {CFG_TEXT: text, CFG_DIGEST: config_digest(text)}
 
 
 def clients_outlive_messages(grid: Any) -> bool:
