@@ -109,3 +109,19 @@ def test_hosts_block_passes_hosts_set_to_every_simulator_variant(tmp_path, tiny_
         saved = yaml.safe_load((out / "hosts" / name / "config.yaml").read_text())
         assert (saved["seed"], saved["federate"]["sample_client_num"], saved["train"]["autocast"]) == (7, 1, autocast)
         assert json.loads((out / "hosts" / name / "summary.json").read_text())["per_round"][-1]["round"] == 1
+
+
+@pytest.mark.parametrize("pair, message", [
+    (["federate.total_round_num", "nan"], "'federate.total_round_num' = 'nan' is not allowed"),
+    (["data.splitter", "nope"], "'data.splitter' = 'nope' is not allowed"),
+    (["no.such_key", "1"], "unknown config key 'no'"),
+])
+def test_bad_hosts_set_is_one_line_and_exit_2_before_any_host_runs(tmp_path, tiny_yaml, pair, message, capsys):
+    from fs_gmfl.cli import main as cli_main
+
+    out = tmp_path / "perf"
+    assert cli_main(["bench", "perf", "--blocks", "hosts", "--hosts-cfg", str(tiny_yaml), "--hosts-set", *pair,
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (out / "hosts").exists()

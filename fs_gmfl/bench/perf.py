@@ -300,6 +300,7 @@ def flower_available() -> bool:
 
 def hosts_block(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
     """Simulator (1 and 2 threads), Flower (parallel clients) and FederatedScope, per round, side by side."""
+    load_config(args.hosts_cfg, hosts_overrides(args, out, "check"))  # a bad file or --hosts-set: one line, no child
     variants: dict[str, Callable[[], dict[str, Any]]] = {
         "simulator, sequential (1 thread, fp32)": lambda: simulator_round_seconds(args, out, 1),
         "simulator, sequential (2 threads, fp32)": lambda: simulator_round_seconds(args, out, 2),
