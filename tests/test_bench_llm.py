@@ -24,8 +24,8 @@ def quick_results(tmp_path_factory):
 
 def test_quick_runs_every_method_and_writes_outputs(quick_results):
     out, results = quick_results
-    assert list(results["runs"]) == ["FedIT", "FedIT+GMFL", "FFA-LoRA", "ITALoRA", "IFALoRA", "FedEx-LoRA",
-                                     "FedEx-LoRA+GMFL", "LoRA-A2", "LoRA-A2+GMFL", "FLoRA (hetero r)"]
+    assert list(results["runs"]) == ["FedIT", "FedIT+GMFL", "FFA-LoRA", "FFA-LoRA+GMFL", "ITALoRA", "IFALoRA",
+                                     "FedEx-LoRA", "FedEx-LoRA+GMFL", "LoRA-A2", "LoRA-A2+GMFL", "FLoRA (hetero r)"]
     for name in ("table.md", "llm_bench.png", "llm_bench_loss.png"):
         assert (out / name).stat().st_size > 0
     table = (out / "table.md").read_text(encoding="utf-8")
@@ -46,6 +46,7 @@ def test_uplink_payload_matches_the_hand_count(quick_results):
     assert payload["FedIT"] == ROUNDS * CLIENTS * FULL_UPLOAD
     assert payload["FedIT+GMFL"] == payload["FedIT"]  # a GMFL refresh at round 2 acts from round 3
     assert payload["FFA-LoRA"] == ROUNDS * CLIENTS * FULL_UPLOAD // 2  # B only
+    assert payload["FFA-LoRA+GMFL"] == payload["FFA-LoRA"]
     per_component = FULL_UPLOAD // 8
     assert payload["ITALoRA"] == ROUNDS * (2 + 4 + 8) * per_component  # truncation to r 2, 4, 8
     assert payload["IFALoRA"] == ROUNDS * (2 + 4 + 8) * per_component  # freezing 75 %, 50 %, 0 % of 8

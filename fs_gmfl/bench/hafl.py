@@ -18,21 +18,23 @@ step after warm-up, the child's peak resident memory during training
 (``VmHWM``, reset after loading), and the exact bytes of the trained tensors
 and the optimizer state (from the tensors themselves). Writes
 ``profile_cost.json`` and ``profile_cost.md`` to ``--out``.
+
+``--shrinkage`` instead measures what zero-padding aggregation does to the
+components only some clients train (:mod:`fs_gmfl.bench.hafl_shrinkage`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from fs_gmfl.bench.client_cost import in_fresh_process, measure_client_cost
 from fs_gmfl.bench.common import (MAJORITY_LABEL, earlier_summary, fmt_pm, machine, majority_rates, markdown_table,
                                   mean_curve, peak_step_memory, progress, write_json)
+from fs_gmfl.bench.hafl_shrinkage import shrinkage_main
 from fs_gmfl.bench.options import BenchParser, count, int_list, non_negative, output_dir, positive, seed_list, subset
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.core.adapter import adapter_state
@@ -84,6 +86,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help=f"with --profile-cost: ITALoRA ranks and IFALoRA trained components (1..{R_MAX})")
     p.add_argument("--cost-warmup", type=non_negative, default=2,
                    help="with --profile-cost: untimed local steps before the timed ones")
+    p.add_argument("--shrinkage", action="store_true",
+                   help="only measure zero-padding's shrinkage: IFALoRA and IFZLoRA per seed with every round's "
+                        "trainer shares and component norms recorded; writes shrinkage.json and shrinkage.md")
     p.add_argument("--fresh", action="store_true", help="rerun runs whose summary.json already exists")
     p.add_argument("--out", type=output_dir, default="bench_out/hafl")
     return p.parse_args(list(argv))
@@ -248,100 +253,20 @@ def cost_profiles(ranks: Sequence[int]) -> list[tuple[str, str, list[str]]]:
     return out
 
 
-def tensor_bytes(tensors: Any) -> int:
-    """Bytes of every tensor in ``tensors`` (a tensor, or nested dicts / lists / tuples of them)."""
-    import torch
-
-    if isinstance(tensors, torch.Tensor):
-        return tensors.numel() * tensors.element_size()
-    if isinstance(tensors, dict):
-        return sum(tensor_bytes(v) for v in tensors.values())
-    if isinstance(tensors, (list, tuple)):
-        return sum(tensor_bytes(v) for v in tensors)
-    return 0
-
-
-def status_kib(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in KiB; 0 where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's ``VmHWM`` to its current resident size (Linux ``clear_refs`` 5); ``False``: not reset."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
-    except OSError:
-        return False
-    return True
-
-
 def measure_profile_cost(method: str, overrides: Sequence[str], warmup: int, timed: int) -> dict[str, Any]:
-    """One client's local training under ``method`` + ``overrides``, measured in this (fresh) process.
-
-    Runs ``warmup + timed`` batch steps of client 0 from a real round-1 downlink
-    and returns the timed steps' seconds, the resident memory before training
-    and at its peak during training (``VmHWM``, reset after loading the model
-    and the data where the kernel allows; else the whole process's), the peak
-    of the loading itself, and the bytes
-    of the trained parameter tensors and of the optimizer state (the gradients,
-    freed after each step, take the parameters' bytes).
-    """
-    from fs_gmfl.hosts.common.threads import set_torch_threads
-
-    threads = set_torch_threads()
+    """One client's local training under ``method`` + ``overrides`` (:func:`measure_client_cost`), in this process."""
     cfg = method_config(method, [*overrides, "train.batch_or_epoch", "batch",
                                  "train.local_update_steps", str(warmup + timed)])
-    data = federated_data_for(cfg, load_tokenizer(cfg))
-    backbone = build_backbone(cfg, data.num_labels)
-    variants = AdapterVariants(backbone.model, cfg, backbone.target_modules)
-    m = build_method(MethodContext(cfg, adapter_state(backbone.model), variants))
-    plan = m.client.prepare(backbone.model, m.strategy.configure_round(1, [0])[0].detached_copy(), {})
-    seen: dict[str, Any] = {}
-    hook = plan.on_optimizer
-
-    def keep(optimizer: Any) -> None:
-        seen["optimizer"] = optimizer
-        if hook is not None:
-            hook(optimizer)
-
-    plan.on_optimizer = keep
-    client_data = data.client_data(0)
-    loading_peak, rss_before = status_kib("VmHWM"), status_kib("VmRSS")
-    reset = reset_peak_rss()
-    stats = train_local(plan, client_data, cfg, rnd=1, client_id=0)
-    trained = sum(int(plan.grad_masks[k].sum()) if k in plan.grad_masks else p.numel()
-                  for k, p in plan.trainable.items())
-    return {"method": method, "overrides": list(overrides), "threads": threads,
-            "step_seconds": stats.step_seconds[warmup:], "steps_warmup": warmup,
-            "loading_peak_rss_bytes": loading_peak * 1024, "rss_before_training_bytes": rss_before * 1024,
-            "peak_rss_bytes": status_kib("VmHWM") * 1024, "peak_rss_reset_before_training": reset,
-            "trainable_params": sum(p.numel() for p in plan.trainable.values()), "trained_params": trained,
-            "param_bytes": tensor_bytes(list(plan.trainable.values())),
-            "optimizer_state_bytes": tensor_bytes(list(seen["optimizer"].state.values())),
-            "loadavg_1min": os.getloadavg()[0]}
+    return {"method": method, "overrides": list(overrides), **measure_client_cost(cfg, warmup)}
 
 
 def profile_costs(args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
     """:func:`measure_profile_cost` of every profile of :func:`cost_profiles`, each in a fresh child process."""
-    import multiprocessing
-
     timed = args.timing_steps * args.timing_repeats
     out: dict[str, dict[str, Any]] = {}
     for label, method, profile in cost_profiles(args.cost_ranks):
         progress(f"[bench hafl] cost of {label} ({args.cost_warmup} + {timed} steps, fresh process)")
-        start = time.perf_counter()
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            row = pool.submit(measure_profile_cost, method, [*overrides, *profile], args.cost_warmup, timed).result()
-        steps = row["step_seconds"]
-        row.update(median_step_seconds=statistics.median(steps), min_step_seconds=min(steps),
-                   max_step_seconds=max(steps), child_wall_seconds=time.perf_counter() - start)
-        out[label] = row
+        out[label] = in_fresh_process(measure_profile_cost, method, [*overrides, *profile], args.cost_warmup, timed)
     return out
 
 
@@ -389,6 +314,8 @@ def main(argv: Sequence[str]) -> int:
     extra = [word for pair in args.set for word in pair]
     if args.profile_cost:
         return profile_cost_main(args, extra)
+    if args.shrinkage:
+        return shrinkage_main(args, method_config, extra)
     common = ["federate.total_round_num", str(args.rounds), "eval.freq", str(eval_freq(args.rounds)),
               "outdir", str(out / "runs"), *extra]
     methods = args.methods

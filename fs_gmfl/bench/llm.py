@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (``model.type: smollm2``) on the exact-match math tasks
 of the OpenAI evals registry (``data.type: evals_math``, the task as
 ``category``), split over the clients by a Dirichlet over categories (or
-``meta``). Methods: FedIT, FedIT + GMFL, FFA-LoRA, ITALoRA and IFALoRA (HAFL
+``meta``). Methods: FedIT and FFA-LoRA each with and without GMFL, ITALoRA and IFALoRA (HAFL
 with the paper's three client profiles, 33/33/34 % at 1/4, 1/2 and all of
 r_max), FedEx-LoRA and LoRA-A2 each with and without GMFL, and FLoRA with
 HAFL's rank profiles as its heterogeneous client ranks. Seeds run method
@@ -66,8 +66,8 @@ def hafl_overrides(scheme: str, r_max: int) -> list[str]:
 
 
 #: the benchmarked methods, in table order (see :func:`method_overrides`).
-METHODS = ("FedIT", "FedIT+GMFL", "FFA-LoRA", "ITALoRA", "IFALoRA", "FedEx-LoRA", "FedEx-LoRA+GMFL", "LoRA-A2",
-           "LoRA-A2+GMFL", "FLoRA (hetero r)")
+METHODS = ("FedIT", "FedIT+GMFL", "FFA-LoRA", "FFA-LoRA+GMFL", "ITALoRA", "IFALoRA", "FedEx-LoRA", "FedEx-LoRA+GMFL",
+           "LoRA-A2", "LoRA-A2+GMFL", "FLoRA (hetero r)")
 #: what ``--quick`` sets besides the tiny model and data (options given explicitly keep their values).
 QUICK = {"seeds": "0", "timing_steps": "2", "timing_repeats": "2"}
 
@@ -83,6 +83,7 @@ def method_overrides(r_max: int, gmfl_period: int) -> dict[str, list[str]]:
         "FedIT": ["federate.method", "fedit"],
         "FedIT+GMFL": ["federate.method", "fedit", *gmfl],
         "FFA-LoRA": ["federate.method", "ffa_lora"],
+        "FFA-LoRA+GMFL": ["federate.method", "ffa_lora", *gmfl],
         "ITALoRA": hafl_overrides("truncation", r_max),
         "IFALoRA": hafl_overrides("freezing", r_max),
         "FedEx-LoRA": ["federate.method", "fedex_lora"],

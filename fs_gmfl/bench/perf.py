@@ -14,6 +14,9 @@ reported as medians with ratios:
 * **threads**: a child process pinned to one CPU training the same steps with
   torch's own default thread count against the count the simulator now
   chooses from the affinity mask (one);
+* **llm** (not run by default): an LLM's tokens/s in the simulator against a
+  plain loop on the same batches, and each method's client memory
+  (:mod:`fs_gmfl.bench.perf_llm`);
 * **hosts**: one YAML that loads in every host (``--hosts-cfg``), seconds per
   round of the rounds themselves (training plus evaluation of rounds 1..R;
   process start, imports, model loading and Flower's Ray start-up excluded) and
@@ -45,7 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from fs_gmfl.bench.common import machine, markdown_table, progress, write_json
-from fs_gmfl.bench.options import BenchParser, output_dir, positive, subset
+from fs_gmfl.bench.options import BenchParser, non_negative, output_dir, positive, subset
+from fs_gmfl.bench.perf_llm import llm_block, llm_text
 from fs_gmfl.config import load_config
 from fs_gmfl.hosts.sim.runner import Simulation
 from fs_gmfl.hosts.sim.training import autocast_context, evaluate
@@ -53,7 +57,9 @@ from fs_gmfl.hosts.sim.training import autocast_context, evaluate
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CFG = ROOT / "yaml_configs" / "quickstart.yaml"
 #: the measurement blocks, in the order they run by default.
-BLOCKS = ("train", "eval", "threads", "hosts")
+BLOCKS = ("train", "eval", "threads", "hosts", "llm")
+#: the blocks that run without --blocks (llm needs SmolLM2: bash scripts/install.sh --llm).
+DEFAULT_BLOCKS = ("train", "eval", "threads", "hosts")
 #: what ``--quick`` sets (options given explicitly keep their values).
 QUICK = {"rounds": "1", "repeats": "1", "thread_steps": "2"}
 
@@ -65,8 +71,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=positive, default=2, help="rounds of each simulator run in the train block")
     p.add_argument("--repeats", type=positive, default=3, help="interleaved repetitions of every variant")
     p.add_argument("--thread-steps", type=positive, default=12, help="training steps per threads-block measurement")
-    p.add_argument("--blocks", type=subset(BLOCKS, what="block"), default=",".join(BLOCKS),
-                   help=f"comma-separated subset of: {', '.join(BLOCKS)} (hosts is skipped without FederatedScope)")
+    p.add_argument("--blocks", type=subset(BLOCKS, what="block"), default=",".join(DEFAULT_BLOCKS),
+                   help=f"comma-separated subset of: {', '.join(BLOCKS)} (default: {','.join(DEFAULT_BLOCKS)}; "
+                   "hosts is skipped without FederatedScope; llm needs SmolLM2)")
+    p.add_argument("--llm-cfg", default=str(ROOT / "yaml_configs" / "llm" / "smollm2_fedit.yaml"),
+                   help="llm block: the causal-LM configuration")
+    p.add_argument("--llm-rounds", type=positive, default=2, help="llm block: rounds of each throughput run")
+    p.add_argument("--llm-steps", type=positive, default=4, help="llm block: timed local steps per method")
+    p.add_argument("--llm-warmup", type=non_negative, default=2, help="llm block: untimed steps before them")
+    p.add_argument("--llm-set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="llm block: configuration override for every run (repeatable)")
     p.add_argument("--hosts-cfg", default=str(ROOT / "yaml_configs" / "fs" / "gmfl_fedit_minilm_both_hosts.yaml"))
     p.add_argument("--hosts-rounds", type=positive, default=4)
     p.add_argument("--hosts-set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
@@ -352,6 +366,8 @@ def table(results: dict[str, Any]) -> str:
         rows = [[name, f"{s:.2f}"] for name, s in block["median_s"].items()]
         parts.append(f"threads (one CPU, {block['steps']} steps; default / chosen {block['default_vs_chosen']:.2f})"
                      "\n\n" + markdown_table(["variant", "median s"], rows))
+    if "llm" in results:
+        parts.append(llm_text(results["llm"]))
     return "\n\n".join(parts)
 
 
@@ -365,7 +381,8 @@ def main(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "cfg": args.cfg, "args": vars(args)}
     blocks = {"train": lambda: train_block(args, out), "eval": lambda: eval_block(args, out),
-              "threads": lambda: threads_block(args), "hosts": lambda: hosts_block(args, out)}
+              "threads": lambda: threads_block(args), "hosts": lambda: hosts_block(args, out),
+              "llm": lambda: llm_block(args, out, interleaved)}
     for name in args.blocks:
         results[name] = blocks[name]()
         write_json(out / "results.json", results)
