@@ -31,13 +31,19 @@ def upload(s: HAFLStrategy, cid: int, down, shift: float) -> Reply:
     return Reply(cid, build_uplink(factors, s.pairs, s.pending[cid], rank=s.rank, num_samples=10, truncated=False))
 
 
-def test_zero_padding_round_is_recorded_as_computed_by_hand():
+def one_round(aggregation: str) -> tuple[HAFLStrategy, ShrinkageRecorder]:
     """Clients training 2 and 1 of 4 components (shift +1 each): component 0 by both, 1 by half, 2-3 by none."""
-    s = HAFLStrategy(initial(), make(HAFLConfig, "hafl.", scheme="freezing", aggregation="zero_padding",
+    s = HAFLStrategy(initial(), make(HAFLConfig, "hafl.", scheme="freezing", aggregation=aggregation,
                                      weighting="uniform"), trained=[2, 1], lr=0.1)
     recorder = ShrinkageRecorder(s)
     down = s.configure_round(1, [0, 1])
     s.aggregate(1, [upload(s, 0, down[0], 1.0), upload(s, 1, down[1], 1.0)])
+    return s, recorder
+
+
+def test_zero_padding_round_is_recorded_as_computed_by_hand():
+    """The round of :func:`one_round` under zero-padding, recorded."""
+    s, recorder = one_round("zero_padding")
     [rec] = recorder.rounds
     assert rec["contributors"] == 2 and rec["components"] == 8
     assert (rec["trained_by_all"], rec["trained_by_some"], rec["trained_by_none"]) == (2, 2, 4)
@@ -55,11 +61,7 @@ def test_zero_padding_round_is_recorded_as_computed_by_hand():
 
 def test_adaptive_round_keeps_a_half_trained_component_at_its_trainers_average():
     """The same round under adaptive aggregation: component 1 becomes client 0's (a + 1, b + 1 = 2)."""
-    s = HAFLStrategy(initial(), make(HAFLConfig, "hafl.", scheme="freezing", aggregation="adaptive",
-                                     weighting="uniform"), trained=[2, 1], lr=0.1)
-    recorder = ShrinkageRecorder(s)
-    down = s.configure_round(1, [0, 1])
-    s.aggregate(1, [upload(s, 0, down[0], 1.0), upload(s, 1, down[1], 1.0)])
+    _, recorder = one_round("adaptive")
     init = initial()
     ratios = [float(2 * (init[a][1] + 1).norm() / init[a][1].norm()) for a in (A1, A2)]
     assert recorder.rounds[0]["median_ratio_some"] == pytest.approx(sum(ratios) / 2)
