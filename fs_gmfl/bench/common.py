@@ -19,6 +19,7 @@ from fs_gmfl.errors import FsGmflError, InputError
 from fs_gmfl.hosts.common.data import majority_rate_of_test_split
 from fs_gmfl.hosts.sim.checkpoint import flat_config
 from fs_gmfl.hosts.sim.runner import Simulation
+from fs_gmfl.hosts.sim.training import autocast_context
 from fs_gmfl.plots import MIB
 
 
@@ -158,3 +159,41 @@ def peak_step_memory(fn: Callable[[], Any]) -> int:
         current += event.self_cpu_memory_usage
         peak = max(peak, current)
     return peak
+
+
+# -- timing shared by the perf blocks -------------------------------------------------------------------------
+def interleaved(variants: dict[str, Callable[[], dict[str, Any]]], repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Run every variant once per repeat, in turn; the results of each, in order."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for rep in range(repeats):
+        for name, fn in variants.items():
+            progress(f"perf: {name} ({rep + 1}/{repeats})")
+            runs[name].append(fn())
+    return runs
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    """Median of ``key`` over ``runs``."""
+    return statistics.median(r[key] for r in runs)
+
+
+def simulator_training(cfg: RunConfig) -> dict[str, Any]:
+    """One simulator run of ``cfg``: the seconds of its rounds (evaluation excluded) and its local steps."""
+    summary = Simulation(cfg, quiet=True, overwrite=True).run()
+    rounds = [r for r in summary["per_round"] if r["round"] > 0]
+    return {"seconds": sum(r["train_seconds"] for r in rounds), "steps": summary["timing"]["local_steps"]}
+
+
+def plain_adamw_seconds(model: torch.nn.Module, cfg: RunConfig, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Seconds a bare transformers + peft loop takes for one AdamW step per batch (under ``train.autocast``)."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the adapter (and head) peft leaves trainable
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.optimizer.lr)
+    model.train()
+    start = time.perf_counter()
+    for batch in batches:
+        with autocast_context(cfg, "cpu"):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start

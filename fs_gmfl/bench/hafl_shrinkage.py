@@ -49,6 +49,11 @@ def update_norms(state: dict[str, torch.Tensor], pairs: Sequence[Any]) -> torch.
     return torch.stack([(state[p.b_key].double() @ state[p.a_key].double()).norm() for p in pairs])
 
 
+def _median(values: torch.Tensor) -> float:
+    """The median of ``values`` (NaN when empty)."""
+    return statistics.median(values.tolist()) if values.numel() else float("nan")
+
+
 class ShrinkageRecorder:
     """Wraps a HAFL strategy's fold so that every round's trainer shares and component norms are recorded."""
 
@@ -85,15 +90,14 @@ class ShrinkageRecorder:
         pairs = self.strategy.pairs
         after = component_norms(self.strategy.global_state, pairs)
         share = self._counts / max(self._contributors, 1)
-        partial = (share > 0) & (share < 1) & (self._before > 0)
-        ratio = (after[partial] / self._before[partial]).tolist()
-        squared = (share[partial] ** 2).tolist()
+        some = (share > 0) & (share < 1)
+        partial = some & (self._before > 0)  # a component at norm 0 before the round has no ratio
         return {"round": rnd, "contributors": self._contributors,
                 "components": int(share.numel()), "trained_by_all": int((share == 1).sum()),
-                "trained_by_some": int(((share > 0) & (share < 1)).sum()), "trained_by_none": int((share == 0).sum()),
-                "median_share_some": statistics.median(share[(share > 0) & (share < 1)].tolist() or [float("nan")]),
-                "median_ratio_some": statistics.median(ratio) if ratio else float("nan"),
-                "median_share_squared_some": statistics.median(squared) if squared else float("nan"),
+                "trained_by_some": int(some.sum()), "trained_by_none": int((share == 0).sum()),
+                "median_share_some": _median(share[some]),
+                "median_ratio_some": _median(after[partial] / self._before[partial]),
+                "median_share_squared_some": _median(share[partial] ** 2),
                 "mean_update_norm": float(update_norms(self.strategy.global_state, pairs).mean()),
                 "mean_component_norm": float(after.mean())}
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -47,7 +46,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fs_gmfl.bench.common import machine, markdown_table, progress, write_json
+from fs_gmfl.bench.common import (interleaved, machine, markdown_table, median_of, plain_adamw_seconds, progress,
+                                  simulator_training, write_json)
 from fs_gmfl.bench.options import BenchParser, non_negative, output_dir, positive, subset
 from fs_gmfl.bench.perf_llm import llm_block, llm_text
 from fs_gmfl.config import load_config
@@ -99,27 +99,10 @@ def config(args: argparse.Namespace, run_dir: Path, name: str, *extra: str) -> A
                                   "outdir", str(run_dir), "expname", name, *extra])
 
 
-def interleaved(variants: dict[str, Callable[[], dict[str, Any]]], repeats: int) -> dict[str, list[dict[str, Any]]]:
-    """Run every variant once per repeat, in turn; the results of each, in order."""
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-    for rep in range(repeats):
-        for name, fn in variants.items():
-            progress(f"perf: {name} ({rep + 1}/{repeats})")
-            runs[name].append(fn())
-    return runs
-
-
-def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
-
-
 # -- train -------------------------------------------------------------------------------------------------------
-def simulator_training(args: argparse.Namespace, out: Path, autocast: str) -> dict[str, Any]:
+def simulator_run(args: argparse.Namespace, out: Path, autocast: str) -> dict[str, Any]:
     """One simulator run; its training seconds (evaluation excluded) and local steps."""
-    cfg = config(args, out / "runs", f"sim_{autocast}", "train.autocast", autocast)
-    summary = Simulation(cfg, quiet=True, overwrite=True).run()
-    rounds = [r for r in summary["per_round"] if r["round"] > 0]
-    return {"seconds": sum(r["train_seconds"] for r in rounds), "steps": summary["timing"]["local_steps"]}
+    return simulator_training(config(args, out / "runs", f"sim_{autocast}", "train.autocast", autocast))
 
 
 def plain_loop(args: argparse.Namespace, out: Path, autocast: str, steps: int) -> dict[str, Any]:
@@ -127,28 +110,17 @@ def plain_loop(args: argparse.Namespace, out: Path, autocast: str, steps: int) -
     cfg = config(args, out / "runs", f"plain_{autocast}", "train.autocast", autocast)
     sim = Simulation(cfg, quiet=True, overwrite=True)
     sim.setup()
-    model, data = sim.model, sim.data.train
-    params = [p for p in model.parameters() if p.requires_grad]  # the adapter (and head) peft leaves trainable
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.optimizer.lr)
-    batch_size, n = cfg.dataloader.batch_size, len(data)
-    model.train()
-    start = time.perf_counter()
-    for step in range(steps):
-        index = torch.arange(step * batch_size, step * batch_size + batch_size) % n
-        batch = data.batch(index)
-        with autocast_context(cfg, "cpu"):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return {"seconds": time.perf_counter() - start, "steps": steps}
+    data, batch_size = sim.data.train, cfg.dataloader.batch_size
+    batches = [data.batch(torch.arange(step * batch_size, step * batch_size + batch_size) % len(data))
+               for step in range(steps)]
+    return {"seconds": plain_adamw_seconds(sim.model, cfg, batches), "steps": steps}
 
 
 def train_block(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Simulator vs plain loop, fp32 and bf16 autocast."""
-    probe = simulator_training(args, out, "none")  # warm-up, and the step count the plain loop matches
+    probe = simulator_run(args, out, "none")  # warm-up, and the step count the plain loop matches
     steps = probe["steps"]
-    variants = {f"{kind} {precision}": (lambda k=kind, p=precision: simulator_training(args, out, p) if k == "simulator"
+    variants = {f"{kind} {precision}": (lambda k=kind, p=precision: simulator_run(args, out, p) if k == "simulator"
                                         else plain_loop(args, out, p, steps))
                 for precision in ("none", "bfloat16") for kind in ("simulator", "plain loop")}
     runs = interleaved(variants, args.repeats)
@@ -382,7 +354,7 @@ def main(argv: Sequence[str]) -> int:
     results: dict[str, Any] = {"machine": machine(), "cfg": args.cfg, "args": vars(args)}
     blocks = {"train": lambda: train_block(args, out), "eval": lambda: eval_block(args, out),
               "threads": lambda: threads_block(args), "hosts": lambda: hosts_block(args, out),
-              "llm": lambda: llm_block(args, out, interleaved)}
+              "llm": lambda: llm_block(args, out)}
     for name in args.blocks:
         results[name] = blocks[name]()
         write_json(out / "results.json", results)

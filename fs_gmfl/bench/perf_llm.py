@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,13 @@ from typing import Any
 import torch
 
 from fs_gmfl.bench.client_cost import in_fresh_process, measure_client_cost
-from fs_gmfl.bench.common import progress
+from fs_gmfl.bench.common import (interleaved, markdown_table, median_of, plain_adamw_seconds, progress,
+                                  simulator_training)
 from fs_gmfl.bench.llm import hafl_overrides, method_overrides
 from fs_gmfl.config import RunConfig, load_config
 from fs_gmfl.hosts.common.batches import batch_schedule, sample_clients
 from fs_gmfl.hosts.sim.runner import Simulation
-from fs_gmfl.hosts.sim.training import autocast_context
+from fs_gmfl.plots import MIB
 
 #: LoRA rank of the LLM configurations (``yaml_configs/llm/smollm2_fedit.yaml``): HAFL's profiles derive from it.
 R_MAX = 8
@@ -55,46 +55,28 @@ def replayed_batches(cfg: RunConfig, client_sizes: list[int]) -> Iterator[tuple[
                                                                     client_id=client))
 
 
-def simulator_run(cfg: RunConfig) -> dict[str, Any]:
-    """One simulator run: the seconds of its rounds (evaluation excluded) and its local steps."""
-    summary = Simulation(cfg, quiet=True, overwrite=True).run()
-    rounds = [r for r in summary["per_round"] if r["round"] > 0]
-    return {"seconds": sum(r["train_seconds"] for r in rounds), "steps": summary["timing"]["local_steps"]}
-
-
 def plain_run(cfg: RunConfig) -> dict[str, Any]:
     """The same model trained by a bare transformers + peft loop on the simulator's batches; seconds, steps, tokens."""
     sim = Simulation(cfg, quiet=True, overwrite=True)
     sim.setup()
-    model, data = sim.model, sim.data
+    data = sim.data
     sizes = [len(data.client_data(c)) for c in range(cfg.federate.client_num)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.optimizer.lr)
     batches = [data.client_data(c).batch(index) for c, index in replayed_batches(cfg, sizes)]
-    model.train()
-    start = time.perf_counter()
-    for batch in batches:
-        with autocast_context(cfg, "cpu"):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "steps": len(batches),
+    return {"seconds": plain_adamw_seconds(sim.model, cfg, batches), "steps": len(batches),
             "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
             "padded_tokens": sum(int(b["attention_mask"].numel()) for b in batches)}
 
 
-def throughput_block(args: argparse.Namespace, out: Path, interleaved: Any) -> dict[str, Any]:
+def throughput_block(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Simulator vs plain loop on the same batches: tokens/s, medians of ``--repeats`` interleaved runs."""
     cfg = llm_config(args, out, "llm_sim")
-    variants = {"simulator": lambda: simulator_run(cfg), "plain loop": lambda: plain_run(llm_config(args, out,
+    variants = {"simulator": lambda: simulator_training(cfg), "plain loop": lambda: plain_run(llm_config(args, out,
                                                                                                   "llm_plain"))}
     runs = interleaved(variants, args.repeats)
     plain = runs["plain loop"][0]
     if any(r["steps"] != plain["steps"] for r in runs["simulator"]):
         raise RuntimeError(f"the simulator took {runs['simulator'][0]['steps']} steps, the replay {plain['steps']}")
-    medians = {name: sorted(r["seconds"] for r in rs)[len(rs) // 2] for name, rs in runs.items()}
+    medians = {name: median_of(rs, "seconds") for name, rs in runs.items()}
     return {"config": str(args.llm_cfg), "autocast": cfg.train.autocast, "rounds": args.llm_rounds,
             "steps": plain["steps"], "tokens": plain["tokens"], "padded_tokens": plain["padded_tokens"],
             "runs": runs, "median_s": medians,
@@ -119,11 +101,6 @@ def memory_methods() -> dict[str, list[str]]:
     return out
 
 
-def measure_method(cfg: RunConfig, warmup: int) -> dict[str, Any]:
-    """Child-process body: :func:`measure_client_cost` (module level, so that it pickles)."""
-    return measure_client_cost(cfg, warmup)
-
-
 def memory_block(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Client 0's training memory and step time per method, each in a fresh process."""
     steps = args.llm_warmup + args.llm_steps
@@ -132,22 +109,17 @@ def memory_block(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         progress(f"perf: client memory of {label} ({args.llm_warmup} + {args.llm_steps} steps, fresh process)")
         cfg = llm_config(args, out, "llm_memory", *words, "train.batch_or_epoch", "batch",
                          "train.local_update_steps", str(steps))
-        rows[label] = in_fresh_process(measure_method, cfg, args.llm_warmup)
+        rows[label] = in_fresh_process(measure_client_cost, cfg, args.llm_warmup)
     return rows
 
 
-def llm_block(args: argparse.Namespace, out: Path, interleaved: Any) -> dict[str, Any]:
+def llm_block(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Both parts of the block."""
-    return {"throughput": throughput_block(args, out, interleaved), "memory": memory_block(args, out)}
-
-
-MIB = 2 ** 20
+    return {"throughput": throughput_block(args, out), "memory": memory_block(args, out)}
 
 
 def llm_text(block: dict[str, Any]) -> str:
     """The block's two markdown tables."""
-    from fs_gmfl.bench.common import markdown_table
-
     t = block["throughput"]
     rows = [[name, f"{t['median_s'][name]:.2f} s", f"{t['tokens_per_s'][name]:.0f}",
              f"{t['median_s'][name] / t['median_s']['plain loop']:.3f}"] for name in ("simulator", "plain loop")]
