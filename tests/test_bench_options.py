@@ -45,6 +45,8 @@ BAD_OPTIONS = [
     ("fedkrso", ["--quick", "--rounds", "-1"], "--rounds", "-1"),
     ("fedkrso", ["--lr", "fedit=-1"], "--lr", "'-1'"),
     ("fedkrso", ["--splits", "xyz"], "--splits", "unknown split 'xyz'"),
+    ("fedkrso", ["--targets", "que ry"], "--targets", "'que ry' is not a module name"),
+    ("fedkrso", ["--targets", ","], "--targets", "',' names no module"),
     ("fseval", ["--threads", "99999"], "--threads", "99999"),
     ("fseval", ["--methods", "nope"], "--methods", "'nope'"),
     ("fshost", ["--rounds", "abc"], "--rounds", "'abc'"),

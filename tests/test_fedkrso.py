@@ -461,3 +461,25 @@ def test_benchmark_summary_and_table_from_run_rows():
     # reference row: majority rates 0.5 and 0.6 -> mean 0.55, sample std 0.0707
     assert "| majority class of the test split (reference) | iid | 0.5500 ± 0.0707 | - | - | - | - |" in table
 
+
+
+def test_benchmark_targets_option_reaches_every_method_and_matches_at_a_dot(tiny, tmp_path):
+    """``bench fedkrso --targets`` sets the three methods' targets; ``attention.output.dense`` leaves the FFN output out."""
+    from fs_gmfl.bench.fedkrso import parse_args, run_overrides
+    from fs_gmfl.core.adapter import HEAD, kind_of
+
+    args = parse_args(["--targets", "query, attention.output.dense,query", "--out", str(tmp_path / "b")])
+    assert args.targets == ["query", "attention.output.dense"]
+    pairs = run_overrides(args, "fft", "iid", 0)
+    given = dict(zip(pairs[::2], pairs[1::2]))
+    assert given["fedkrso.target_modules"] == given["fft.target_modules"] == "[query, attention.output.dense]"
+    assert "target_modules: [query, attention.output.dense]}" in given["llm.adapter.args"]
+
+    sim = Simulation(tiny("federate.method", "fft", "fft.target_modules", given["fft.target_modules"]), quiet=True)
+    sim.setup()
+    trained = sorted(k for k in sim.method.strategy.global_adapter() if kind_of(k) != HEAD)
+    blocks = {k.split(".attention")[0] for k in trained}
+    assert len(trained) == 2 * len(blocks) and blocks
+    assert all(".attention.self.query." in k or ".attention.output.dense." in k for k in trained), trained
+    default = parse_args(["--out", str(tmp_path / "b")])
+    assert default.targets == ["query", "key", "value", "intermediate.dense", "output.dense"]

@@ -42,14 +42,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fs_gmfl.bench.options import BenchParser, assignments, output_dir, positive, positive_real, seed_list, subset
+from fs_gmfl.bench.options import (BenchParser, assignments, module_names, output_dir, positive, positive_real,
+                                  seed_list, subset)
 
 METHODS = ("fedkrso", "fedit", "fft")
 SPLITS = ("iid", "lda")
 #: what ``--quick`` sets (options given explicitly keep their values).
 QUICK = {"rounds": "2", "seeds": "0", "splits": "iid", "steps": "6", "per_round": "3", "probe_steps": "4",
          "probe_reps": "1", "eval_freq": "1"}
-TARGETS = "[query, key, value, intermediate.dense, output.dense]"
+#: the linear modules every method trains (``output.dense`` also matches ``attention.output.dense``).
+TARGETS = ("query", "key", "value", "intermediate.dense", "output.dense")
 DEFAULT_LR = {"fedkrso": 5e-4, "fedit": 2e-3, "fft": 2e-4}
 MIB = 1024 * 1024
 
@@ -72,6 +74,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--interval", type=positive, default=5, help="FedKRSO interval J")
     p.add_argument("--num-seeds", type=positive, default=10, help="FedKRSO K")
     p.add_argument("--rank", type=positive, default=4, help="FedKRSO r and LoRA rank")
+    p.add_argument("--targets", type=module_names, default=",".join(TARGETS),
+                   help="comma-separated linear-module name suffixes every method trains (default: "
+                        f"{','.join(TARGETS)}; a suffix matches at a dot, so output.dense also matches "
+                        "attention.output.dense)")
     p.add_argument("--batch", type=positive, default=8)
     p.add_argument("--tok-len", type=positive, default=48)
     p.add_argument("--eval-freq", type=positive, default=2)
@@ -93,6 +99,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def run_overrides(args: argparse.Namespace, method: str, split: str, seed: int) -> list[str]:
     """``KEY VALUE`` overrides of one run."""
+    targets = f"[{', '.join(args.targets)}]"
     out = ["model.type", "minilm", "data.type", args.dataset, "llm.tok_len", str(args.tok_len),
            "federate.method", method, "federate.client_num", str(args.clients),
            "federate.sample_client_num", str(args.per_round), "federate.total_round_num", str(args.rounds),
@@ -100,8 +107,8 @@ def run_overrides(args: argparse.Namespace, method: str, split: str, seed: int) 
            "train.optimizer.type", "AdamW", "train.optimizer.lr", str(args.lrs[method]),
            "train.optimizer.weight_decay", "0.01", "train.scheduler.type", "cosine_steps",
            "train.scheduler.warmup_ratio", "0.05", "train.scheduler.min_lr", "0",
-           "llm.adapter.args", f"[{{r: {args.rank}, lora_alpha: {2 * args.rank}, target_modules: {TARGETS}}}]",
-           "fedkrso.target_modules", TARGETS, "fft.target_modules", TARGETS,
+           "llm.adapter.args", f"[{{r: {args.rank}, lora_alpha: {2 * args.rank}, target_modules: {targets}}}]",
+           "fedkrso.target_modules", targets, "fft.target_modules", targets,
            "fedkrso.num_seeds", str(args.num_seeds), "fedkrso.rank", str(args.rank),
            "fedkrso.interval", str(args.interval), "eval.freq", str(args.eval_freq), "eval.split", args.eval_split,
            "data.splitter", split, "seed", str(seed), "outdir", str(Path(args.out) / "runs"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -157,6 +158,22 @@ def subset(allowed: Sequence[str], *, what: str = "method") -> Callable[[str], l
         return names
 
     return parse
+
+
+#: a module-name suffix: dotted identifiers (``query``, ``attention.output.dense``).
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_0-9]\w*)*")
+
+
+def module_names(text: str) -> list[str]:
+    """Comma-separated module-name suffixes (``query,attention.output.dense``), at least one, repeats dropped."""
+    names = list(dict.fromkeys(items(text)))
+    bad = [name for name in names if not MODULE_NAME.fullmatch(name)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a module name (dotted identifiers, e.g. "
+                                         "query or attention.output.dense)")
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no module; expected comma-separated module names")
+    return names
 
 
 def assignments(allowed: Sequence[str], value: Callable[[str], Any], *,
