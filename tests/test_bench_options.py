@@ -47,6 +47,7 @@ BAD_OPTIONS = [
     ("fedkrso", ["--splits", "xyz"], "--splits", "unknown split 'xyz'"),
     ("fedkrso", ["--targets", "que ry"], "--targets", "'que ry' is not a module name"),
     ("fedkrso", ["--targets", ","], "--targets", "',' names no module"),
+    ("fedkrso", ["--basis", "nope"], "--basis", "'nope'"),
     ("fseval", ["--threads", "99999"], "--threads", "99999"),
     ("fseval", ["--methods", "nope"], "--methods", "'nope'"),
     ("fshost", ["--rounds", "abc"], "--rounds", "'abc'"),

@@ -393,6 +393,7 @@ def test_all_slots_mode_sends_fixed_shape_uplinks(tiny):
     (("fedkrso.state_policy", "keep"), "fedkrso.state_policy"),
     (("fedkrso.subspace_weight_decay", "full"), "fedkrso.subspace_weight_decay"),
     (("fedkrso.catchup", "sometimes"), "fedkrso.catchup"),
+    (("fedkrso.basis", "hadamard"), "fedkrso.basis"),
 ])
 def test_bad_fedkrso_values_are_config_errors(tiny, overrides, key):
     """Each bad value raises a ConfigError naming its key."""
@@ -464,16 +465,19 @@ def test_benchmark_summary_and_table_from_run_rows():
 
 
 def test_benchmark_targets_option_reaches_every_method_and_matches_at_a_dot(tiny, tmp_path):
-    """``bench fedkrso --targets`` sets the three methods' targets; ``attention.output.dense`` leaves the FFN output out."""
+    """``bench fedkrso --targets`` sets the three methods' targets (``attention.output.dense`` leaves the FFN output
+    out); ``--basis`` sets ``fedkrso.basis``."""
     from fs_gmfl.bench.fedkrso import parse_args, run_overrides
     from fs_gmfl.core.adapter import HEAD, kind_of
 
-    args = parse_args(["--targets", "query, attention.output.dense,query", "--out", str(tmp_path / "b")])
+    args = parse_args(["--targets", "query, attention.output.dense,query", "--basis", "orthogonal",
+                       "--out", str(tmp_path / "b")])
     assert args.targets == ["query", "attention.output.dense"]
     pairs = run_overrides(args, "fft", "iid", 0)
     given = dict(zip(pairs[::2], pairs[1::2]))
     assert given["fedkrso.target_modules"] == given["fft.target_modules"] == "[query, attention.output.dense]"
     assert "target_modules: [query, attention.output.dense]}" in given["llm.adapter.args"]
+    assert given["fedkrso.basis"] == "orthogonal"
 
     sim = Simulation(tiny("federate.method", "fft", "fft.target_modules", given["fft.target_modules"]), quiet=True)
     sim.setup()
@@ -483,3 +487,39 @@ def test_benchmark_targets_option_reaches_every_method_and_matches_at_a_dot(tiny
     assert all(".attention.self.query." in k or ".attention.output.dense." in k for k in trained), trained
     default = parse_args(["--out", str(tmp_path / "b")])
     assert default.targets == ["query", "key", "value", "intermediate.dense", "output.dense"]
+
+
+def test_identity_basis_below_full_rank_fails_at_setup_naming_the_key_and_the_layer(tiny):
+    """``fedkrso.basis: identity`` with r < d_in stops the run at set-up: a ConfigError naming the key and a layer."""
+    with pytest.raises(ConfigError, match=r"'identity' needs min\(fedkrso.rank, d_out\) >= d_in .*d_in 16") as err:
+        Simulation(tiny("federate.method", "fedkrso", "fedkrso.basis", "identity", "fedkrso.rank", "4"),
+                   quiet=True).setup()
+    assert err.value.key == "fedkrso.basis" and err.value.value == "identity"
+
+
+@pytest.mark.parametrize("basis", ["identity", "orthogonal"])
+def test_full_rank_fedkrso_in_the_identity_basis_is_federated_full_fine_tuning(tiny, basis):
+    """P = I and one interval per round make FedKRSO's global weights FFT's (Adam on B = Adam on W; no decay);
+    a rotated basis (orthogonal P, same rank) gives other weights: Adam is not rotation-invariant."""
+    common = ("fedkrso.target_modules", "[query, value]", "fft.target_modules", "[query, value]",
+              "fedkrso.rank", "16", "fedkrso.interval", "3", "fedkrso.num_seeds", "2",
+              "train.optimizer.type", "AdamW", "train.optimizer.lr", "0.01", "train.optimizer.weight_decay", "0",
+              "federate.total_round_num", "2")
+    fft = Simulation(tiny("federate.method", "fft", "expname", "fft", *common), quiet=True)
+    fft.run()
+    krso = Simulation(tiny("federate.method", "fedkrso", "fedkrso.basis", basis, "expname", "krso", *common),
+                      quiet=True)
+    krso.run()
+    fft_weights = fft.method.strategy.global_adapter()
+    initial = Simulation(tiny("federate.method", "fft", "expname", "w0", *common), quiet=True)
+    initial.setup()
+    w0 = initial.method.strategy.global_adapter()
+    assert set(krso.method.strategy.weights) == {k for k in fft_weights if "classifier" not in k}
+    for name, w in krso.method.strategy.weights.items():
+        moved = float((fft_weights[name] - w0[name]).abs().max())
+        gap = float((w - fft_weights[name]).abs().max())
+        assert moved > 1e-3, name
+        if basis == "identity":
+            assert gap < 1e-5 * max(1.0, moved) + 2e-6, (name, gap, moved)
+        else:
+            assert gap > 0.05 * moved, (name, gap, moved)

@@ -52,6 +52,27 @@ def test_projection_has_variance_one_over_r_and_isotropic_gram():
     assert torch.allclose(gram / 3000, torch.eye(6), atol=0.08)
 
 
+def test_orthogonal_projection_has_orthogonal_rows_of_the_gaussian_scale():
+    """``basis: orthogonal``: P P^T = (d_in/r) I, entries of variance ~1/r, reproducible per seed, seeds differ."""
+    p = projection(3, KEY, rank=16, d_in=384, basis="orthogonal")
+    assert p.shape == (16, 384) and p.dtype == torch.float32
+    assert torch.allclose(p @ p.t(), (384 / 16) * torch.eye(16), atol=1e-4)
+    assert abs(float(p.var()) - 1 / 16) < 0.005
+    assert torch.equal(projection(3, KEY, rank=16, d_in=384, basis="orthogonal"), p)
+    assert not torch.allclose(projection(4, KEY, rank=16, d_in=384, basis="orthogonal"), p)
+    square = projection(3, KEY, rank=12, d_in=12, basis="orthogonal")
+    assert torch.allclose(square.t() @ square, torch.eye(12), atol=1e-5)  # r = d_in: a rotation, P^T P = I
+    gaussian = projection(3, KEY, rank=12, d_in=12)
+    assert float(torch.linalg.cond(gaussian)) > 5.0  # the paper's square P is not a rotation
+
+
+def test_identity_projection_is_the_identity_and_needs_rank_equal_to_d_in():
+    """``basis: identity``: P = I (any seed); a rank below d_in is refused."""
+    assert torch.equal(projection(9, KEY, rank=5, d_in=5, basis="identity"), torch.eye(5))
+    with pytest.raises(ValueError, match="rank == d_in, got rank 4 and d_in 5"):
+        projection(9, KEY, rank=4, d_in=5, basis="identity")
+
+
 def test_projection_is_drawn_in_float32_then_cast():
     """A float64 projection is the float32 draw cast (every party draws the same fp32 stream)."""
     p32 = projection(5, KEY, rank=3, d_in=11)

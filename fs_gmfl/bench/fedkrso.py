@@ -44,6 +44,7 @@ from typing import Any
 
 from fs_gmfl.bench.options import (BenchParser, assignments, module_names, output_dir, positive, positive_real,
                                   seed_list, subset)
+from fs_gmfl.core.fedkrso.config import BASES
 
 METHODS = ("fedkrso", "fedit", "fft")
 SPLITS = ("iid", "lda")
@@ -78,6 +79,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="comma-separated linear-module name suffixes every method trains (default: "
                         f"{','.join(TARGETS)}; a suffix matches at a dot, so output.dense also matches "
                         "attention.output.dense)")
+    p.add_argument("--basis", choices=BASES, default="gaussian",
+                   help="FedKRSO's projections, fedkrso.basis: gaussian (the paper), orthogonal, or identity (needs "
+                        "--rank at least every targeted layer's d_in; a diagnostic)")
     p.add_argument("--batch", type=positive, default=8)
     p.add_argument("--tok-len", type=positive, default=48)
     p.add_argument("--eval-freq", type=positive, default=2)
@@ -110,7 +114,7 @@ def run_overrides(args: argparse.Namespace, method: str, split: str, seed: int) 
            "llm.adapter.args", f"[{{r: {args.rank}, lora_alpha: {2 * args.rank}, target_modules: {targets}}}]",
            "fedkrso.target_modules", targets, "fft.target_modules", targets,
            "fedkrso.num_seeds", str(args.num_seeds), "fedkrso.rank", str(args.rank),
-           "fedkrso.interval", str(args.interval), "eval.freq", str(args.eval_freq), "eval.split", args.eval_split,
+           "fedkrso.interval", str(args.interval), "fedkrso.basis", args.basis, "eval.freq", str(args.eval_freq), "eval.split", args.eval_split,
            "data.splitter", split, "seed", str(seed), "outdir", str(Path(args.out) / "runs"),
            "expname", f"{method}_{split}_s{seed}"]
     if split == "lda":

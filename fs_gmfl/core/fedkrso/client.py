@@ -130,7 +130,7 @@ class SubspaceSession:
 
     def _projection(self, branch: _Branch) -> Tensor:
         return projection(self.seeds[self.slot], branch.layer.key, rank=branch.rank, d_in=branch.layer.d_in,
-                          dtype=branch.weight.dtype, device=branch.weight.device)
+                          dtype=branch.weight.dtype, device=branch.weight.device, basis=self.config.basis)
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Keep the host's optimizer (for state resets) and exempt ``B`` from decoupled weight decay."""
@@ -281,7 +281,7 @@ class FedKRSOClient(ClientAlgorithm):
                     if entry.round > have:
                         for layer in self.layers:
                             apply_update_(weights[layer.name], entry.tensors[layer.name], entry.seeds, layer=layer,
-                                          rank=self.config.rank)
+                                          rank=self.config.rank, basis=self.config.basis)
         self.set_model_version(model, down.version)
 
     def _branches(self, model: nn.Module, weights: dict[str, nn.Parameter]) -> list[_Branch]:

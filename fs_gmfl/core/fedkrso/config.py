@@ -10,6 +10,7 @@ STATE_POLICIES = ("reset", "reset_moments", "transform")
 WEIGHT_DECAY_POLICIES = ("none", "projected")
 CATCHUP_POLICIES = ("auto", "replay", "full")
 WEIGHTINGS = ("samples", "uniform")
+BASES = ("gaussian", "orthogonal", "identity")
 
 
 @dataclass
@@ -33,6 +34,11 @@ class FedKRSOConfig:
                                     "q_proj, k_proj, v_proj, out_proj, fc1, fc2; fs_gmfl.core.targets lists the "
                                     "known architectures); for another architecture the error lists its linear "
                                     "modules.")
+    basis: str = opt("gaussian", "The projections P: 'gaussian' (the paper: i.i.d. N(0, 1/r) entries); "
+                     "'orthogonal' (the same draw with its rows orthonormalised and scaled by sqrt(d_in/r), so "
+                     "P P^T = (d_in/r) I); 'identity' (P = I, which needs r >= d_in of every targeted layer and "
+                     "d_out >= d_in: no subspace, so FedKRSO becomes federated full fine-tuning through its own "
+                     "accumulators; a diagnostic of what the random basis costs).", choices=BASES)
     state_policy: str = opt("reset", "Optimizer state of B when an interval starts: 'reset' clears it, step "
                             "counter included (Adam's bias correction restarts at step 1); 'reset_moments' zeroes "
                             "the moments and keeps the step counter (the authors' code, so bias correction "

@@ -43,15 +43,27 @@ def layer_seed(seed: int, layer_key: str) -> int:
 
 
 def projection(seed: int, layer_key: str, *, rank: int, d_in: int, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> Tensor:
-    """``P`` (``rank x d_in``, entries ``N(0, 1/rank)``) of one seed and layer.
+               device: torch.device | str = "cpu", basis: str = "gaussian") -> Tensor:
+    """``P`` (``rank x d_in``) of one seed and layer (spec §4: entries ``N(0, 1/rank)``).
 
-    Always drawn on a CPU generator in float32, then cast and moved, so every
-    party computes the same bits whatever its device (CUDA and CPU
-    generators differ; spec §9.2).
+    ``basis`` (``fedkrso.basis``): ``gaussian`` is the paper's draw;
+    ``orthogonal`` orthonormalises the same draw's rows (reduced QR, in
+    float64) and scales them by ``sqrt(d_in / rank)``, so ``P P^T =
+    (d_in/rank) I`` and entries keep variance ``1/rank``; ``identity`` is
+    ``I`` (``rank == d_in`` only). Always drawn on a CPU generator in float32,
+    then cast and moved, so every party computes the same bits whatever its
+    device (CUDA and CPU generators differ; spec §9.2).
     """
+    if basis == "identity":
+        if rank != d_in:
+            raise ValueError(f"an identity projection needs rank == d_in, got rank {rank} and d_in {d_in}")
+        return torch.eye(d_in, dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(layer_seed(seed, layer_key))
-    p = torch.randn(rank, d_in, generator=gen, dtype=torch.float32).mul_(rank ** -0.5)
+    if basis == "orthogonal":
+        q, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=gen, dtype=torch.float64))
+        p = q.t().mul_(math.sqrt(d_in / rank)).float()
+    else:
+        p = torch.randn(rank, d_in, generator=gen, dtype=torch.float32).mul_(rank ** -0.5)
     return p.to(dtype=dtype, device=device)
 
 
@@ -67,7 +79,8 @@ def merge_(weight: Tensor, b: Tensor, p: Tensor, *, transposed: bool = False) ->
 
 
 @torch.no_grad()
-def apply_update_(weight: Tensor, averaged: Tensor, seeds: Sequence[int], *, layer: TargetLayer, rank: int) -> Tensor:
+def apply_update_(weight: Tensor, averaged: Tensor, seeds: Sequence[int], *, layer: TargetLayer, rank: int,
+                  basis: str = "gaussian") -> Tensor:
     """One layer's global update ``W += sum_k Bbar_k P_k``, in place, seed by seed (spec §4 step 6).
 
     Only one ``P`` exists at a time. Server and clients call this same
@@ -80,13 +93,15 @@ def apply_update_(weight: Tensor, averaged: Tensor, seeds: Sequence[int], *, lay
         seeds: the round seeds of the slots, in slot order.
         layer: the layer (its key, widths and orientation).
         rank: the configured rank (clamped per layer).
+        basis: ``fedkrso.basis`` (see :func:`projection`).
     """
     r = layer_rank(layer, rank)
     if averaged.shape != (len(seeds), layer.d_out, r):
         raise ValueError(f"averaged accumulators of '{layer.name}' have shape {tuple(averaged.shape)}, "
                          f"expected {(len(seeds), layer.d_out, r)}")
     for j, seed in enumerate(seeds):
-        p = projection(seed, layer.key, rank=r, d_in=layer.d_in, dtype=weight.dtype, device=weight.device)
+        p = projection(seed, layer.key, rank=r, d_in=layer.d_in, dtype=weight.dtype, device=weight.device,
+                       basis=basis)
         merge_(weight, averaged[j].to(weight.device), p, transposed=layer.transposed)
     return weight
 

@@ -9,9 +9,11 @@ from fs_gmfl.core.fedkrso.client import FedKRSOClient
 from fs_gmfl.core.fedkrso.config import FedKRSOConfig
 from fs_gmfl.core.fedkrso.strategy import FedKRSOStrategy
 from fs_gmfl.core.fedkrso.estimate import estimate_fedkrso
+from fs_gmfl.core.fedkrso.ops import layer_rank
 from fs_gmfl.core.registry import Method, MethodContext, MethodSpec
 from fs_gmfl.core.seeding import derive_seed
-from fs_gmfl.core.targets import disable_lora_branches, resolve_targets, target_weights
+from fs_gmfl.core.targets import TargetLayer, disable_lora_branches, resolve_targets, target_weights
+from fs_gmfl.errors import ConfigError
 
 
 def build_fedkrso(ctx: MethodContext) -> Method:
@@ -19,6 +21,8 @@ def build_fedkrso(ctx: MethodContext) -> Method:
     cfg = ctx.cfg.fedkrso
     model = ctx.host_model()
     layers = resolve_targets(model, cfg.target_modules, key="fedkrso.target_modules")
+    if cfg.basis == "identity":
+        require_full_rank(layers, cfg.rank)
     disable_lora_branches(model)
     weights = {name: w.detach() for name, w in target_weights(model, layers).items()}
     head = {k: v for k, v in ctx.initial.items() if kind_of(k) == HEAD}
@@ -33,6 +37,16 @@ def build_fedkrso(ctx: MethodContext) -> Method:
 
     return Method(strategy, client, info, load_global=load_global,
                   clients_reset=lambda: strategy.client_version.clear())
+
+
+def require_full_rank(layers: list[TargetLayer], rank: int) -> None:
+    """``fedkrso.basis: identity`` needs every layer's subspace to be its whole input space (rank == d_in)."""
+    short = next((layer for layer in layers if layer_rank(layer, rank) != layer.d_in), None)
+    if short is not None:
+        raise ConfigError("fedkrso.basis", "identity", f"'gaussian' or 'orthogonal' here: 'identity' needs "
+                          f"min(fedkrso.rank, d_out) >= d_in for every targeted layer, and '{short.name}' "
+                          f"(d_in {short.d_in}, d_out {short.d_out}) gets rank {layer_rank(short, rank)} "
+                          f"with fedkrso.rank {rank}")
 
 
 FEDKRSO = MethodSpec(

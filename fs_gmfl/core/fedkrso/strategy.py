@@ -176,7 +176,8 @@ class FedKRSOStrategy(ScreenedStrategy):
         entry = wire.LogEntry(rnd, [seeds[union[j]] for j in keep])
         for layer in self.layers:
             avg = averaged.pop(layer.name)[1][keep].to(self.dtype)  # uploads may travel in a narrower dtype
-            apply_update_(self.weights[layer.name], avg, entry.seeds, layer=layer, rank=self.config.rank)
+            apply_update_(self.weights[layer.name], avg, entry.seeds, layer=layer, rank=self.config.rank,
+                          basis=self.config.basis)
             entry.tensors[layer.name] = avg
         if self.head:
             averaged_head = sums.head.average({k: wire_dtype if v.is_floating_point() else v.dtype
