@@ -300,6 +300,8 @@ def test_same_yaml_gives_the_same_global_adapter_and_bytes_in_both_hosts(tmp_pat
 
 
 BACKBONE_PARITY = [pytest.param("fedkrso", ["fedkrso.interval", "2", "fedkrso.num_seeds", "3"], id="fedkrso"),
+                   pytest.param("fedkrso", ["fedkrso.interval", "2", "fedkrso.num_seeds", "3",
+                                            "fedkrso.basis", "orthogonal"], id="fedkrso-orthogonal"),
                    pytest.param("fft", [], id="fft")]
 
 
