@@ -463,7 +463,6 @@ def test_benchmark_summary_and_table_from_run_rows():
     assert "| majority class of the test split (reference) | iid | 0.5500 ± 0.0707 | - | - | - | - |" in table
 
 
-
 def test_benchmark_targets_option_reaches_every_method_and_matches_at_a_dot(tiny, tmp_path):
     """``bench fedkrso --targets`` sets the three methods' targets (``attention.output.dense`` leaves the FFN output
     out); ``--basis`` sets ``fedkrso.basis``."""

@@ -114,7 +114,8 @@ def run_overrides(args: argparse.Namespace, method: str, split: str, seed: int) 
            "llm.adapter.args", f"[{{r: {args.rank}, lora_alpha: {2 * args.rank}, target_modules: {targets}}}]",
            "fedkrso.target_modules", targets, "fft.target_modules", targets,
            "fedkrso.num_seeds", str(args.num_seeds), "fedkrso.rank", str(args.rank),
-           "fedkrso.interval", str(args.interval), "fedkrso.basis", args.basis, "eval.freq", str(args.eval_freq), "eval.split", args.eval_split,
+           "fedkrso.interval", str(args.interval), "fedkrso.basis", args.basis,
+           "eval.freq", str(args.eval_freq), "eval.split", args.eval_split,
            "data.splitter", split, "seed", str(seed), "outdir", str(Path(args.out) / "runs"),
            "expname", f"{method}_{split}_s{seed}"]
     if split == "lda":
